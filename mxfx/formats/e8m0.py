@@ -1,0 +1,68 @@
+"""E8M0 scales: an exponent only (bias 127), no zero, byte 0xFF is NaN; and the MX shared-exponent rules."""
+
+import torch
+
+E8M0_NAN = 0xFF
+E8M0_BIAS = 127
+
+SCALE_ALGS = ("floor", "ocp", "rceil")
+
+
+def _float_bits(x: torch.Tensor) -> torch.Tensor:
+    return x.float().view(torch.int32)
+
+
+def biased_exponent(x: torch.Tensor) -> torch.Tensor:
+    """The fp32 exponent field of each value (0 for zero and subnormals, 255 for inf/NaN), as int32.
+
+    It equals floor(log2|x|) + 127 for every normal fp32 value: all fp16 values and all normal bf16
+    values (bf16 shares fp32's exponent field; fp16 is read through fp32 so one rule serves every dtype).
+    """
+    return (_float_bits(x) >> 23) & 0xFF
+
+
+def e8m0_decode(scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """2**(byte - 127) for E8M0 bytes (uint8 or float8_e8m0fnu); byte 0xFF decodes to NaN."""
+    byte = as_e8m0_bytes(scale).to(torch.int32)
+    bits = byte << 23
+    bits = torch.where(byte == 0, 0x00400000, bits)  # 2**-127 is an fp32 subnormal
+    bits = torch.where(byte == E8M0_NAN, 0x7FC00000, bits)
+    return bits.view(torch.float32).to(dtype)
+
+
+def as_e8m0_bytes(scale: torch.Tensor) -> torch.Tensor:
+    if scale.dtype == torch.float8_e8m0fnu:
+        return scale.view(torch.uint8)
+    if scale.dtype != torch.uint8:
+        raise ValueError(f"E8M0 scales must be uint8 or float8_e8m0fnu, got {scale.dtype}")
+    return scale
+
+
+def shared_scale_bytes(amax: torch.Tensor, emax: int, max_normal: float, scale_alg: str) -> torch.Tensor:
+    """E8M0 byte of each block from its abs-max (any float dtype; inf/NaN allowed), as uint8.
+
+    "floor" and "ocp": OCP MX v1.0, shared_exp = floor(log2 amax) - emax clamped to >= -127, i.e.
+    byte = max(biased_exp(amax) - emax, 0). "rceil" (torch_npu scale_alg=1, torchao RCEIL): the fp32
+    product amax * fp32(1/max_normal) rounded up to a power of two, exactly as the Ascend kernel
+    computes it. Any inf/NaN in the block gives byte 0xFF.
+    """
+    if scale_alg not in SCALE_ALGS:
+        raise ValueError(f"scale_alg must be one of {SCALE_ALGS}, got {scale_alg!r}")
+    finite = torch.isfinite(amax)
+    if scale_alg == "rceil":
+        scaled = amax.float() * torch.tensor(1.0 / max_normal, dtype=torch.float32)
+        bits = scaled.view(torch.int32)
+        exponent, mantissa = (bits >> 23) & 0xFF, bits & 0x7FFFFF
+        round_up = ((exponent > 0) & (exponent < 254) & (mantissa > 0)) | ((exponent == 0) & (mantissa > 1 << 22))
+        byte = exponent + round_up.to(torch.int32)
+    else:
+        byte = torch.clamp(biased_exponent(amax) - emax, min=0)
+    return torch.where(finite, byte, E8M0_NAN).to(torch.uint8)
+
+
+def pow2_reciprocal(byte: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2**(127 - byte): the exact multiplier that maps a block onto the element grid (NaN for 0xFF)."""
+    exponent = 2 * E8M0_BIAS - byte.to(torch.int32)  # biased exponent of 2**(127 - byte), in 0..254
+    bits = torch.where(exponent > 0, exponent << 23, 0x00400000)  # byte 254 -> 2**-127, subnormal
+    bits = torch.where(byte == E8M0_NAN, 0x7FC00000, bits)
+    return bits.view(torch.float32).to(dtype)

@@ -1,0 +1,16 @@
+"""Shared test plumbing: measured figures recorded with `record_property("measured", ...)` are printed
+in the run's summary, so numbers such as SQNR show up in every CI log."""
+
+
+def pytest_terminal_summary(terminalreporter):
+    rows = [
+        (report.nodeid, value)
+        for report in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", [])
+        if report.when == "call"
+        for name, value in report.user_properties
+        if name == "measured"
+    ]
+    if rows:
+        terminalreporter.section("measured")
+        for nodeid, value in rows:
+            terminalreporter.write_line(f"{value}  ({nodeid})")
