@@ -1,0 +1,5 @@
+"""torch.library ops in the `mxfx` namespace that mirror the torch_npu operators the schemes use
+(same argument names, order, defaults, output shapes and dtypes), each with a CPU reference kernel
+built on mxfx.formats and a fake kernel for tracing. Importing this package registers them."""
+
+from . import format_cast, matmul, quant  # noqa: F401  (registration)
