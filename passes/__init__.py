@@ -1,1 +1,21 @@
-"""FX graph passes (GraphModule in, GraphModule out) that rewrite linears into MX-quantized subgraphs."""
+"""FX graph passes (GraphModule in, GraphModule out) that rewrite linears into MX-quantized subgraphs.
+
+They know FX graphs and the scheme interface (mxfx.schemes), not Dynamo, torchair or a device: the ops
+a rewrite emits come from a target table (passes.targets)."""
+
+from .find_linears import LinearSite, find_linears
+from .quantize_linears import DEFAULT_EXCLUDE, quantize_linears
+from .report import LinearReport, RewriteReport
+from .targets import TARGETS, Target, get_target
+
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "LinearReport",
+    "LinearSite",
+    "RewriteReport",
+    "TARGETS",
+    "Target",
+    "find_linears",
+    "get_target",
+    "quantize_linears",
+]

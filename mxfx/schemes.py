@@ -1,0 +1,137 @@
+"""The online schemes: how a weight is prepared and which torch_npu ops quantize the activation and do
+the matmul. A scheme is written once against an op table (`ops.<torch_npu name>`), so the same code
+prepares weights eagerly, builds graph nodes when called with FX proxies, and runs on either target."""
+
+from dataclasses import dataclass
+
+import torch
+
+from mxfx.ops.dtypes import ACL_FORMAT_FRACTAL_NZ, FLOAT4_E2M1FN_X2, FLOAT8_E4M3FN, FLOAT8_E8M0FNU
+
+
+class _Ops:
+    """`ops.npu_quant_matmul(...)` -> the target's op of that name."""
+
+    def __init__(self, target):
+        self._target = target
+
+    def __getattr__(self, name):
+        return self._target.op(name)
+
+
+def target_ops(target) -> _Ops:
+    return _Ops(target)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    description: str
+    k_multiple: int  # K must be a multiple of this (32: the MX block; 512: the dual-level level-0 block)
+    activation: str  # schemes with the same activation quantization can share it
+
+    def skip_reason(self, k: int) -> str | None:
+        if k % self.k_multiple:
+            return f"K={k} is not a multiple of {self.k_multiple} ({self.name})"
+        return None
+
+    def prepare_weight(self, target, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def quantize_activation(self, target, x2d):
+        raise NotImplementedError
+
+    def matmul(self, target, activation, prepared: dict, output_dtype: int):
+        raise NotImplementedError
+
+
+class DualLevelMXFP4(Scheme):
+    """W4A4 dual-level MXFP4 (the seed PR's online 'W4A8 MXFP'; 'A8' names the E8M0 level-1 scale)."""
+
+    def prepare_weight(self, target, weight, bias):
+        ops = target_ops(target)
+        q, level0, level1 = ops.npu_dynamic_dual_level_mx_quant(weight)
+        prepared = {
+            "weight": ops.npu_format_cast(q.view(torch.int8), ACL_FORMAT_FRACTAL_NZ),
+            # [N, K/512] -> [K/512, N]; no squeeze(-1): level0 has no trailing 1 (K == 512 stays 2-D)
+            "weight_level0_scale": level0.transpose(0, 1).contiguous(),
+            "weight_scale": level1,
+        }
+        if bias is not None:
+            prepared["bias"] = bias.float()
+        return prepared
+
+    def quantize_activation(self, target, x2d):
+        return target_ops(target).npu_dynamic_dual_level_mx_quant(x2d)
+
+    def matmul(self, target, activation, prepared, output_dtype):
+        return target_ops(target).npu_dual_level_quant_matmul(
+            activation[0], prepared["weight"], activation[1], prepared["weight_level0_scale"],
+            activation[2], prepared["weight_scale"], bias=prepared.get("bias"), output_dtype=output_dtype,
+        )
+
+
+class _MXActivation(Scheme):
+    """MXFP8 E4M3 activations (npu_dynamic_mx_quant, OCP floor scale) into npu_quant_matmul."""
+
+    def quantize_activation(self, target, x2d):
+        return target_ops(target).npu_dynamic_mx_quant(x2d, dst_type=FLOAT8_E4M3FN)
+
+    def _quant_matmul(self, target, activation, prepared, output_dtype, **mode):
+        return target_ops(target).npu_quant_matmul(
+            activation[0], prepared["weight"], prepared["weight_scale"], pertoken_scale=activation[1],
+            bias=prepared.get("bias"), output_dtype=output_dtype, pertoken_scale_dtype=FLOAT8_E8M0FNU,
+            scale_dtype=FLOAT8_E8M0FNU, **mode,
+        )
+
+
+class MXFP8(_MXActivation):
+    """W8A8 MXFP8: weight a [K, N] view of E4M3 [N, K], scale the [K/64, N, 2] view; bias in fp32."""
+
+    def prepare_weight(self, target, weight, bias):
+        q, scale = target_ops(target).npu_dynamic_mx_quant(weight, dst_type=FLOAT8_E4M3FN)
+        prepared = {"weight": q.t(), "weight_scale": scale.transpose(0, 1)}
+        if bias is not None:
+            prepared["bias"] = bias.float()
+        return prepared
+
+    def matmul(self, target, activation, prepared, output_dtype):
+        return self._quant_matmul(target, activation, prepared, output_dtype, group_sizes=[1, 1, 32])
+
+
+class MXFP4W4A8(_MXActivation):
+    """MXFP4 weight x MXFP8 activation (vllm-ascend W4A8_MXFP): packed FP4 weight as a [K/2, N] view,
+    NZ-cast before the transpose on the NPU; the bias in the output dtype, shape [1, N]."""
+
+    def prepare_weight(self, target, weight, bias):
+        ops = target_ops(target)
+        q, scale = ops.npu_dynamic_mx_quant(weight, dst_type=FLOAT4_E2M1FN_X2)
+        if target.nz_fp4_quant_matmul_weight:
+            q = ops.npu_format_cast(q, ACL_FORMAT_FRACTAL_NZ, customize_dtype=FLOAT8_E4M3FN, input_dtype=FLOAT4_E2M1FN_X2)
+        prepared = {"weight": q.transpose(-1, -2), "weight_scale": scale.transpose(0, 1)}
+        if bias is not None:
+            prepared["bias"] = bias.to(weight.dtype).reshape(1, -1)
+        return prepared
+
+    def matmul(self, target, activation, prepared, output_dtype):
+        return self._quant_matmul(
+            target, activation, prepared, output_dtype, x2_dtype=FLOAT4_E2M1FN_X2, group_sizes=[0, 0, 32]
+        )
+
+
+SCHEMES = {
+    scheme.name: scheme
+    for scheme in (
+        DualLevelMXFP4("mxfp4_dual", "dual-level MXFP4 W4A4 (npu_dual_level_quant_matmul)", 512, "dual_level"),
+        MXFP4W4A8("mxfp4_w4a8", "MXFP4 weight x MXFP8 activation (npu_quant_matmul)", 32, "mxfp8"),
+        MXFP8("mxfp8", "W8A8 MXFP8 (npu_quant_matmul)", 32, "mxfp8"),
+    )
+}
+
+
+def get_scheme(scheme: "str | Scheme") -> Scheme:
+    if isinstance(scheme, Scheme):
+        return scheme
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    return SCHEMES[scheme]

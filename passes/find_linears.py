@@ -1,0 +1,100 @@
+"""Find every linear layer in an FX graph, in the three IR forms a user meets:
+
+- Dynamo graphs: call_function torch._C._nn.linear / F.linear, or call_module nn.Linear (symbolic_trace);
+- torch.export graphs: aten.linear.default;
+- post-autograd (aot) graphs: aten.mm / aten.addmm of a 2-D activation and aten.t / aten.permute of a
+  weight (a 3-D input reaches them through a view, which stays where it is).
+"""
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+LINEAR_FUNCTIONS = (torch._C._nn.linear, torch.nn.functional.linear, aten.linear.default)
+TRANSPOSES = (aten.t.default, aten.permute.default, aten.transpose.int)
+
+
+@dataclass
+class LinearSite:
+    node: fx.Node  # the node whose output is the linear's output
+    input: fx.Node  # the activation [..., K]
+    weight: str  # where the weight comes from: a placeholder / get_attr node name, or "<module>.weight"
+    weight_node: fx.Node | None  # None for call_module (the weight lives on the module)
+    bias: str | None
+    bias_node: fx.Node | None
+    fqn: str | None  # module path when the graph records it
+    form: str  # "function", "module", "aten_linear", "aten_mm"
+
+
+def _normalize_fqn(path: str) -> str:
+    """Dynamo writes module paths as "L['self'].model.layers[0].q_proj"; keep "model.layers.0.q_proj"."""
+    path = re.sub(r"^L\['[^']*'\](\[\d+\])*\.?", "", path)
+    path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    return re.sub(r"\[(\d+)\]", r".\1", path).strip(".")
+
+
+def _fqn(node: fx.Node, weight: str) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path, _module_type = list(stack.values())[-1]
+        return _normalize_fqn(path)
+    if weight.endswith(".weight"):  # a get_attr target such as "layers.0.q_proj.weight"
+        return weight.removesuffix(".weight")
+    return None
+
+
+def _source_name(node: fx.Node | None) -> str | None:
+    if node is None:
+        return None
+    return node.target if node.op == "get_attr" else node.name
+
+
+def _linear_args(node: fx.Node) -> tuple:
+    args = list(node.args) + [None] * (3 - len(node.args))
+    names = ("input", "weight", "bias")
+    return tuple(node.kwargs.get(name, args[i]) for i, name in enumerate(names))
+
+
+def _transposed_weight(node) -> fx.Node | None:
+    """w for aten.t(w) / aten.permute(w, [1, 0]) / aten.transpose(w, 0, 1) of a 2-D weight."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in TRANSPOSES:
+        return None
+    if node.target == aten.permute.default and list(node.args[1]) not in ([1, 0], [-1, -2]):
+        return None
+    if node.target == aten.transpose.int and sorted(node.args[1:3]) not in ([0, 1], [-2, -1]):
+        return None
+    return node.args[0]
+
+
+def _site(node, x, weight_node, bias_node, form) -> LinearSite:
+    weight = _source_name(weight_node)
+    return LinearSite(node, x, weight, weight_node, _source_name(bias_node), bias_node, _fqn(node, weight), form)
+
+
+def find_linears(gm: fx.GraphModule) -> list[LinearSite]:
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.Linear):
+            has_bias = gm.get_submodule(node.target).bias is not None
+            weight = f"{node.target}.weight"
+            sites.append(LinearSite(node, node.args[0], weight, None, f"{node.target}.bias" if has_bias else None,
+                                    None, node.target, "module"))
+        elif node.op != "call_function":
+            continue
+        elif node.target in LINEAR_FUNCTIONS:
+            x, weight, bias = _linear_args(node)
+            form = "aten_linear" if node.target == aten.linear.default else "function"
+            sites.append(_site(node, x, weight, bias, form))
+        elif node.target == aten.mm.default and (weight := _transposed_weight(node.args[1])) is not None:
+            sites.append(_site(node, node.args[0], weight, None, "aten_mm"))
+        elif (
+            node.target == aten.addmm.default
+            and not node.kwargs  # beta = alpha = 1
+            and (weight := _transposed_weight(node.args[2])) is not None
+        ):
+            sites.append(_site(node, node.args[1], weight, node.args[0], "aten_mm"))
+    return sites

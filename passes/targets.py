@@ -1,0 +1,40 @@
+"""The target table: which operator namespace a rewrite emits. The passes never look at a device; they
+ask the target for an op by its torch_npu name."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    namespace: str  # torch.ops.<namespace>.<torch_npu op name>
+    # npu_quant_matmul's FP4 weight is NZ-cast with customize_dtype/input_dtype on the NPU; that
+    # variant's byte order is unverified, so the reference keeps the weight ND (a [K/2, N] view).
+    nz_fp4_quant_matmul_weight: bool
+
+    def op(self, name: str) -> torch._ops.OpOverload:
+        if self.namespace == "mxfx":
+            import mxfx.ops  # noqa: F401  (registers torch.ops.mxfx)
+        try:
+            return getattr(getattr(torch.ops, self.namespace), name).default
+        except (AttributeError, RuntimeError) as error:
+            raise RuntimeError(
+                f"target {self.name!r} needs torch.ops.{self.namespace}.{name}, which is not registered"
+                + (" (import torch_npu first)" if self.namespace == "npu" else "")
+            ) from error
+
+
+TARGETS = {
+    "reference": Target("reference", "mxfx", nz_fp4_quant_matmul_weight=False),
+    "npu": Target("npu", "npu", nz_fp4_quant_matmul_weight=True),
+}
+
+
+def get_target(target: "str | Target") -> Target:
+    if isinstance(target, Target):
+        return target
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    return TARGETS[target]

@@ -1,0 +1,265 @@
+"""quantize_linears on hand-built graphs of each IR form: rewrites, the exact ops emitted for both
+targets, outputs bit-exact to the reference ops composed by hand, shared activation quantization,
+every skip reason, idempotence."""
+
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+import passes
+from passes import quantize_linears
+
+from . import npu_standin
+from .graphs import Block, activation, aot_graph, dynamo_graph, export_graph, module_graph
+
+mx = torch.ops.mxfx
+aten = torch.ops.aten
+
+
+# -- the reference ops composed by hand, per scheme (independent of mxfx.schemes) ------------------------
+def _hand_linear(scheme, x, w, b):
+    x2d = x.reshape(-1, x.shape[-1])
+    if scheme == "mxfp4_dual":
+        qx, l0x, l1x = mx.npu_dynamic_dual_level_mx_quant(x2d)
+        qw, l0w, l1w = mx.npu_dynamic_dual_level_mx_quant(w)
+        y = mx.npu_dual_level_quant_matmul(qx, mx.npu_format_cast(qw.view(torch.int8), 29), l0x,
+                                           l0w.t().contiguous(), l1x, l1w, bias=b.float(), output_dtype=15)
+    else:
+        qx, sx = mx.npu_dynamic_mx_quant(x2d, dst_type=292)
+        fp4 = scheme == "mxfp4_w4a8"
+        qw, sw = mx.npu_dynamic_mx_quant(w, dst_type=296 if fp4 else 292)
+        y = mx.npu_quant_matmul(qx, qw.t(), sw.transpose(0, 1), pertoken_scale=sx, scale_dtype=293,
+                                pertoken_scale_dtype=293, output_dtype=15,
+                                bias=b.reshape(1, -1) if fp4 else b.float(),
+                                x2_dtype=296 if fp4 else None, group_sizes=[0, 0, 32] if fp4 else [1, 1, 32])
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def _hand_block(scheme, model, x):
+    def lin(layer, h):
+        return _hand_linear(scheme, h, layer.weight, layer.bias)
+
+    return lin(model.o, lin(model.q, x) * lin(model.k, x) + lin(model.v, x))
+
+
+SCHEMES = ["mxfp4_dual", "mxfp4_w4a8", "mxfp8"]
+QUANT = {"mxfp4_dual": "npu_dynamic_dual_level_mx_quant", "mxfp4_w4a8": "npu_dynamic_mx_quant",
+         "mxfp8": "npu_dynamic_mx_quant"}
+MATMUL = {"mxfp4_dual": "npu_dual_level_quant_matmul", "mxfp4_w4a8": "npu_quant_matmul",
+          "mxfp8": "npu_quant_matmul"}
+
+
+def _ops(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _quantized_ops(gm):
+    return [t.__name__.split(".")[0] for t in _ops(gm) if isinstance(t, torch._ops.OpOverload) and t.namespace in ("mxfx", "npu")]
+
+
+def _forms():
+    model, x = Block(), activation()
+    gm, weights, inputs = dynamo_graph(model, x)
+    yield "dynamo", model, x, gm, weights, [i for i in inputs]
+    yield "module", model, x, module_graph(model, x), None, [x]
+    gm, weights, ep = export_graph(model, x)
+    yield "export", model, x, gm, weights, [*weights.values(), x]
+    gm, weights, inputs = aot_graph(model, x)
+    yield "aot", model, x, gm, weights, inputs
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_every_form_is_rewritten_bit_exactly(scheme):
+    for form, model, x, gm, weights, inputs in _forms():
+        report = quantize_linears(gm, scheme, "reference", weights)
+        assert len(report.rewritten) == 4 and not report.skipped, (form, str(report))
+        assert report.activation_quants == 2, f"{form}: q/k/v share one activation quantization"
+        assert _quantized_ops(gm) == [QUANT[scheme], *[MATMUL[scheme]] * 3, QUANT[scheme], MATMUL[scheme]], form
+        assert not any(t in (torch._C._nn.linear, aten.linear.default, aten.addmm.default) for t in _ops(gm)), form
+        gm.graph.lint()
+        out = gm(*inputs)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        assert torch.equal(out, _hand_block(scheme, model, x)), f"{form}: rewrite changed the numerics"
+
+
+def test_exact_op_sequence_of_one_linear():
+    model = torch.nn.Linear(512, 64, dtype=torch.bfloat16)
+    gm, weights, inputs = dynamo_graph(model, activation((2, 3, 512)))
+    quantize_linears(gm, "mxfp4_dual", "reference", weights)
+    assert _ops(gm) == [aten.reshape.default, mx.npu_dynamic_dual_level_mx_quant.default,
+                        operator.getitem, operator.getitem, operator.getitem,
+                        mx.npu_dual_level_quant_matmul.default, aten.reshape.default]
+    attrs = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+    assert sorted(a.removeprefix("_mxfx_l_fn_parameters_weight__") for a in attrs) == [
+        "bias", "weight", "weight_level0_scale", "weight_scale"]
+    level0 = gm.get_buffer(next(a for a in attrs if a.endswith("level0_scale")))
+    assert level0.shape == (1, 64) and level0.is_contiguous(), "level-0 scale pre-transposed to [K/512, N]"
+    nz = gm.get_buffer(next(a for a in attrs if a.endswith("_weight")))
+    assert nz.dtype == torch.int8 and nz.shape == (8, 4, 16, 32), "FP4 weight as emulated FRACTAL_NZ"
+
+
+def test_new_nodes_carry_meta_val():
+    gm, weights, inputs = dynamo_graph(Block(), activation())
+    original = {n.name for n in gm.graph.nodes}
+    quantize_linears(gm, "mxfp8", "reference", weights)
+    new = [n for n in gm.graph.nodes if n.name not in original]
+    assert new and all("val" in n.meta for n in new)
+    real = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], inputs))
+    for node in gm.graph.nodes:  # every value matches what running the node gives
+        if node.op == "get_attr":
+            real[node] = gm.get_buffer(node.target)
+        elif node.op == "call_function":
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), real.__getitem__)
+            real[node] = node.target(*args, **kwargs)
+            fake = node.meta.get("val", node.meta.get("example_value"))
+            if isinstance(fake, torch.Tensor):
+                assert (fake.shape, fake.dtype, fake.stride()) == (real[node].shape, real[node].dtype, real[node].stride()), node
+    out = gm.graph.output_node().args[0][0].meta["val"]
+    assert out.shape == (2, 3, 512) and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_npu_target_emits_torch_npu_ops_with_the_same_numerics(scheme):
+    library = npu_standin.register()  # noqa: F841  (keeps torch.ops.npu alive for the test)
+    model, x = Block(), activation()
+    reference, weights, inputs = dynamo_graph(model, x)
+    npu, npu_weights, _ = dynamo_graph(model, x)
+    quantize_linears(reference, scheme, "reference", weights)
+    quantize_linears(npu, scheme, "npu", npu_weights)
+    namespaces = {t.namespace for t in _ops(npu) if isinstance(t, torch._ops.OpOverload) and t.namespace != "aten"}
+    assert namespaces == {"npu"}
+    assert _quantized_ops(npu) == _quantized_ops(reference)
+    assert torch.equal(npu(*inputs)[0], reference(*inputs)[0])
+
+
+def test_npu_target_without_torch_npu_is_a_clear_error():
+    target = passes.Target("fake-npu", "no_such_namespace", True)
+    with pytest.raises(RuntimeError, match="not registered"):
+        target.op("npu_quant_matmul")
+
+
+def test_running_twice_changes_nothing():
+    gm, weights, _ = dynamo_graph(Block(), activation())
+    quantize_linears(gm, "mxfp4_dual", "reference", weights)
+    code = gm.code
+    second = quantize_linears(gm, "mxfp4_dual", "reference", weights)
+    assert gm.code == code and not second.rewritten and second.activation_quants == 0
+
+
+def test_report_table_and_bytes():
+    gm, weights, _ = dynamo_graph(Block(), activation())
+    report = quantize_linears(gm, "mxfp4_dual", "reference", weights)
+    assert report.bytes_before == 4 * 512 * 512 * 2
+    assert report.bytes_after * 16 == report.bytes_before * 4.3125 / 2 * 2  # 4.3125 bits per element
+    text = str(report)
+    assert "q " in text and "rewritten" in text and "4 rewritten, 0 skipped, 2 activation quantizations" in text
+
+
+# -- skips: each reason triggered by a graph built for it ------------------------------------------------
+class Head(torch.nn.Module):
+    def __init__(self, k=512, n=64, tie=False, dtype=torch.bfloat16):
+        super().__init__()
+        self.embed = torch.nn.Embedding(32, k, dtype=dtype)
+        self.body = torch.nn.Linear(k, k, dtype=dtype)
+        self.lm_head = torch.nn.Linear(k, 32 if tie else n, bias=False, dtype=dtype)
+        if tie:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.lm_head(self.body(self.embed(ids)))
+
+
+def _skips(report):
+    return {r.fqn: r.reason for r in report.skipped}
+
+
+def test_lm_head_excluded_by_default_and_patterns():
+    gm, weights, _ = dynamo_graph(Head(), torch.zeros(1, 4, dtype=torch.long))
+    report = quantize_linears(gm, "mxfp4_dual", "reference", weights)
+    assert _skips(report) == {"lm_head": "excluded by pattern 'lm_head'"}
+    gm, weights, _ = dynamo_graph(Head(), torch.zeros(1, 4, dtype=torch.long))
+    report = quantize_linears(gm, "mxfp4_dual", "reference", weights, include=["lm_*"], exclude=())
+    assert _skips(report) == {"body": "not matched by include patterns"} and len(report.rewritten) == 1
+
+
+def test_tied_embedding_weight_is_skipped():
+    gm, weights, _ = dynamo_graph(Head(tie=True), torch.zeros(1, 4, dtype=torch.long))
+    report = quantize_linears(gm, "mxfp4_dual", "reference", weights, exclude=())
+    assert _skips(report) == {"lm_head": "weight is tied to an embedding"}
+
+
+@pytest.mark.parametrize(
+    "scheme, k, reason",
+    [("mxfp4_dual", 544, "K=544 is not a multiple of 512"), ("mxfp8", 100, "K=100 is not a multiple of 32"),
+     ("mxfp4_w4a8", 48, "K=48 is not a multiple of 32")],
+)
+def test_k_rules(scheme, k, reason):
+    gm, weights, _ = dynamo_graph(torch.nn.Linear(k, 64, dtype=torch.bfloat16), activation((2, k)))
+    report = quantize_linears(gm, scheme, "reference", weights)
+    assert [r.reason for r in report.skipped] == [f"{reason} ({scheme})"] and len(list(gm.graph.nodes)) == 5
+
+
+class ComputedWeight(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(64, 512, dtype=torch.bfloat16))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.w * 2)
+
+
+def test_weight_that_is_not_a_constant():
+    gm, weights, _ = dynamo_graph(ComputedWeight(), activation((2, 512)))
+    report = quantize_linears(gm, "mxfp8", "reference", weights)
+    assert report.skipped[0].reason == "weight mul is not a constant of the graph"
+
+
+def test_fp32_activation_and_missing_metadata():
+    model = torch.nn.Linear(512, 64)
+    gm, weights, _ = dynamo_graph(model, torch.randn(2, 512))
+    assert "activation dtype torch.float32" in quantize_linears(gm, "mxfp8", "reference", weights).skipped[0].reason
+    untraced = fx.symbolic_trace(torch.nn.Linear(512, 64, dtype=torch.bfloat16))
+    assert "no shape metadata" in quantize_linears(untraced, "mxfp8").skipped[0].reason
+
+
+def _hand_graph(weight, bias=None, k_dynamic=False):
+    """x -> F.linear(x, get_attr weight, get_attr bias), with a fake x in meta["val"]."""
+    root = torch.nn.Module()
+    root.register_buffer("w", weight)
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    dims = [DimDynamic.STATIC, DimDynamic.DYNAMIC if k_dynamic else DimDynamic.STATIC]
+    x.meta["val"] = mode.from_tensor(torch.empty(4, weight.shape[-1], dtype=torch.bfloat16),
+                                     symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+    args = [x, graph.get_attr("w")]
+    if bias is not None:
+        root.register_buffer("b", bias)
+        args.append(graph.get_attr("b"))
+    graph.output(graph.call_function(torch._C._nn.linear, tuple(args)))
+    return fx.GraphModule(root, graph)
+
+
+@pytest.mark.parametrize(
+    "graph, reason",
+    [
+        (lambda: _hand_graph(torch.zeros(64, 512, dtype=torch.int8)), "weight is torch.int8 [64, 512]"),
+        (lambda: _hand_graph(torch.zeros(64, 512, dtype=torch.bfloat16), bias=torch.zeros(1, 64)), "bias shape [1, 64]"),
+        (lambda: _hand_graph(torch.zeros(64, 512, dtype=torch.bfloat16), k_dynamic=True), "dynamic K"),
+    ],
+)
+def test_hand_built_skips(graph, reason):
+    report = quantize_linears(graph(), "mxfp8", "reference", None)
+    assert report.skipped[0].reason.startswith(reason)
+
+
+def test_unknown_scheme_and_target():
+    gm = fx.symbolic_trace(torch.nn.Linear(32, 32))
+    with pytest.raises(ValueError, match="unknown scheme"):
+        quantize_linears(gm, "int4")
+    with pytest.raises(ValueError, match="unknown target"):
+        quantize_linears(gm, "mxfp8", "tpu")
