@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from . import native
 from ._checks import check_input, check_last_dim_even
 from .blocks import block_abs_max, merge_blocks, split_blocks
 from .e8m0 import as_e8m0_bytes, biased_exponent, e8m0_decode, pow2_reciprocal, shared_scale_bytes
@@ -35,6 +36,8 @@ def quantize_dual_level(x: torch.Tensor, round_mode: str = "rint") -> tuple[torc
     check_input(x, "quantize_dual_level", (torch.bfloat16, torch.float16))
     check_last_dim_even(x, "quantize_dual_level")
     check_round_mode(round_mode)
+    if (result := native.try_quantize_dual_level(x, round_mode)) is not None:  # MXFX_KERNELS, see native
+        return result
     k = x.shape[-1]
 
     blocks0 = split_blocks(x, LEVEL0_BLOCK)

@@ -5,6 +5,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import native
 from ._checks import check_input, check_last_dim_even
 from .blocks import block_abs_max, merge_blocks, split_blocks
 from .e8m0 import E8M0_NAN, e8m0_decode, pow2_reciprocal, shared_scale_bytes, as_e8m0_bytes
@@ -70,6 +71,8 @@ def quantize_mx(
             raise ValueError("scale_alg='rceil' is only defined for FP8 (the Ascend kernel rejects it for FP4)")
     elif round_mode != "rint":
         raise ValueError(f"FP8 MX quantization supports only round_mode='rint', got {round_mode!r}")
+    if (result := native.try_quantize_mx(x, fmt, block_size, scale_alg, round_mode)) is not None:  # MXFX_KERNELS
+        return result
 
     blocks = split_blocks(x, block_size)
     byte = shared_scale_bytes(block_abs_max(blocks), spec.emax, spec.max_normal, scale_alg)
@@ -84,7 +87,8 @@ def quantize_mx(
     else:
         q = e4m3_encode(scaled)
         if (byte == E8M0_NAN).any():
-            q = q.masked_fill(scaled.isnan(), 0.0)
+            # masked_fill has no float8 kernel: zero the bytes (0x00 is +0)
+            q = q.view(torch.uint8).masked_fill(scaled.isnan(), 0).view(torch.float8_e4m3fn)
     return q, byte.view(torch.float8_e8m0fnu)
 
 

@@ -1,0 +1,287 @@
+"""Native (C) kernels for quantize_dual_level and quantize_mx, bit-identical to the torch code.
+
+mx_kernels.c is compiled on first use with the system C compiler (-O3 -march=native, never -ffast-math),
+cached under ${XDG_CACHE_HOME:-~/.cache}/mxfx/ keyed by source, flags, compiler and CPU, and loaded
+with ctypes; calls are split over row ranges on a thread pool (ctypes releases the GIL).
+
+The implementation is chosen by the environment variable MXFX_KERNELS (read at each call):
+  auto    (default) native where it covers the call and a compiler works; otherwise the torch code,
+          with one warning saying why;
+  torch   never native;
+  native  native where it covers the call; RuntimeError if the kernel cannot be built.
+`use(mode)` overrides the variable for a `with` block (tests and benchmarks use it).
+"""
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+MODES = ("auto", "torch", "native")
+_SOURCE = Path(__file__).with_name("mx_kernels.c")
+_FLAGS = ["-std=c99", "-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]
+_ABI_VERSION = 1
+# below this many elements one call on the caller's thread beats handing work to the pool
+_MIN_PARALLEL_ELEMENTS = 1 << 18
+
+_ROUND_MODES = {"rint": 0, "round": 1, "floor": 2}
+_SCALE_ALGS = {"floor": 0, "ocp": 1, "rceil": 2}
+_FORMATS = {"fp8_e4m3": 0, "fp4_e2m1": 1}
+_I64, _INT = ctypes.c_int64, ctypes.c_int
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib" or "error"; "warned"; "pool": (executor, size)
+_override = threading.local()
+
+
+# ------------------------------------------------------------------------------------------ mode
+
+
+def mode() -> str:
+    """The implementation choice in force: use() inside a with block, else $MXFX_KERNELS, else auto."""
+    chosen = getattr(_override, "mode", None) or os.environ.get("MXFX_KERNELS", "auto").strip().lower() or "auto"
+    if chosen not in MODES:
+        raise ValueError(f"MXFX_KERNELS must be one of {MODES}, got {chosen!r}")
+    return chosen
+
+
+@contextlib.contextmanager
+def use(chosen: str):
+    """Force an implementation ("auto", "torch" or "native") in this thread for the with block."""
+    if chosen not in MODES:
+        raise ValueError(f"kernel mode must be one of {MODES}, got {chosen!r}")
+    previous = getattr(_override, "mode", None)
+    _override.mode = chosen
+    try:
+        yield
+    finally:
+        _override.mode = previous
+
+
+# ------------------------------------------------------------------------------------- building
+
+
+def _compiler() -> str | None:
+    for candidate in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
+        if candidate:
+            path = shutil.which(candidate.split()[0])
+            if path:
+                return path
+    return None
+
+
+def _cpu_id() -> str:
+    # -march=native code must not be reused on another CPU that shares the cache directory
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(sorted({line for line in f if line.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor()
+
+
+def _build() -> ctypes.CDLL:
+    if not _SOURCE.exists():
+        raise RuntimeError(f"the kernel source {_SOURCE} is missing from this installation")
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (tried $CC, sysconfig CC, cc, gcc, clang)")
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"the C compiler {cc} does not run: {e}") from e
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(_FLAGS).encode(), cc.encode(), version.encode(), _cpu_id().encode(),
+                    platform.machine().encode()])
+    ).hexdigest()[:24]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mxfx"
+    target = cache / f"mx_kernels-{key}{sysconfig.get_config_var('SHLIB_SUFFIX') or '.so'}"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=".mx_kernels-", suffix=".so.tmp")
+        os.close(fd)
+        try:
+            result = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True,
+                                    timeout=300)
+            if result.returncode != 0:
+                raise RuntimeError(f"compiling {_SOURCE.name} with {cc} failed:\n{result.stderr.strip()}")
+            os.replace(tmp, target)  # atomic: a concurrent process sees the old state or a complete file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    lib.mxfx_abi_version.restype = ctypes.c_int64
+    if lib.mxfx_abi_version() != _ABI_VERSION:
+        raise RuntimeError(f"{target} has ABI {lib.mxfx_abi_version()}, expected {_ABI_VERSION}")
+    p = ctypes.c_void_p
+    for name in ("dual_level_quant_bf16", "dual_level_quant_fp16"):
+        fn = getattr(lib, name)
+        fn.argtypes = [p, _I64, _I64, _INT, p, p, p]
+        fn.restype = ctypes.c_int
+    for name in ("mx_quant_bf16", "mx_quant_fp16"):
+        fn = getattr(lib, name)
+        fn.argtypes = [p, _I64, _I64, _I64, _INT, _INT, _INT, p, p]
+        fn.restype = ctypes.c_int
+    lib.e2m1_encode_f32.argtypes = [p, _I64, _INT, p]
+    lib.e2m1_encode_f32.restype = None
+    return lib
+
+
+def _library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (the reason kept in _state["error"]); built at most once."""
+    if "lib" not in _state and "error" not in _state:
+        with _lock:
+            if "lib" not in _state and "error" not in _state:
+                try:
+                    _state["lib"] = _build()
+                except Exception as e:  # noqa: BLE001 - any failure means "not available", reported below
+                    _state["error"] = f"{type(e).__name__}: {e}"
+    return _state.get("lib")
+
+
+def available() -> bool:
+    """True when the native kernels are built (or can be built now) and loaded."""
+    return _library() is not None
+
+
+def unavailable_reason() -> str | None:
+    return None if available() else _state["error"]
+
+
+def _native_library() -> ctypes.CDLL | None:
+    """The library if this call should go native, None for the torch path (warning once in auto mode)."""
+    chosen = mode()
+    if chosen == "torch":
+        return None
+    lib = _library()
+    if lib is not None:
+        return lib
+    if chosen == "native":
+        raise RuntimeError(f"MXFX_KERNELS=native but the native MX kernels cannot be built: {_state['error']}")
+    if not _state.get("warned"):
+        _state["warned"] = True
+        warnings.warn(
+            f"mxfx: native MX kernels unavailable ({_state['error']}); using the much slower torch code. "
+            "Install a C compiler (gcc/cc) for the fast path, or set MXFX_KERNELS=torch to silence this.",
+            RuntimeWarning,
+            stacklevel=4,  # the caller of quantize_mx / quantize_dual_level
+        )
+    return None
+
+
+# ------------------------------------------------------------------------------------- running
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of `workers` threads (recreated when torch.get_num_threads() changes)."""
+    with _lock:
+        pool, size = _state.get("pool", (None, 0))
+        if pool is None or size != workers:
+            if pool is not None:
+                pool.shutdown(wait=False)
+            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mxfx-native")
+            _state["pool"] = (pool, workers)
+    return pool
+
+
+def _run_rows(call, rows: int, k: int) -> None:
+    """call(row_start, row_count) over all rows, split across the pool when the work is large enough."""
+    workers = torch.get_num_threads()
+    chunks = min(workers, rows, max(1, rows * k // _MIN_PARALLEL_ELEMENTS))
+    if chunks <= 1:
+        _check(call(0, rows))
+        return
+    bounds = [rows * i // chunks for i in range(chunks + 1)]
+    pool = _pool(workers)
+    futures = [pool.submit(call, bounds[i], bounds[i + 1] - bounds[i]) for i in range(1, chunks)]
+    _check(call(bounds[0], bounds[1]))  # the caller's thread takes the first range
+    for f in futures:
+        _check(f.result())
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
+        raise RuntimeError(f"native MX kernel rejected its arguments (rc={rc})")
+
+
+def _covers(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    x = x.detach().contiguous()
+    k = x.shape[-1]
+    return x, x.numel() // k, k
+
+
+def try_quantize_dual_level(x: torch.Tensor, round_mode: str):
+    """Native quantize_dual_level if this call should and can go native (arguments already checked),
+    else None."""
+    if not _covers(x):
+        return None
+    lib = _native_library()
+    if lib is None:
+        return None
+    x, rows, k = _rows(x)
+    lead = tuple(x.shape[:-1])
+    nb0, nb1 = -(-k // 512), -(-k // 32)
+    q = torch.empty(lead + (k // 2,), dtype=torch.uint8)
+    level0 = torch.empty(lead + (nb0,), dtype=torch.float32)
+    level1 = torch.empty(lead + (nb1,), dtype=torch.uint8)
+    fn = lib.dual_level_quant_bf16 if x.dtype == torch.bfloat16 else lib.dual_level_quant_fp16
+    px, pq, p0, p1 = x.data_ptr(), q.data_ptr(), level0.data_ptr(), level1.data_ptr()
+    rm = _ROUND_MODES[round_mode]
+
+    def call(start: int, count: int) -> int:
+        return fn(px + 2 * start * k, count, k, rm, pq + start * (k // 2), p0 + 4 * start * nb0, p1 + start * nb1)
+
+    _run_rows(call, rows, k)
+    return q, level0, level1.view(torch.float8_e8m0fnu)
+
+
+def try_quantize_mx(x: torch.Tensor, fmt: str, block_size: int, scale_alg: str, round_mode: str):
+    """Native quantize_mx if this call should and can go native (arguments already checked), else None."""
+    if not _covers(x) or scale_alg not in _SCALE_ALGS:  # an unknown scale_alg: the torch code raises
+        return None
+    lib = _native_library()
+    if lib is None:
+        return None
+    x, rows, k = _rows(x)
+    lead = tuple(x.shape[:-1])
+    nb = -(-k // block_size)
+    qk = k if fmt == "fp8_e4m3" else k // 2
+    q = torch.empty(lead + (qk,), dtype=torch.uint8)
+    scale = torch.empty(lead + (nb,), dtype=torch.uint8)
+    fn = lib.mx_quant_bf16 if x.dtype == torch.bfloat16 else lib.mx_quant_fp16
+    px, pq, ps = x.data_ptr(), q.data_ptr(), scale.data_ptr()
+    f, alg, rm = _FORMATS[fmt], _SCALE_ALGS[scale_alg], _ROUND_MODES[round_mode]
+
+    def call(start: int, count: int) -> int:
+        return fn(px + 2 * start * k, count, k, block_size, f, alg, rm, pq + start * qk, ps + start * nb)
+
+    _run_rows(call, rows, k)
+    if fmt == "fp8_e4m3":
+        q = q.view(torch.float8_e4m3fn)
+    return q, scale.view(torch.float8_e8m0fnu)
+
+
+def e2m1_encode_f32(x: torch.Tensor, round_mode: str) -> torch.Tensor:
+    """The C E2M1 encoder on fp32 values (a test hook; requires available())."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"native MX kernels unavailable: {_state['error']}")
+    x = x.detach().float().contiguous().reshape(-1)
+    codes = torch.empty(x.numel(), dtype=torch.uint8)
+    lib.e2m1_encode_f32(x.data_ptr(), x.numel(), _ROUND_MODES[round_mode], codes.data_ptr())
+    return codes

@@ -1,0 +1,414 @@
+/* Native MX quantizers for mxfx.formats: bit-identical to the torch code in dual_level.py / mx.py.
+ *
+ * Plain C99, C ABI over raw pointers; the input is a contiguous [rows, k] array of bf16 or fp16 bit
+ * patterns (uint16). Callers parallelize over row ranges. Build: -O3 -march=native, never -ffast-math
+ * (every fp32 operation here must be the IEEE one torch performs: real divisions, no FMA contraction,
+ * subnormals kept).
+ *
+ * A short last block (k not a multiple of the block) is zero padded in a local buffer, as
+ * blocks.split_blocks does, and only the valid outputs are written.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define MXFX_ABI_VERSION 1
+
+enum { RM_RINT = 0, RM_ROUND = 1, RM_FLOOR = 2 };
+enum { ALG_FLOOR = 0, ALG_OCP = 1, ALG_RCEIL = 2 };
+enum { FMT_E4M3 = 0, FMT_E2M1 = 1 };
+
+#define INLINE static inline __attribute__((always_inline))
+
+int64_t mxfx_abi_version(void) { return MXFX_ABI_VERSION; }
+
+INLINE float f32_of(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+INLINE uint32_t bits_of(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
+
+/* ---- input dtype <-> fp32 (f16 = 1: IEEE half, f16 = 0: bfloat16) ---- */
+
+INLINE float half_to_f32(uint32_t h) {
+    /* exact (FP16 library / c10 fp16_ieee_to_fp32_value) */
+    uint32_t w = h << 16, sign = w & 0x80000000u, two_w = w + w;
+    float normalized = f32_of((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    float denormalized = f32_of((two_w >> 17) | (126u << 23)) - 0.5f;
+    return f32_of(sign | (two_w < (1u << 27) ? bits_of(denormalized) : bits_of(normalized)));
+}
+
+INLINE uint32_t f32_to_half(float f) {
+    /* round to nearest even, overflow to inf (c10 fp16_ieee_from_fp32_value); NaN -> a quiet NaN */
+    float base = (__builtin_fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    uint32_t w = bits_of(f), shl1_w = w + w, sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    bias = bias < 0x71000000u ? 0x71000000u : bias;
+    base = f32_of((bias >> 1) + 0x07800000u) + base;
+    uint32_t b = bits_of(base);
+    uint32_t nonsign = ((b >> 13) & 0x7C00u) + (b & 0x0FFFu);
+    return (sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign);
+}
+
+INLINE uint32_t f32_to_bf16(float f) {
+    /* round to nearest even on the fp32 bits; NaN -> a quiet NaN */
+    uint32_t b = bits_of(f);
+    uint32_t r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+    return (b & 0x7FFFFFFFu) > 0x7F800000u ? ((b >> 16) | 0x40u) : r;
+}
+
+INLINE float in_to_f32(uint32_t v, int f16) { return f16 ? half_to_f32(v) : f32_of(v << 16); }
+INLINE uint32_t f32_to_in(float f, int f16) { return f16 ? f32_to_half(f) : f32_to_bf16(f); }
+/* |x| bit pattern at or above which a value is inf/NaN */
+INLINE uint32_t inf_bits(int f16) { return f16 ? 0x7C00u : 0x7F80u; }
+
+/* ---- element codecs ---- */
+
+/* rint for k >= 0 (or NaN): exact under the default round-to-nearest-even mode */
+INLINE float rint_pos(float k) { return k < 0x1.0p23f ? (k + 0x1.0p23f) - 0x1.0p23f : k; }
+INLINE float floor_pos(float k) { float t = rint_pos(k); return t > k ? t - 1.0f : t; }
+INLINE float ceil_pos(float k) { float t = rint_pos(k); return t < k ? t + 1.0f : t; }
+
+/* E2M1 code of an fp32 value, exactly as elements._e2m1_encode_arith computes it */
+INLINE uint32_t e2m1_code(float v, int rm) {
+    uint32_t b = bits_of(v);
+    uint32_t neg = b >> 31;
+    float a = f32_of(b & 0x7FFFFFFFu);
+    int isnan = (b & 0x7FFFFFFFu) > 0x7F800000u;
+    float big = (a >= 2.0f ? 1.0f : 0.0f) + (a >= 4.0f ? 1.0f : 0.0f);
+    float k = a * (a >= 4.0f ? 0.5f : (a >= 2.0f ? 1.0f : 2.0f)); /* a / spacing, exact */
+    float r;
+    if (rm == RM_RINT)
+        r = rint_pos(k);
+    else if (rm == RM_ROUND)
+        r = floor_pos(k + 0.5f);
+    else
+        r = neg ? ceil_pos(k) : floor_pos(k);
+    float c = r + 2.0f * big;
+    c = c > 7.0f ? 7.0f : c;
+    c = isnan ? 0.0f : c;
+    return (uint32_t)(int32_t)c | ((neg & (uint32_t)!isnan) << 3);
+}
+
+/* The same E2M1 code for a value known to be finite with |v| < 8 and at most 11 significant bits (a
+   bf16 or fp16 value times a power of two, so that the k + 0.5 of "round" is exact): round the
+   significand to one fraction bit on the integer bits (a >= 1), or compare against the half-way
+   points of the spacing-0.5 range (a < 1). */
+INLINE uint32_t e2m1_code_fast(float v, int rm) {
+    /* compares on the magnitude bits (ordered like the values; integer compares never trap) */
+    uint32_t b = bits_of(v), a = b & 0x7FFFFFFFu, neg = b >> 31;
+    uint32_t add, sub;
+    if (rm == RM_RINT) { /* thresholds 0.25 (tie to 0) and 0.75 (tie to 1.0) */
+        add = 0x1FFFFFu + ((a >> 22) & 1u);
+        sub = (a > 0x3E800000u ? 1u : 0u) + (a >= 0x3F400000u ? 1u : 0u);
+    } else if (rm == RM_ROUND) {
+        add = 0x200000u;
+        sub = (a >= 0x3E800000u ? 1u : 0u) + (a >= 0x3F400000u ? 1u : 0u);
+    } else { /* signed floor: the magnitude of a negative value rounds up */
+        add = neg ? 0x3FFFFFu : 0u;
+        sub = neg ? (a > 0u ? 1u : 0u) + (a > 0x3F000000u ? 1u : 0u) : (a >= 0x3F000000u ? 1u : 0u);
+    }
+    uint32_t nrm = ((a + add) >> 22) - 252u; /* (exponent, fraction bit) - (127, 0) + 2 */
+    nrm = nrm < 7u ? nrm : 7u;
+    return (a < 0x3F800000u ? sub : nrm) | (neg << 3);
+}
+
+/* E4M3 byte of an fp32 value (not NaN), saturating to +-448, round half to even: the clamp to 448
+   followed by c10's fp8e4m3fn_from_fp32_value, done on the magnitude bits */
+INLINE uint32_t e4m3_code(float v) {
+    uint32_t b = bits_of(v), sign = (b >> 24) & 0x80u, a = b & 0x7FFFFFFFu;
+    a = a < 0x43E00000u ? a : 0x43E00000u; /* |v| <= 448 */
+    uint32_t normal = (a + (0x7FFFFu - (120u << 23)) + ((a >> 20) & 1u)) >> 20;
+    uint32_t denorm = bits_of(f32_of(a) + f32_of(141u << 23)) - (141u << 23);
+    return (a < (121u << 23) ? denorm : normal) | sign;
+}
+
+/* 2**(127 - byte) as fp32 (e8m0.pow2_reciprocal), byte < 255 */
+INLINE float pow2_reciprocal(uint32_t byte) {
+    int32_t e = 254 - (int32_t)byte;
+    return f32_of(e > 0 ? (uint32_t)e << 23 : 0x00400000u);
+}
+
+/* ---- single-level MX (mx.quantize_mx) ---- */
+
+/* 32 values scaled by recip and encoded: E4M3 bytes (32) or packed E2M1 (16 bytes), AND keep */
+INLINE void encode32(const uint16_t *restrict x, float recip, uint32_t keep, int f16, int fmt, int rm,
+                     uint8_t *restrict q) {
+    if (fmt == FMT_E4M3) {
+        for (int i = 0; i < 32; i++) {
+            /* (bf16 input: torch rounds v to bf16 first; v is exact unless |v| < 2**-126, which E4M3
+               rounds to a signed zero either way, so that rounding is skipped here) */
+            float v = in_to_f32(x[i], f16) * recip;
+            q[i] = (uint8_t)(e4m3_code(v) & keep);
+        }
+    } else {
+        uint32_t c[32];
+        for (int i = 0; i < 32; i++) {
+            float v = in_to_f32(x[i], f16) * recip;
+            if (!f16) v = f32_of(f32_to_bf16(v) << 16); /* bf16 * bf16 rounds to bf16 */
+            /* |v| < 8 in a finite block (its exponent is at most emax + 127 - byte); NaN only where
+               keep == 0 */
+            c[i] = e2m1_code_fast(v, rm) & keep;
+        }
+        for (int i = 0; i < 16; i++) q[i] = (uint8_t)(c[2 * i] | (c[2 * i + 1] << 4));
+    }
+}
+
+#define GROUP 16 /* blocks whose scales are computed together */
+
+/* m[g] = max of a[32 g .. 32 g + 31] for g < 16, by folding neighbours (vectorizes without a horizontal
+   reduction per block); a is clobbered */
+INLINE void fold_max16(uint32_t *restrict a, uint32_t *restrict m) {
+    uint32_t b[256];
+    for (int j = 0; j < 256; j++) b[j] = a[2 * j] > a[2 * j + 1] ? a[2 * j] : a[2 * j + 1];
+    for (int j = 0; j < 128; j++) a[j] = b[2 * j] > b[2 * j + 1] ? b[2 * j] : b[2 * j + 1];
+    for (int j = 0; j < 64; j++) b[j] = a[2 * j] > a[2 * j + 1] ? a[2 * j] : a[2 * j + 1];
+    for (int j = 0; j < 32; j++) a[j] = b[2 * j] > b[2 * j + 1] ? b[2 * j] : b[2 * j + 1];
+    for (int j = 0; j < 16; j++) m[j] = a[2 * j] > a[2 * j + 1] ? a[2 * j] : a[2 * j + 1];
+}
+
+/* E8M0 byte of a block from its abs-max bits m (e8m0.shared_scale_bytes); branch-free */
+INLINE uint32_t scale_byte(uint32_t m, int f16, int fmt, int alg) {
+    float amax = in_to_f32(m, f16);
+    uint32_t byte;
+    if (alg == ALG_RCEIL) {
+        uint32_t s = bits_of(amax * (fmt == FMT_E4M3 ? (float)(1.0 / 448.0) : (float)(1.0 / 6.0)));
+        uint32_t e = (s >> 23) & 0xFFu, mant = s & 0x7FFFFFu;
+        uint32_t up = ((e - 1u < 253u) & (mant > 0)) | ((e == 0) & (mant > (1u << 22)));
+        byte = e + up;
+    } else {
+        int32_t e = (int32_t)(bits_of(amax) >> 23) - (fmt == FMT_E4M3 ? 8 : 2);
+        byte = e > 0 ? (uint32_t)e : 0;
+    }
+    return m >= inf_bits(f16) ? 0xFFu : byte;
+}
+
+/* GROUP consecutive blocks of bs values (bs a multiple of 32, <= 1024) */
+INLINE void mx_group(const uint16_t *restrict x, int bs, int f16, int fmt, int alg, int rm,
+                     uint8_t *restrict q, uint8_t *restrict scale) {
+    uint32_t a[32 * GROUP], m[GROUP], keep[GROUP];
+    float recip[GROUP];
+    for (int g = 0; g < GROUP; g++) {
+        for (int i = 0; i < 32; i++) a[32 * g + i] = x[g * bs + i] & 0x7FFFu;
+        for (int j = 1; j < bs / 32; j++)
+            for (int i = 0; i < 32; i++) {
+                uint32_t v = x[g * bs + 32 * j + i] & 0x7FFFu;
+                a[32 * g + i] = v > a[32 * g + i] ? v : a[32 * g + i];
+            }
+    }
+    fold_max16(a, m);
+    for (int g = 0; g < GROUP; g++) {
+        uint32_t byte = scale_byte(m[g], f16, fmt, alg);
+        scale[g] = (uint8_t)byte;
+        /* An inf/NaN block scales every element to NaN, which encodes as 0: keep = 0 zeroes it. */
+        keep[g] = byte == 0xFFu ? 0u : 0xFFu;
+        uint32_t zero = (byte == 0xFFu) | ((alg == ALG_FLOOR) & (byte == 0));
+        recip[g] = zero ? 0.0f : pow2_reciprocal(byte);
+    }
+    int qb = fmt == FMT_E4M3 ? bs : bs / 2;
+    for (int g = 0; g < GROUP; g++)
+        for (int j = 0; j < bs / 32; j++)
+            encode32(x + g * bs + 32 * j, recip[g], keep[g], f16, fmt, rm, q + g * qb + (fmt == FMT_E4M3 ? 32 : 16) * j);
+}
+
+/* n consecutive complete blocks; the last n % GROUP go through a zero-padded buffer */
+INLINE void mx_blocks(const uint16_t *restrict x, int64_t n, int bs, int f16, int fmt, int alg, int rm,
+                      uint8_t *restrict q, uint8_t *restrict scale) {
+    int64_t qb = fmt == FMT_E4M3 ? bs : bs / 2, g = 0;
+    for (; g + GROUP <= n; g += GROUP) mx_group(x + g * bs, bs, f16, fmt, alg, rm, q + g * qb, scale + g);
+    if (g < n) {
+        uint16_t buf[GROUP * 1024];
+        uint8_t qbuf[GROUP * 1024], sbuf[GROUP];
+        memset(buf, 0, (size_t)GROUP * bs * 2);
+        memcpy(buf, x + g * bs, (size_t)(n - g) * bs * 2);
+        mx_group(buf, bs, f16, fmt, alg, rm, qbuf, sbuf);
+        memcpy(q + g * qb, qbuf, (size_t)((n - g) * qb));
+        memcpy(scale + g, sbuf, (size_t)(n - g));
+    }
+}
+
+INLINE void mx_rows(const uint16_t *restrict x, int64_t rows, int64_t k, int bs, int f16, int fmt, int alg,
+                    int rm, uint8_t *restrict q, uint8_t *restrict scale) {
+    if (k % bs == 0) { /* the blocks of all rows are one contiguous sequence */
+        mx_blocks(x, rows * (k / bs), bs, f16, fmt, alg, rm, q, scale);
+        return;
+    }
+    int64_t nb = k / bs + 1, full = k / bs, qrow = fmt == FMT_E4M3 ? k : k / 2, rest = k - full * bs;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * k;
+        uint8_t *qr = q + r * qrow, *sr = scale + r * nb;
+        mx_blocks(xr, full, bs, f16, fmt, alg, rm, qr, sr);
+        uint16_t buf[1024];
+        uint8_t qbuf[1024];
+        memset(buf, 0, sizeof buf);
+        memcpy(buf, xr + full * bs, (size_t)rest * 2);
+        mx_blocks(buf, 1, bs, f16, fmt, alg, rm, qbuf, sr + full);
+        memcpy(qr + (fmt == FMT_E4M3 ? full * bs : full * bs / 2), qbuf, (size_t)(fmt == FMT_E4M3 ? rest : rest / 2));
+    }
+}
+
+/* specializations: block size is runtime, everything else a compile-time constant */
+#define MX_CASE(F16, FMT, ALG, RM) mx_rows(x, rows, k, (int)bs, F16, FMT, ALG, RM, q, scale)
+#define MX_ALGS(F16, FMT, RM)                                                   \
+    do {                                                                        \
+        if (alg == ALG_FLOOR) MX_CASE(F16, FMT, ALG_FLOOR, RM);                 \
+        else if (alg == ALG_OCP) MX_CASE(F16, FMT, ALG_OCP, RM);                \
+        else MX_CASE(F16, FMT, ALG_RCEIL, RM);                                  \
+    } while (0)
+#define MX_ENTRY(NAME, F16)                                                                          \
+    int NAME(const uint16_t *x, int64_t rows, int64_t k, int64_t bs, int fmt, int alg, int rm,        \
+             uint8_t *q, uint8_t *scale) {                                                           \
+        if (bs <= 0 || bs % 32 || bs > 1024 || k <= 0 || rows < 0) return -1;                         \
+        if (fmt == FMT_E4M3) {                                                                       \
+            MX_ALGS(F16, FMT_E4M3, RM_RINT);                                                         \
+        } else {                                                                                     \
+            if (k % 2) return -1;                                                                    \
+            if (rm == RM_RINT) MX_ALGS(F16, FMT_E2M1, RM_RINT);                                      \
+            else if (rm == RM_ROUND) MX_ALGS(F16, FMT_E2M1, RM_ROUND);                               \
+            else MX_ALGS(F16, FMT_E2M1, RM_FLOOR);                                                   \
+        }                                                                                            \
+        return 0;                                                                                    \
+    }
+
+MX_ENTRY(mx_quant_bf16, 0)
+MX_ENTRY(mx_quant_fp16, 1)
+
+/* ---- dual-level MX (dual_level.quantize_dual_level) ---- */
+
+/* level0 of a 512-block: max |x| over its finite values times fp32(1/6), 0 where not a normal fp32;
+   -1 when the block holds an inf or NaN (so that the fast path is not taken; callers store max(l, 0)) */
+INLINE float dual_level0(const uint16_t *restrict x, int f16) {
+    const uint32_t inf = inf_bits(f16);
+    uint32_t acc[32], all[32]; /* (not "= {0}": gcc 12 then does not vectorize the loop) */
+    for (int i = 0; i < 32; i++) acc[i] = all[i] = 0;
+    for (int j = 0; j < 16; j++)
+        for (int i = 0; i < 32; i++) {
+            uint32_t a = x[32 * j + i] & 0x7FFFu, f = a < inf ? a : 0; /* (no reassignment: gcc
+                                                                           would not vectorize) */
+            all[i] = a > all[i] ? a : all[i];
+            acc[i] = f > acc[i] ? f : acc[i];
+        }
+    uint32_t m = 0, m_all = 0;
+    for (int i = 0; i < 32; i++) {
+        m = acc[i] > m ? acc[i] : m;
+        m_all = all[i] > m_all ? all[i] : m_all;
+    }
+    int nonfinite = m_all >= inf;
+    float l0 = in_to_f32(m, f16) * f32_of(0x3E2AAAABu);
+    l0 = l0 < 0x1.0p-126f ? 0.0f : l0;
+    return nonfinite ? -l0 : l0; /* -0.0f for l0 == 0 */
+}
+
+/* One 512-block, padded; nsub = number of 32-blocks to emit (16 except in a tail). */
+INLINE void dual_block(const uint16_t *restrict x, int nsub, int f16, int rm, uint8_t *restrict q,
+                       float *restrict level0, uint8_t *restrict level1) {
+    const uint32_t inf = inf_bits(f16);
+    float l0 = dual_level0(x, f16);
+    l0 = __builtin_fabsf(l0); /* (dual_level0 flags inf/NaN blocks by the sign) */
+    *level0 = l0;
+    for (int s = 0; s < nsub; s++) {
+        const uint16_t *xs = x + 32 * s;
+        uint32_t t[32];
+        uint32_t m1 = 0;
+        for (int i = 0; i < 32; i++) {
+            uint32_t xi = xs[i];
+            uint32_t ti = f32_to_in(in_to_f32(xi, f16) / l0, f16); /* IEEE fp32 division */
+            ti = (xi & 0x7FFFu) == 0 ? xi : ti;                    /* x == 0 keeps x (no 0/0) */
+            t[i] = ti;
+            uint32_t a = ti & 0x7FFFu;
+            m1 = a > m1 ? a : m1;
+        }
+        uint8_t *qs = q + 16 * s;
+        if (m1 >= inf) {
+            level1[s] = 0xFF;
+            memset(qs, 0, 16);
+            continue;
+        }
+        int32_t e = (int32_t)(bits_of(in_to_f32(m1, f16)) >> 23);
+        uint32_t byte = e > 2 ? (uint32_t)(e - 2) : 0;
+        level1[s] = (uint8_t)byte;
+        float recip = e == 0 ? 0.0f : pow2_reciprocal(byte);
+        uint32_t c[32];
+        for (int i = 0; i < 32; i++) {
+            float v = in_to_f32(t[i], f16) * recip;
+            if (!f16) v = f32_of(f32_to_bf16(v) << 16);
+            c[i] = e2m1_code(v, rm);
+        }
+        for (int i = 0; i < 16; i++) qs[i] = (uint8_t)(c[2 * i] | (c[2 * i + 1] << 4));
+    }
+}
+
+/* A bf16 512-block whose values are all finite and whose level0 is a normal fp32 number (the common
+   case): every quotient is finite with |t| <= 6, so no x == 0 select is needed, no 32-block is
+   inf/NaN, the level-1 multiplier is 0 or >= 1 and t * multiplier is exact (no bf16 rounding). */
+INLINE void dual_block_fast_bf16(const uint16_t *restrict x, float l0, int rm, uint8_t *restrict q,
+                                 uint8_t *restrict level1) {
+    uint32_t t[512], a[512], m[16], c[512];
+    float recip[16];
+    for (int i = 0; i < 512; i++) {
+        uint32_t b = bits_of(f32_of((uint32_t)x[i] << 16) / l0); /* IEEE fp32 division */
+        uint32_t tb = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;    /* to bf16, nearest even */
+        t[i] = tb;
+        a[i] = tb & 0x7FFFFFFFu;
+    }
+    fold_max16(a, m);
+    for (int s = 0; s < 16; s++) {
+        uint32_t e = m[s] >> 23;
+        uint32_t byte = e > 2u ? e - 2u : 0u;
+        level1[s] = (uint8_t)byte;
+        recip[s] = e == 0 ? 0.0f : pow2_reciprocal(byte);
+    }
+    for (int s = 0; s < 16; s++)
+        for (int i = 0; i < 32; i++) c[32 * s + i] = e2m1_code_fast(f32_of(t[32 * s + i]) * recip[s], rm);
+    for (int i = 0; i < 256; i++) q[i] = (uint8_t)(c[2 * i] | (c[2 * i + 1] << 4));
+}
+
+INLINE void dual_rows(const uint16_t *restrict x, int64_t rows, int64_t k, int f16, int rm, uint8_t *restrict q,
+                      float *restrict level0, uint8_t *restrict level1) {
+    int64_t nb0 = (k + 511) / 512, nb1 = (k + 31) / 32, full = k / 512;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * k;
+        uint8_t *qr = q + r * (k / 2), *l1 = level1 + r * nb1;
+        float *l0 = level0 + r * nb0;
+        for (int64_t b = 0; b < full; b++) {
+            const uint16_t *xb = xr + 512 * b;
+            if (!f16) {
+                float l = dual_level0(xb, f16);
+                if (l > 0.0f) {
+                    l0[b] = l;
+                    dual_block_fast_bf16(xb, l, rm, qr + 256 * b, l1 + 16 * b);
+                    continue;
+                }
+            }
+            dual_block(xb, 16, f16, rm, qr + 256 * b, l0 + b, l1 + 16 * b);
+        }
+        if (full < nb0) {
+            uint16_t buf[512];
+            uint8_t qbuf[256], l1buf[16];
+            int64_t rest = k - 512 * full;
+            int nsub = (int)((rest + 31) / 32);
+            memset(buf, 0, sizeof buf);
+            memcpy(buf, xr + 512 * full, (size_t)rest * 2);
+            dual_block(buf, nsub, f16, rm, qbuf, l0 + full, l1buf);
+            memcpy(qr + 256 * full, qbuf, (size_t)rest / 2);
+            memcpy(l1 + 16 * full, l1buf, (size_t)nsub);
+        }
+    }
+}
+
+#define DUAL_ENTRY(NAME, F16)                                                                                   \
+    int NAME(const uint16_t *x, int64_t rows, int64_t k, int rm, uint8_t *q, float *level0, uint8_t *level1) {   \
+        if (k <= 0 || k % 2 || rows < 0) return -1;                                                             \
+        if (rm == RM_RINT) dual_rows(x, rows, k, F16, RM_RINT, q, level0, level1);                              \
+        else if (rm == RM_ROUND) dual_rows(x, rows, k, F16, RM_ROUND, q, level0, level1);                       \
+        else dual_rows(x, rows, k, F16, RM_FLOOR, q, level0, level1);                                           \
+        return 0;                                                                                               \
+    }
+
+DUAL_ENTRY(dual_level_quant_bf16, 0)
+DUAL_ENTRY(dual_level_quant_fp16, 1)
+
+/* ---- test hook: the E2M1 encoder on fp32 values ---- */
+void e2m1_encode_f32(const float *x, int64_t n, int rm, uint8_t *codes) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = x[i];
+        codes[i] = (uint8_t)(rm == RM_RINT ? e2m1_code(v, RM_RINT)
+                             : rm == RM_ROUND ? e2m1_code(v, RM_ROUND) : e2m1_code(v, RM_FLOOR));
+    }
+}
