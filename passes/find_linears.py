@@ -6,6 +6,7 @@
   weight (a 3-D input reaches them through a view, which stays where it is).
 """
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ class LinearSite:
     bias_node: fx.Node | None
     fqn: str | None  # module path when the graph records it
     form: str  # "function", "module", "aten_linear", "aten_mm"
+    k: int | None = None  # in_features / out_features, from the weight's shape where the graph knows it
+    n: int | None = None
 
 
 def _normalize_fqn(path: str) -> str:
@@ -70,31 +73,42 @@ def _transposed_weight(node) -> fx.Node | None:
     return node.args[0]
 
 
-def _site(node, x, weight_node, bias_node, form) -> LinearSite:
+def _weight_shape(gm: fx.GraphModule, node) -> tuple:
+    if not isinstance(node, fx.Node):
+        return ()
+    value = node.meta.get("val", node.meta.get("example_value"))
+    if value is None and node.op == "get_attr":
+        value = functools.reduce(getattr, node.target.split("."), gm)
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+
+
+def _site(gm, node, x, weight_node, bias_node, form) -> LinearSite:
     weight = _source_name(weight_node)
-    return LinearSite(node, x, weight, weight_node, _source_name(bias_node), bias_node, _fqn(node, weight), form)
+    shape = _weight_shape(gm, weight_node)
+    n, k = shape if len(shape) == 2 else (None, None)
+    return LinearSite(node, x, weight, weight_node, _source_name(bias_node), bias_node, _fqn(node, weight), form, k, n)
 
 
 def find_linears(gm: fx.GraphModule) -> list[LinearSite]:
     sites = []
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.Linear):
-            has_bias = gm.get_submodule(node.target).bias is not None
-            weight = f"{node.target}.weight"
-            sites.append(LinearSite(node, node.args[0], weight, None, f"{node.target}.bias" if has_bias else None,
-                                    None, node.target, "module"))
+            module = gm.get_submodule(node.target)
+            bias = f"{node.target}.bias" if module.bias is not None else None
+            sites.append(LinearSite(node, node.args[0], f"{node.target}.weight", None, bias, None, node.target,
+                                    "module", module.in_features, module.out_features))
         elif node.op != "call_function":
             continue
         elif node.target in LINEAR_FUNCTIONS:
             x, weight, bias = _linear_args(node)
             form = "aten_linear" if node.target == aten.linear.default else "function"
-            sites.append(_site(node, x, weight, bias, form))
+            sites.append(_site(gm, node, x, weight, bias, form))
         elif node.target == aten.mm.default and (weight := _transposed_weight(node.args[1])) is not None:
-            sites.append(_site(node, node.args[0], weight, None, "aten_mm"))
+            sites.append(_site(gm, node, node.args[0], weight, None, "aten_mm"))
         elif (
             node.target == aten.addmm.default
             and not node.kwargs  # beta = alpha = 1
             and (weight := _transposed_weight(node.args[2])) is not None
         ):
-            sites.append(_site(node, node.args[1], weight, node.args[0], "aten_mm"))
+            sites.append(_site(gm, node, node.args[1], weight, node.args[0], "aten_mm"))
     return sites
