@@ -53,13 +53,13 @@ def main() -> None:
 
     prepared = {}
 
-    def timed_prepare(scheme, target, weight, bias):
+    def timed_prepare(scheme, target, weight, bias, dtype):
         start = time.perf_counter()
-        tensors = scheme.prepare_weight(target, weight, bias)
+        tensors = passes.prepare_weight(scheme, target, weight, bias, dtype)
         prepared[(id(weight), id(bias))] = tensors, time.perf_counter() - start
         return tensors
 
-    def cached_prepare(scheme, target, weight, bias):
+    def cached_prepare(scheme, target, weight, bias, dtype):
         return prepared[(id(weight), id(bias))][0]
 
     trace_s, rewrite_s = float("inf"), float("inf")

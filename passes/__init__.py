@@ -4,7 +4,7 @@ They know FX graphs and the scheme interface (mxfx.schemes), not Dynamo, torchai
 a rewrite emits come from a target table (passes.targets)."""
 
 from .find_linears import LinearSite, find_linears
-from .quantize_linears import DEFAULT_EXCLUDE, quantize_linears
+from .quantize_linears import DEFAULT_EXCLUDE, RewriteError, prepare_weight, quantize_linears
 from .report import LinearReport, RewriteReport
 from .targets import TARGETS, Target, get_target
 
@@ -12,10 +12,12 @@ __all__ = [
     "DEFAULT_EXCLUDE",
     "LinearReport",
     "LinearSite",
+    "RewriteError",
     "RewriteReport",
     "TARGETS",
     "Target",
     "find_linears",
     "get_target",
+    "prepare_weight",
     "quantize_linears",
 ]

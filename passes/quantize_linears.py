@@ -31,11 +31,12 @@ ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
 EMBEDDINGS = (torch.nn.functional.embedding, aten.embedding.default)
 FLATTENING_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
-Prepare = Callable[[Scheme, Target, torch.Tensor, torch.Tensor | None], dict[str, torch.Tensor]]
+Prepare = Callable[[Scheme, Target, torch.Tensor, torch.Tensor | None, torch.dtype], dict[str, torch.Tensor]]
 
 
-def _prepare(scheme: Scheme, target: Target, weight: torch.Tensor, bias: torch.Tensor | None) -> dict:
-    return scheme.prepare_weight(target, weight, bias)
+def prepare_weight(scheme: Scheme, target: Target, weight, bias, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The scheme's prepared tensors for a weight (and bias) feeding activations of `dtype`."""
+    return scheme.prepare_weight(target, weight.to(dtype), bias)
 
 
 def quantize_linears(
@@ -46,23 +47,30 @@ def quantize_linears(
     *,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] = DEFAULT_EXCLUDE,
-    prepare: Prepare = _prepare,
+    prepare: Prepare = prepare_weight,
 ) -> RewriteReport:
     """Rewrite gm in place and return the report.
 
     weights maps the placeholder / get_attr node names that feed weights and biases to their tensors
     (Dynamo: the example inputs; export: the state dict through the graph signature); get_attr and
     call_module weights not in it are read from gm. include/exclude are fnmatch patterns on module
-    FQNs. prepare(scheme, target, weight, bias) -> prepared tensors; pass a caching one to reuse
-    prepared weights across compiles.
+    FQNs. prepare(scheme, target, weight, bias, activation dtype) -> prepared tensors; pass a caching
+    one to reuse prepared weights across compiles.
     """
     rewrite = _Rewrite(gm, get_scheme(scheme), get_target(target), weights or {}, prepare)
     include, exclude = (tuple(include) if include is not None else None), tuple(exclude)
     for site in find_linears(gm):
-        rewrite.site(site, include, exclude)
+        try:
+            rewrite.site(site, include, exclude)
+        except Exception as error:
+            raise RewriteError(f"linear {site.fqn or site.weight} (node {site.node.name}): {error}") from error
     gm.graph.lint()
     gm.recompile()
     return rewrite.report
+
+
+class RewriteError(RuntimeError):
+    """A linear the pass had accepted could not be rewritten (the message names it and says why)."""
 
 
 def _fqn_excluded(fqn: str | None, include, exclude) -> str | None:
@@ -171,7 +179,7 @@ class _Rewrite:
             return
         before = set(self.graph.nodes)
         with self.graph.inserting_before(site.node):
-            prepared, entry.bytes_after = self.constants(site, weight.to(x.dtype), bias)
+            prepared, entry.bytes_after = self.constants(site, weight, bias, x.dtype)
             y = self.scheme.matmul(self.target, self.activation(site.input, x), prepared, SCALAR_TYPE[x.dtype])
             if x.dim() != 2:
                 lead = [d if isinstance(d, int) else aten.sym_size.int(self.proxy(site.input), i)
@@ -189,11 +197,11 @@ class _Rewrite:
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return fx.Proxy(node, self.tracer)
 
-    def constants(self, site, weight, bias) -> tuple[dict[str, fx.Proxy], int]:
+    def constants(self, site, weight, bias, dtype) -> tuple[dict[str, fx.Proxy], int]:
         """The prepared weight as get_attr proxies (prepared once per weight), and its bytes (bias excluded)."""
-        key = (site.weight, site.bias)
+        key = (site.weight, site.bias, dtype)
         if key not in self.prepared:
-            tensors = self.prepare(self.scheme, self.target, weight, bias)
+            tensors = self.prepare(self.scheme, self.target, weight, bias, dtype)
             stem = re.sub(r"\W", "_", f"_mxfx_{site.fqn or site.weight}")
             nodes = {}
             for name, tensor in tensors.items():

@@ -13,6 +13,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 import passes
 from passes import quantize_linears
 
+from .. import reference_linear
 from . import npu_standin
 from .graphs import Block, activation, aot_graph, dynamo_graph, export_graph, module_graph
 
@@ -20,28 +21,9 @@ mx = torch.ops.mxfx
 aten = torch.ops.aten
 
 
-# -- the reference ops composed by hand, per scheme (independent of mxfx.schemes) ------------------------
-def _hand_linear(scheme, x, w, b):
-    x2d = x.reshape(-1, x.shape[-1])
-    if scheme == "mxfp4_dual":
-        qx, l0x, l1x = mx.npu_dynamic_dual_level_mx_quant(x2d)
-        qw, l0w, l1w = mx.npu_dynamic_dual_level_mx_quant(w)
-        y = mx.npu_dual_level_quant_matmul(qx, mx.npu_format_cast(qw.view(torch.int8), 29), l0x,
-                                           l0w.t().contiguous(), l1x, l1w, bias=b.float(), output_dtype=15)
-    else:
-        qx, sx = mx.npu_dynamic_mx_quant(x2d, dst_type=292)
-        fp4 = scheme == "mxfp4_w4a8"
-        qw, sw = mx.npu_dynamic_mx_quant(w, dst_type=296 if fp4 else 292)
-        y = mx.npu_quant_matmul(qx, qw.t(), sw.transpose(0, 1), pertoken_scale=sx, scale_dtype=293,
-                                pertoken_scale_dtype=293, output_dtype=15,
-                                bias=b.reshape(1, -1) if fp4 else b.float(),
-                                x2_dtype=296 if fp4 else None, group_sizes=[0, 0, 32] if fp4 else [1, 1, 32])
-    return y.reshape(*x.shape[:-1], w.shape[0])
-
-
 def _hand_block(scheme, model, x):
     def lin(layer, h):
-        return _hand_linear(scheme, h, layer.weight, layer.bias)
+        return reference_linear.linear(scheme, h, layer.weight, layer.bias)
 
     return lin(model.o, lin(model.q, x) * lin(model.k, x) + lin(model.v, x))
 

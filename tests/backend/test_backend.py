@@ -1,0 +1,186 @@
+"""mxfx_backend end to end on a small transformers Qwen3 (random weights from a config) on the
+reference target: rewrites, numerics bit-exact to hand-swapped reference linears, generate() with a
+static cache, caching of prepared weights, failure policy, dynamic shapes."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import mxfx
+from mxfx.backend import Backend, PreparedWeights
+
+from .. import reference_linear
+from ..models import tiny_qwen3
+from ..passes.graphs import Block, activation
+
+SCHEMES = ["mxfp4_dual", "mxfp4_w4a8", "mxfp8"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _ids(batch=2, seq=16, seed=0):
+    return torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_qwen3_logits_bit_exact_to_hand_swapped_linears(scheme, record_property):
+    model = tiny_qwen3()
+    before = {name: (p.data_ptr(), p.clone()) for name, p in model.named_parameters()}
+    be = mxfx.backend(scheme, target="reference")
+    with torch.no_grad():
+        got = torch.compile(model, backend=be, fullgraph=True)(_ids()).logits
+        expected = reference_linear.swapped(model, scheme)(_ids()).logits
+        bf16 = model(_ids()).logits
+    report = be.reports[-1]
+    assert len(report.rewritten) == 14 and [r.fqn for r in report.skipped] == ["lm_head"]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected), "the rewrite changed the numerics"
+    assert all(p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]) for n, p in model.named_parameters())
+    agreement = (got.argmax(-1) == bf16.argmax(-1)).float().mean().item()
+    record_property("measured", f"{scheme}: next-token top-1 agreement with bf16 {agreement:.1%} (random-weight Qwen3)")
+
+
+def test_generate_with_static_cache_does_not_recompile_after_warm_up():
+    model = tiny_qwen3()
+    model.forward = torch.compile(model.forward, backend=mxfx.backend("mxfp4_dual", target="reference"))
+    prompt = _ids(batch=1, seq=8)
+    kwargs = dict(max_new_tokens=16, do_sample=False, cache_implementation="static", disable_compile=True)
+    first = model.generate(prompt, **kwargs)
+    graphs = counters["stats"]["unique_graphs"]
+    again = model.generate(prompt, **kwargs)
+    assert counters["stats"]["unique_graphs"] == graphs, "no recompiles after warm-up"
+    assert first.shape == (1, 24) and torch.equal(first, again)
+    reference = reference_linear.swapped(tiny_qwen3(), "mxfp4_dual").generate(prompt, **kwargs)
+    assert torch.equal(first, reference), "greedy tokens differ from the hand-swapped reference model"
+
+
+def test_recompile_for_a_new_shape_reuses_prepared_weights():
+    model, cache = tiny_qwen3(), PreparedWeights()
+    be = Backend("mxfp4_dual", target="reference", cache=cache)
+    compiled = torch.compile(model, backend=be, dynamic=False)
+    with torch.no_grad():
+        compiled(_ids(seq=8))
+        count, nbytes = len(cache), cache.nbytes
+        compiled(_ids(seq=12))  # a second graph
+    assert len(be.reports) == 2 and cache.hits == 14
+    assert count == 14 and (len(cache), cache.nbytes) == (count, nbytes)
+    bf16_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n.endswith("proj.weight"))
+    assert nbytes / bf16_bytes == 4.3125 / 16, "FP4 codes + E8M0 per 32 + fp32 per 512, nothing else"
+
+
+def test_a_second_compile_of_the_same_model_reuses_the_cache():
+    model, cache = tiny_qwen3(), PreparedWeights()
+    with torch.no_grad():
+        for _ in range(2):
+            torch._dynamo.reset()
+            torch.compile(model, backend=Backend("mxfp8", target="reference", cache=cache))(_ids())
+    assert len(cache) == 14 and cache.hits == 14
+
+
+def test_cache_keeps_no_bf16_weight_alive():
+    model, cache = tiny_qwen3(), PreparedWeights()
+    weight = weakref.ref(model.model.layers[0].mlp.down_proj.weight)
+    with torch.no_grad():
+        torch.compile(model, backend=Backend("mxfp4_dual", target="reference", cache=cache))(_ids())
+    assert len(cache) == 14
+    del model
+    torch._dynamo.reset()
+    gc.collect()
+    assert weight() is None and len(cache) == 0, "the weight and its cache entry are gone with the model"
+
+
+def test_a_changed_weight_is_prepared_again():
+    model, cache = tiny_qwen3(), PreparedWeights()
+    with torch.no_grad():
+        torch.compile(model, backend=Backend("mxfp8", target="reference", cache=cache))(_ids())
+        model.model.layers[0].mlp.up_proj.weight.mul_(2)  # bumps the tensor's version
+        torch._dynamo.reset()
+        torch.compile(model, backend=Backend("mxfp8", target="reference", cache=cache))(_ids())
+    assert cache.hits == 13
+
+
+def test_dynamic_batch_and_sequence():
+    model = tiny_qwen3()
+    be = mxfx.backend("mxfp8", target="reference")
+    compiled = torch.compile(model, backend=be, dynamic=True, fullgraph=True)
+    reference = reference_linear.swapped(model, "mxfp8")
+    with torch.no_grad():
+        for batch, seq in [(2, 8), (3, 5), (4, 17)]:  # sizes 0 and 1 are always specialized
+            assert torch.equal(compiled(_ids(batch, seq)).logits, reference(_ids(batch, seq)).logits)
+    assert len(be.reports) == 1, "one graph serves every batch and sequence length"
+
+
+def test_model_without_linears_compiles_with_an_empty_report():
+    model = torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.GELU())
+    be = mxfx.backend(target="reference")
+    x = activation((2, 64))
+    with torch.no_grad():
+        assert torch.equal(torch.compile(model, backend=be, fullgraph=True)(x), model(x))
+    assert be.reports[-1].linears == [] and "0 rewritten" in str(be.reports[-1])
+
+
+def test_nan_and_inf_inputs_behave_as_the_kernels_do():
+    model, x = Block(), activation((2, 3, 512))
+    x[0, 0, 5], x[0, 1, 100], x[1, 2, 7] = float("nan"), float("inf"), float("-inf")
+    for scheme in SCHEMES:
+        torch._dynamo.reset()
+        with torch.no_grad():
+            got = torch.compile(model, backend=mxfx.backend(scheme, target="reference"), fullgraph=True)(x)
+        expected = reference_linear.swapped(model, scheme)(x)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+        assert torch.isfinite(got[1, :2]).all(), "rows without inf/NaN stay finite"
+
+
+def test_a_graph_mxfx_cannot_handle_raises_under_fullgraph():
+    model = tiny_qwen3(layers=1)
+    be = mxfx.backend("mxfp4_dual", target="npu")  # torch_npu is not installed here
+    with pytest.warns(UserWarning, match="not registered"), pytest.raises(Exception, match="not registered"):
+        with torch.no_grad():
+            torch.compile(model, backend=be, fullgraph=True)(_ids())
+
+
+def test_fallback_eager_warns_and_runs_unquantized():
+    model = tiny_qwen3(layers=1)
+    be = mxfx.backend("mxfp4_dual", target="npu", fallback="eager")
+    with pytest.warns(UserWarning, match="model.layers.0.self_attn.q_proj"), torch.no_grad():
+        got = torch.compile(model, backend=be, fullgraph=True)(_ids()).logits
+    assert torch.equal(got, model(_ids()).logits)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown scheme"):
+        mxfx.backend("int4")
+    with pytest.raises(ValueError, match="unknown target"):
+        mxfx.backend(target="tpu")
+    with pytest.raises(ValueError, match="fallback"):
+        mxfx.backend(fallback="yes")
+    with pytest.raises(ValueError, match="inner"):
+        mxfx.backend(inner="tvm")
+
+
+def test_backend_by_name_and_report_callback():
+    model, reports = tiny_qwen3(layers=1), []
+    with torch.no_grad():
+        by_name = torch.compile(model, backend="mxfx")(_ids()).logits
+        torch._dynamo.reset()
+        direct = torch.compile(model, backend=mxfx.backend(target="reference", report=reports.append))(_ids()).logits
+    assert torch.equal(by_name, direct) and len(reports) == 1 and len(reports[0].rewritten) == 7
+
+
+@pytest.mark.slow
+def test_inductor_inner_compiler_is_bit_exact_to_eager():
+    model = tiny_qwen3()
+    be = mxfx.backend("mxfp4_dual", target="reference", inner="inductor")
+    with torch.no_grad():
+        got = torch.compile(model, backend=be)(_ids()).logits
+        torch._dynamo.reset()
+        eager = torch.compile(model, backend=mxfx.backend("mxfp4_dual", target="reference"))(_ids()).logits
+    assert len(be.reports[-1].rewritten) == 14
+    assert torch.equal(got, eager), "inductor (with emulate_precision_casts) must compute what eager computes"
