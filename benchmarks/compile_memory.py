@@ -1,0 +1,83 @@
+"""Peak memory of compiling a 4-layer Qwen3-0.6B-shaped model (hidden 1024, intermediate 3072, 16 heads,
+8 KV heads, head_dim 128, vocab 151936, tied embeddings) with mxfx: the process's peak RSS above its
+level before the model existed, divided by the model's bf16 weight bytes (goal from issue 5: <= 1.3),
+and the prepared weight bytes divided by the bf16 bytes of the linears they replace (mxfp4_dual:
+exactly 4.3125/16). RSS is sampled every millisecond from /proc/self/statm while compiling."""
+
+import argparse
+import os
+import threading
+import time
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+import mxfx
+from mxfx.backend import PREPARED
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakRSS:
+    def __enter__(self):
+        self.peak, self._running = rss(), True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while self._running:
+            self.peak = max(self.peak, rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._running = False
+        self._thread.join()
+        self.peak = max(self.peak, rss())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--scheme", default="mxfp4_dual", choices=["mxfp4_dual", "mxfp4_w4a8", "mxfp8"])
+    args = parser.parse_args()
+    torch.compile(lambda x: x + 1, backend=mxfx.backend())(torch.ones(2))  # Dynamo's lazy imports, before the baseline
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    baseline = rss()
+    config = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=args.layers,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+    model = Qwen3ForCausalLM(config).to(torch.bfloat16).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    linear_bytes = sum(m.weight.numel() * 2 for n, m in model.named_modules()
+                       if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    loaded = rss()
+    be = mxfx.backend(args.scheme, target="reference")
+    compile_peak = {}
+
+    def compile_only(gm, example_inputs):  # the peak up to the moment the backend has returned
+        compiled = be(gm, example_inputs)
+        compile_peak["bytes"] = max(peak.peak, rss())
+        return compiled
+
+    ids = torch.randint(0, 151936, (1, 16))
+    with PeakRSS() as peak, torch.no_grad():
+        torch.compile(model, backend=compile_only)(ids)
+    report = be.reports[-1]
+    print(f"{args.layers}-layer Qwen3-0.6B-shaped model, {weight_bytes / 2**20:.0f} MiB of bf16 weights "
+          f"({linear_bytes / 2**20:.0f} MiB in {len(report.rewritten)} quantized linears), scheme {args.scheme}")
+    print(f"RSS above baseline: model loaded {(loaded - baseline) / 2**20:.0f} MiB, peak while compiling "
+          f"{(compile_peak['bytes'] - baseline) / 2**20:.0f} MiB, peak with the first run "
+          f"{(peak.peak - baseline) / 2**20:.0f} MiB (the reference kernels decode the weights to fp32 once)")
+    print(f"compile peak / bf16 weight bytes  {(compile_peak['bytes'] - baseline) / weight_bytes:.3f}   (goal <= 1.3)")
+    print(f"prepared / replaced bf16 bytes    {PREPARED.nbytes / linear_bytes:.5f}   (mxfp4_dual: 4.3125/16 = "
+          f"{4.3125 / 16:.5f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The reference quantized linear (activation quant + quant matmul against prepared weights, the ops the
+rewritten graph runs on the reference target) against bf16 F.linear, K = N = 2048, at M = 1 and 128.
+Ratios from one run (best of N, interleaved). Goal from issue 5: <= 2.0x."""
+
+import argparse
+import time
+
+import torch
+
+import passes
+from mxfx.schemes import SCHEMES
+
+
+def best_seconds(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--k", type=int, default=2048)
+    parser.add_argument("--n", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    target = passes.get_target("reference")
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(args.n, args.k, generator=generator) * 0.02).bfloat16()
+    print(f"K={args.k} N={args.n}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'':12s} {'M':>4s} {'bf16 ms':>9s} " + " ".join(f"{name:>18s}" for name in SCHEMES))
+    for m in (1, 128):
+        x = torch.randn(m, args.k, generator=generator).bfloat16()
+        candidates = {"bf16": lambda: torch.nn.functional.linear(x, weight)}
+        for name, scheme in SCHEMES.items():
+            prepared = passes.prepare_weight(scheme, target, weight, None, x.dtype)
+            candidates[name] = lambda s=scheme, p=prepared: s.matmul(target, s.quantize_activation(target, x), p, 15)
+        seconds = {name: min(best_seconds(fn, args.repeats) for _ in range(2)) for name, fn in candidates.items()}
+        cells = " ".join(f"{seconds[n] * 1e3:8.2f} ms {seconds[n] / seconds['bf16']:5.2f}x" for n in SCHEMES)
+        print(f"{'linear':12s} {m:4d} {seconds['bf16'] * 1e3:9.3f} {cells}")
+
+
+if __name__ == "__main__":
+    main()
