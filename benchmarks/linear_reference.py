@@ -3,22 +3,12 @@ rewritten graph runs on the reference target) against bf16 F.linear, K = N = 204
 Ratios from one run (best of N, interleaved). Goal from issue 5: <= 2.0x."""
 
 import argparse
-import time
 
 import torch
+from timing import best_seconds
 
 import passes
 from mxfx.schemes import SCHEMES
-
-
-def best_seconds(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:

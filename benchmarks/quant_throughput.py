@@ -5,21 +5,11 @@ torch code, see mxfx.formats.native); their outputs are checked byte for byte be
 printed. Goal from issue 3: ratio >= 0.25."""
 
 import argparse
-import time
 
 import torch
+from timing import best_seconds
 
 from mxfx.formats import native, quantize_dual_level, quantize_mx
-
-
-def best_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: first-call allocations, lookup tables
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
