@@ -11,7 +11,6 @@ warns first, because without fullgraph=True torch.compile turns a backend error 
 runs that frame eagerly). fallback="eager" downgrades the error to the warning plus the report.
 """
 
-import importlib.util
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -21,6 +20,7 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 import passes  # attributes are read at call time: `import passes` may be what is importing mxfx
+from mxfx.ops import npu as npu_support
 from mxfx.schemes import Scheme, get_scheme
 
 CONSTANT_PREFIX = "_mxfx_"
@@ -67,13 +67,14 @@ PREPARED = PreparedWeights()  # process-wide: a second torch.compile of the same
 
 
 def _auto_target() -> str:
-    """npu when torch_npu imports and an NPU is present, else the CPU reference. torch_npu is looked up,
-    not imported, unless it is installed."""
-    if importlib.util.find_spec("torch_npu") is None:
+    """npu when torch_npu imports and an Ascend 950 is present, else the CPU reference (with a warning
+    when an NPU is there but cannot run the MX operators). torch_npu is imported only if installed."""
+    if not npu_support.torch_npu_available():
         return "reference"
-    import torch_npu  # noqa: F401
-
-    return "npu" if torch.npu.is_available() else "reference"
+    problem = npu_support.device_problem()
+    if problem is not None and "no NPU" not in problem:
+        warnings.warn(f"mxfx: {problem}; compiling for the CPU reference target instead", stacklevel=3)
+    return "reference" if problem else "npu"
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -131,6 +132,23 @@ def _inductor(gm: fx.GraphModule, example_inputs: list) -> Callable:
         return compile_fx(gm, example_inputs)
 
 
+def torchair_inner(compiler_config=None) -> Callable:
+    """torchair's NPU backend as the inner compiler, with the prepared constants frozen.
+
+    compiler_config: the user's torchair.CompilerConfig (default: a new one, GE mode "max-autotune");
+    its mode may be "reduce-overhead" / "npugraph_ex" (graph capture) too. mxfx sets
+    experimental_config.frozen_parameter, which freezes inputs that are nn.Parameters: the lifted
+    constants are passed as such (see Backend).
+    """
+    import torchair
+
+    config = compiler_config if compiler_config is not None else torchair.CompilerConfig()
+    config.experimental_config.frozen_parameter = True
+    backend = torchair.get_npu_backend(compiler_config=config)
+    backend.mxfx_frozen_constants = True
+    return backend
+
+
 def _inner_compiler(inner) -> Callable:
     if callable(inner):
         return inner
@@ -139,7 +157,7 @@ def _inner_compiler(inner) -> Callable:
     if inner == "inductor":
         return _inductor
     if inner == "torchair":
-        raise NotImplementedError("inner='torchair' (torchair's NPU backend) is not wired yet; use 'eager' or 'inductor'")
+        return torchair_inner()
     raise ValueError(f"inner must be 'eager', 'inductor', 'torchair' or a backend callable, got {inner!r}")
 
 
@@ -169,6 +187,8 @@ class Backend:
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         try:
             graph, constants = self.rewrite(gm, example_inputs)
+            if getattr(self.inner, "mxfx_frozen_constants", False):  # torchair freezes Parameters
+                constants = [torch.nn.Parameter(t, requires_grad=False) for t in constants]
         except (MXFXCompileError, passes.RewriteError) as error:
             warnings.warn(f"mxfx: {error}", stacklevel=2)
             if self.fallback == "eager":
@@ -179,6 +199,12 @@ class Backend:
 
     def rewrite(self, gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, list[torch.Tensor]]:
         """The rewritten copy of a Dynamo graph and the constants to append to its inputs."""
+        target = self.target
+        if target.name == "npu":
+            try:
+                npu_support.install()
+            except RuntimeError as error:
+                raise MXFXCompileError(str(error)) from error
         graph = _copy(gm)
         disable = None if self.progress is None else not self.progress  # None: only on a terminal
         with tqdm(desc=f"mxfx: preparing {self.scheme.name} weights", unit="weight", disable=disable, leave=False) as bar:
@@ -188,7 +214,7 @@ class Backend:
                 bar.update()
                 return tensors
 
-            report = passes.quantize_linears(graph, self.scheme, self.target, _weights(graph, example_inputs),
+            report = passes.quantize_linears(graph, self.scheme, target, _weights(graph, example_inputs),
                                              include=self.include, exclude=self.exclude, prepare=prepare)
         self.reports.append(report)
         if self.report_callback is not None:

@@ -141,7 +141,7 @@ def test_nan_and_inf_inputs_behave_as_the_kernels_do():
 def test_a_graph_mxfx_cannot_handle_raises_under_fullgraph():
     model = tiny_qwen3(layers=1)
     be = mxfx.backend("mxfp4_dual", target="npu")  # torch_npu is not installed here
-    with pytest.warns(UserWarning, match="not registered"), pytest.raises(Exception, match="not registered"):
+    with pytest.warns(UserWarning, match="needs torch_npu"), pytest.raises(Exception, match="needs torch_npu"):
         with torch.no_grad():
             torch.compile(model, backend=be, fullgraph=True)(_ids())
 
@@ -149,7 +149,7 @@ def test_a_graph_mxfx_cannot_handle_raises_under_fullgraph():
 def test_fallback_eager_warns_and_runs_unquantized():
     model = tiny_qwen3(layers=1)
     be = mxfx.backend("mxfp4_dual", target="npu", fallback="eager")
-    with pytest.warns(UserWarning, match="model.layers.0.self_attn.q_proj"), torch.no_grad():
+    with pytest.warns(UserWarning, match="needs torch_npu"), torch.no_grad():
         got = torch.compile(model, backend=be, fullgraph=True)(_ids()).logits
     assert torch.equal(got, model(_ids()).logits)
 

@@ -13,8 +13,9 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 import passes
 from passes import quantize_linears
 
-from .. import reference_linear
-from . import npu_standin
+from mxfx.ops.npu import register_dual_level_matmul_fake
+
+from .. import npu_standin, reference_linear
 from .graphs import Block, activation, aot_graph, dynamo_graph, export_graph, module_graph
 
 mx = torch.ops.mxfx
@@ -106,7 +107,8 @@ def test_new_nodes_carry_meta_val():
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_npu_target_emits_torch_npu_ops_with_the_same_numerics(scheme):
-    library = npu_standin.register()  # noqa: F841  (keeps torch.ops.npu alive for the test)
+    npu_standin.register()
+    register_dual_level_matmul_fake()
     model, x = Block(), activation()
     reference, weights, inputs = dynamo_graph(model, x)
     npu, npu_weights, _ = dynamo_graph(model, x)
@@ -118,10 +120,11 @@ def test_npu_target_emits_torch_npu_ops_with_the_same_numerics(scheme):
     assert torch.equal(npu(*inputs)[0], reference(*inputs)[0])
 
 
-def test_npu_target_without_torch_npu_is_a_clear_error():
+def test_a_target_without_its_ops_is_an_error_naming_the_linear():
+    gm, weights, _ = dynamo_graph(Block(), activation())
     target = passes.Target("fake-npu", "no_such_namespace", True)
-    with pytest.raises(RuntimeError, match="not registered"):
-        target.op("npu_quant_matmul")
+    with pytest.raises(passes.RewriteError, match=r"linear q \(node linear\): .*no_such_namespace.*not registered"):
+        quantize_linears(gm, "mxfp8", target, weights)
 
 
 def test_running_twice_changes_nothing():

@@ -1,0 +1,143 @@
+"""Proof without hardware: the small Qwen3 compiled for target "npu" against a recording torch_npu
+stand-in calls exactly the ops, arguments and layouts of the scheme table and computes the same logits
+as the reference target; the torch_npu integration (fake kernel, GE converter mapping, device checks)."""
+
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+import mxfx
+from mxfx.backend import Backend, PreparedWeights
+from mxfx.ops import npu as npu_support
+
+from .. import npu_standin
+from ..models import tiny_qwen3
+
+IDS = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+
+# per weight at compile time, then per decoder layer at run time (4 activation quants, 7 matmuls)
+EXPECTED = {
+    "mxfp4_dual": (["npu_dynamic_dual_level_mx_quant", "npu_format_cast"], "npu_dynamic_dual_level_mx_quant",
+                   "npu_dual_level_quant_matmul"),
+    "mxfp4_w4a8": (["npu_dynamic_mx_quant", "npu_format_cast"], "npu_dynamic_mx_quant", "npu_quant_matmul"),
+    "mxfp8": (["npu_dynamic_mx_quant"], "npu_dynamic_mx_quant", "npu_quant_matmul"),
+}
+
+
+@pytest.fixture
+def torch_npu(monkeypatch):
+    torch._dynamo.reset()
+    module = npu_standin.module()
+    monkeypatch.setitem(sys.modules, "torch_npu", module)
+    npu_standin.calls.clear()
+    yield module
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("scheme", list(EXPECTED))
+def test_qwen3_on_target_npu_calls_the_scheme_table_and_matches_the_reference(torch_npu, scheme):
+    model = tiny_qwen3()
+    with torch.no_grad():
+        npu = torch.compile(model, backend=Backend(scheme, target="npu", cache=PreparedWeights()), fullgraph=True)(IDS)
+        calls = list(npu_standin.calls)
+        torch._dynamo.reset()
+        reference = torch.compile(model, backend=mxfx.backend(scheme, target="reference"), fullgraph=True)(IDS)
+    assert torch.equal(npu.logits, reference.logits)
+    preparation, quant, matmul = EXPECTED[scheme]
+    prepared = len(preparation) * 14
+    assert [name for name, _ in calls[:prepared]] == preparation * 14
+    run = Counter(name for name, _ in calls[prepared:])
+    assert run == {quant: 8, matmul: 14}, "2 layers x (4 activation quantizations, 7 matmuls)"
+    first_matmul = next(args for name, args in calls if name == matmul)
+    assert first_matmul["x1"][0] == 16, "the activation is flattened to [batch * seq, K]"
+
+
+def test_the_fake_kernel_mxfx_adds_for_the_dual_level_matmul(torch_npu):
+    npu_support.register_dual_level_matmul_fake()
+    assert npu_support.register_dual_level_matmul_fake() is False, "registered once"
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        out = torch.ops.npu.npu_dual_level_quant_matmul(
+            torch.empty(5, 256, dtype=torch.uint8), torch.empty(64, 256, dtype=torch.int8), torch.empty(5, 1),
+            torch.empty(1, 64), torch.empty(5, 8, 2, dtype=torch.uint8), torch.empty(64, 8, 2, dtype=torch.uint8),
+            output_dtype=5)
+    assert out.shape == (5, 64) and out.dtype == torch.float16
+
+
+def test_ge_converter_argument_mapping():
+    inputs, attrs = npu_support.dual_level_matmul_ir("x1", "x2", "x1_l0", "x2_l0", "x1_l1", "x2_l1", "bias", 15)
+    assert list(inputs.items()) == [("x1", "x1"), ("x2", "x2"), ("x1_level0_scale", "x1_l0"), ("x1_level1_scale", "x1_l1"),
+                                    ("x2_level0_scale", "x2_l0"), ("x2_level1_scale", "x2_l1"), ("bias", "bias")]
+    assert attrs == {"dtype": 15, "transpose_x1": False, "transpose_x2": True, "level0_group_size": 512,
+                     "level1_group_size": 32}
+    assert npu_support.register_ge_converter() is False, "no torchair here: nothing registered"
+
+
+def test_npus_older_than_ascend_950(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", npu_standin.module(soc_version=250, device_name="Ascend910_9391"))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="predates Ascend 950"), pytest.warns(UserWarning, match="predates"):
+        torch.compile(tiny_qwen3(layers=1), backend=mxfx.backend(target="npu"), fullgraph=True)(IDS)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="CPU reference target instead"):
+        be = mxfx.backend(target="auto")
+        with torch.no_grad():
+            torch.compile(tiny_qwen3(layers=1), backend=be, fullgraph=True)(IDS)
+    assert be.reports[-1].target == "reference"
+
+
+def test_auto_target(monkeypatch):
+    assert mxfx.backend().target.name == "reference"  # no torch_npu here
+    monkeypatch.setitem(sys.modules, "torch_npu", npu_standin.module())
+    assert mxfx.backend().target.name == "npu"
+    monkeypatch.setitem(sys.modules, "torch_npu", npu_standin.module(devices=False))
+    assert mxfx.backend().target.name == "reference"
+
+
+def test_import_mxfx_does_not_import_torch_npu(tmp_path):
+    import os
+    import subprocess
+
+    (tmp_path / "torch_npu.py").write_text("raise ImportError('mxfx imported torch_npu')\n")  # importable, and loud
+    code = "import sys, mxfx, passes, mxfx.ops; print('torch_npu' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
+
+
+def test_torchair_inner_gets_the_users_config_and_frozen_parameter_constants(monkeypatch):
+    import types
+
+    seen = {}
+
+    class CompilerConfig:
+        def __init__(self):
+            self.mode = "max-autotune"
+            self.experimental_config = types.SimpleNamespace(frozen_parameter=False)
+
+    def get_npu_backend(*, compiler_config=None):
+        def npu_backend(gm, example_inputs):
+            seen["config"], seen["inputs"] = compiler_config, example_inputs
+            return gm.forward
+
+        return npu_backend
+
+    monkeypatch.setitem(sys.modules, "torchair", types.SimpleNamespace(CompilerConfig=CompilerConfig,
+                                                                       get_npu_backend=get_npu_backend))
+    from mxfx.backend import torchair_inner
+
+    config = CompilerConfig()
+    config.mode = "reduce-overhead"
+    model = tiny_qwen3(layers=1)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(model, backend=mxfx.backend("mxfp8", target="reference", inner=torchair_inner(config)))(IDS)
+        torch._dynamo.reset()
+        expected = torch.compile(model, backend=mxfx.backend("mxfp8", target="reference"))(IDS)
+    assert seen["config"] is config and config.mode == "reduce-overhead" and config.experimental_config.frozen_parameter
+    constants = [t for t in seen["inputs"] if isinstance(t, torch.nn.Parameter) and t.dtype in (torch.float8_e4m3fn, torch.uint8)]
+    assert len(constants) == 14, "7 weights and 7 scales, each a frozen Parameter"
+    assert torch.equal(got.logits, expected.logits)
