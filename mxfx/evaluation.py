@@ -1,0 +1,153 @@
+"""What mxfx does to a model, measured: perplexity, next-token agreement with bf16, per-layer output
+SQNR, weight bytes, compile and run time, a greedy continuation. Used by `mxfx demo` and `mxfx eval`."""
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import passes
+from mxfx.backend import PREPARED, backend
+from mxfx.schemes import get_scheme
+
+SHIPPED_MODEL = Path(__file__).parent / "data" / "tiny-qwen3-pydoc"
+
+
+class ModelError(ValueError):
+    """A model folder mxfx cannot evaluate (the message says which and why)."""
+
+
+def load_model(path: str | Path) -> torch.nn.Module:
+    """A local Hugging Face Qwen3 folder as a bf16 model in eval mode; nothing is downloaded."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"model folder {path} does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelError(f"{path} has no config.json: not a Hugging Face model folder")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type != "qwen3":
+        raise ModelError(f"{config_file}: model_type is {model_type!r}; mxfx evaluates Qwen3 models ('qwen3')")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, local_files_only=True).eval()
+
+
+def windows(stream: torch.Tensor, seq: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Non-overlapping [n, seq + 1] windows of a token stream (inputs and their next tokens)."""
+    if max_tokens is not None:
+        stream = stream[: max_tokens + 1]
+    count = (len(stream) - 1) // seq
+    if count == 0:
+        raise ModelError(f"the evaluation text has {len(stream)} tokens, fewer than one window of {seq + 1}")
+    return torch.stack([stream[i * seq : i * seq + seq + 1] for i in range(count)])
+
+
+@torch.no_grad()
+def logits_and_loss(model, batches: torch.Tensor, batch_size: int, desc: str) -> tuple[torch.Tensor, float]:
+    """Logits [n, seq, vocab] (bf16) of every window and the mean next-token cross-entropy."""
+    outputs, total = [], 0.0
+    for batch in tqdm(batches.split(batch_size), desc=desc, leave=False, disable=None):
+        logits = model(batch[:, :-1]).logits
+        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        outputs.append(logits)
+    return torch.cat(outputs), total / batches[:, 1:].numel()
+
+
+def _sqnr_db(reference: torch.Tensor, quantized: torch.Tensor) -> float:
+    reference, error = reference.double(), reference.double() - quantized.double()
+    return (10 * torch.log10(reference.pow(2).sum() / error.pow(2).sum())).item()
+
+
+@torch.no_grad()
+def layer_sqnr(model, batch: torch.Tensor, scheme: str, names: list[str]) -> dict[str, float]:
+    """Per named linear: SQNR (dB) of the quantized layer's output against the bf16 layer's, both fed the
+    bf16 model's own input to that layer."""
+    inputs, hooks = {}, []
+    for name in names:
+        hooks.append(model.get_submodule(name).register_forward_hook(
+            lambda m, args, out, name=name: inputs.__setitem__(name, args[0])))
+    try:
+        model(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    scheme, target = get_scheme(scheme), passes.get_target("reference")
+    result = {}
+    for name, x in inputs.items():
+        layer = model.get_submodule(name)
+        prepared = PREPARED.prepare(scheme, target, layer.weight, layer.bias, x.dtype)
+        x2d = x.reshape(-1, x.shape[-1])
+        quantized = scheme.matmul(target, scheme.quantize_activation(target, x2d), prepared, 15)
+        result[name] = _sqnr_db(torch.nn.functional.linear(x2d, layer.weight, layer.bias), quantized)
+    return result
+
+
+@torch.no_grad()
+def continuation(model, prompt: list[int], new_tokens: int, end: int | None) -> list[int]:
+    """Greedy continuation of a prompt's token ids (stops at `end`), one full forward per token."""
+    ids = torch.tensor([prompt])
+    for _ in range(new_tokens):
+        next_id = model(ids).logits[0, -1].argmax()
+        if next_id == end:
+            break
+        ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+@dataclass
+class SchemeResult:
+    scheme: str
+    perplexity: float
+    top1_agreement: float  # with the bf16 model's next-token choice
+    bytes_before: int
+    bytes_after: int
+    compile_s: float
+    run_s: float
+    report: "passes.RewriteReport"
+    layer_sqnr: dict[str, float] = field(default_factory=dict)
+    continuation: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Evaluation:
+    bf16_perplexity: float
+    bf16_run_s: float
+    bf16_continuation: list[int]
+    tokens: int
+    results: list[SchemeResult]
+
+
+def evaluate(model, stream: torch.Tensor, schemes: list[str], seq: int = 256, batch_size: int = 8,
+             max_tokens: int | None = None, prompt: list[int] | None = None, new_tokens: int = 40,
+             end: int | None = None) -> Evaluation:
+    """bf16 against each scheme (compiled with mxfx on the reference target) on the same windows."""
+    batches = windows(stream, seq, max_tokens)
+    start = time.perf_counter()
+    bf16_logits, bf16_loss = logits_and_loss(model, batches, batch_size, "bf16")
+    bf16_run_s = time.perf_counter() - start
+    bf16_text = continuation(model, prompt, new_tokens, end) if prompt else []
+    results = []
+    for scheme in schemes:
+        torch._dynamo.reset()
+        be = backend(scheme, target="reference")
+        compiled = torch.compile(model, backend=be, dynamic=True, fullgraph=True)
+        start = time.perf_counter()
+        with torch.no_grad():
+            compiled(batches[:batch_size, :-1])  # compile (the first call)
+        compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        logits, loss = logits_and_loss(compiled, batches, batch_size, scheme)
+        run_s = time.perf_counter() - start
+        report = be.reports[-1]
+        results.append(SchemeResult(
+            scheme, math.exp(loss), (logits.argmax(-1) == bf16_logits.argmax(-1)).float().mean().item(),
+            report.bytes_before, report.bytes_after, compile_s, run_s, report,
+            layer_sqnr(model, batches[:1, :-1], scheme, [r.fqn for r in report.rewritten]),
+            continuation(compiled, prompt, new_tokens, end) if prompt else [],
+        ))
+    return Evaluation(math.exp(bf16_loss), bf16_run_s, bf16_text, batches[:, 1:].numel(), results)

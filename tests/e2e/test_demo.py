@@ -1,0 +1,96 @@
+"""The main job on the shipped model (quick paths): the model itself, `mxfx demo / eval / inspect`,
+their measurements and their errors."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from mxfx import cli, evaluation, textdata
+
+QUICK = ["--max-tokens", "2048", "--new-tokens", "8"]
+
+
+def test_held_out_split_is_fixed_and_disjoint():
+    train, held_out = textdata.split()
+    assert len(held_out) == 9 and not set(train) & set(held_out)
+    assert held_out[0] == sorted(train + held_out)[7]
+    stream = textdata.tokens(held_out[:2])
+    assert (stream == textdata.END_OF_TEXT).sum() == 2 and textdata.decode(stream[:20].tolist()) == textdata.texts(held_out)[0][:20]
+
+
+def test_shipped_model_is_a_trained_qwen3(record_property):
+    model = evaluation.load_model(evaluation.SHIPPED_MODEL)
+    config = model.config
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (512, 1536, 4)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (8, 4, 64)
+    batches = evaluation.windows(textdata.tokens(textdata.split()[1]), 256, max_tokens=4096)
+    _, loss = evaluation.logits_and_loss(model, batches, 8, "bf16")
+    record_property("measured", f"shipped model held-out perplexity (4,096 tokens, bf16): {math.exp(loss):.2f}")
+    assert math.exp(loss) < 10, "far below the untrained model's ~252"
+
+
+def test_perplexities_are_finite_and_ordered():
+    model = evaluation.load_model(evaluation.SHIPPED_MODEL)
+    result = evaluation.evaluate(model, textdata.tokens(textdata.split()[1]), ["mxfp8", "mxfp4_w4a8", "mxfp4_dual"],
+                                 max_tokens=2048)
+    ppl = {r.scheme: r.perplexity for r in result.results}
+    assert all(math.isfinite(p) for p in [result.bf16_perplexity, *ppl.values()])
+    assert result.bf16_perplexity <= ppl["mxfp8"] * 1.01 and ppl["mxfp8"] <= min(ppl["mxfp4_w4a8"], ppl["mxfp4_dual"]) * 1.01
+    for r in result.results:
+        assert len(r.report.rewritten) == 28 and len(r.layer_sqnr) == 28
+    sqnr = {r.scheme: sum(r.layer_sqnr.values()) / 28 for r in result.results}
+    assert sqnr["mxfp8"] > sqnr["mxfp4_w4a8"] > sqnr["mxfp4_dual"] > 15
+
+
+def test_demo_command(capsys):
+    assert cli.main(["demo", *QUICK]) == 0
+    out = capsys.readouterr().out
+    assert "28 rewritten, 1 skipped, 16 activation quantizations" in out
+    for scheme in ("bf16", "mxfp4_dual", "mxfp4_w4a8", "mxfp8", "per-layer output SQNR", "greedy continuations"):
+        assert scheme in out
+
+
+def test_inspect_command(capsys):
+    assert cli.main(["inspect", "--model", str(evaluation.SHIPPED_MODEL), "--scheme", "mxfp8"]) == 0
+    assert "28 rewritten" in capsys.readouterr().out
+
+
+def _folder(tmp_path, **config):
+    folder = tmp_path / "model"
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=257, num_hidden_layers=1, **config)).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def test_eval_a_model_whose_k_matches_no_scheme_reports_instead_of_crashing(tmp_path, capsys):
+    folder = _folder(tmp_path, hidden_size=80, intermediate_size=160, num_attention_heads=2, num_key_value_heads=1, head_dim=40)
+    assert cli.main(["eval", "--model", str(folder), *QUICK]) == 0
+    out = capsys.readouterr().out
+    assert "K=80 is not a multiple of 512 (mxfp4_dual)" in out and "nothing rewritten" in out
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda tmp: tmp / "absent", "does not exist"),
+        (lambda tmp: tmp, "has no config.json"),
+        (lambda tmp: (tmp / "config.json").write_text(json.dumps({"model_type": "llama"})) and tmp, "model_type is 'llama'"),
+    ],
+)
+def test_eval_errors(tmp_path, capsys, make, message):
+    assert cli.main(["eval", "--model", str(make(tmp_path)), *QUICK]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_plot_writes_a_png_or_says_it_needs_matplotlib(tmp_path):
+    png = tmp_path / "sqnr.png"
+    command = ["eval", "--model", str(evaluation.SHIPPED_MODEL), "--scheme", "mxfp8", "--plot", str(png), *QUICK]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="matplotlib"):
+            cli.main(command)
+        return
+    assert cli.main(command) == 0 and png.stat().st_size > 0
