@@ -57,6 +57,11 @@ def main() -> None:
     parser.add_argument("--target", default="reference")
     parser.add_argument("--inner", default="eager")
     args = parser.parse_args()
+    # One graph per bucket and phase (prefill, decode), each traced twice (the static cache allocates
+    # itself on first use): more than Dynamo's default limit of 8, after which it would silently run
+    # the model eagerly, unquantized. Raise the limit, and fail instead of falling back.
+    torch._dynamo.config.recompile_limit = 4 * len(args.buckets) + 4
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     model = evaluation.load_model(args.model)
     prompts_all = torch.stack([torch.tensor(textdata.encode(text)[: args.prompt_len])
                                for text in textdata.texts(textdata.split()[1])[: max(args.buckets)]])

@@ -94,3 +94,20 @@ def test_plot_writes_a_png_or_says_it_needs_matplotlib(tmp_path):
             cli.main(command)
         return
     assert cli.main(command) == 0 and png.stat().st_size > 0
+
+
+def test_serve_graph_mode_example(monkeypatch, capsys):
+    import runpy
+    from pathlib import Path
+
+    example = Path(__file__).parents[2] / "examples" / "serve_graph_mode.py"
+    monkeypatch.setattr("sys.argv", [str(example), "--buckets", "1", "2", "--new-tokens", "4", "--schemes", "mxfp4_dual"])
+    recompile_limit = torch._dynamo.config.recompile_limit
+    try:
+        runpy.run_path(str(example), run_name="__main__")
+    finally:
+        torch._dynamo.config.recompile_limit = recompile_limit
+        torch._dynamo.config.fail_on_recompile_limit_hit = False
+        torch._dynamo.reset()
+    out = capsys.readouterr().out
+    assert "no recompiles after warm-up" in out and out.count("mxfp4_dual") == 2
