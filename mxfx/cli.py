@@ -134,13 +134,21 @@ def _plot(result: "evaluation.Evaluation", path: str) -> None:
     print(f"\nwrote {path}")
 
 
+def _load(args):
+    """The model folder; a quantized checkpoint is compiled with its own scheme, whatever --scheme says."""
+    model = evaluation.load_model(args.model)
+    if hasattr(model, "mxfx_checkpoint_scheme"):
+        args.scheme = [model.mxfx_checkpoint_scheme]
+    return model
+
+
 def _evaluate_folder(args, default_prompt: str | None) -> int:
     from . import textdata
 
     if getattr(args, "plot", None):
         _pyplot()  # before the long part: fail fast without matplotlib
     path = Path(args.model)
-    model = evaluation.load_model(path)
+    model = _load(args)
     tokens = _Tokens(path, model)
     documents = [Path(args.text).read_text()] if args.text else textdata.texts(textdata.split()[1])
     stream = textdata.stream(documents, tokens.encode, tokens.end)
@@ -159,7 +167,7 @@ class _Captured(Exception):
 def _inspect(args) -> int:
     from .backend import backend
 
-    model = evaluation.load_model(args.model)
+    model = _load(args)
     for scheme in args.scheme:
         be = backend(scheme, target="reference")
 
@@ -204,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--plot", help="write a PNG of per-layer SQNR per scheme (needs matplotlib)")
     inspect = commands.add_parser("inspect", help="the rewrite table of a model folder, without running it")
     model_args(inspect)
+    quantize = commands.add_parser("quantize", help="write a quantized checkpoint (msmodelslim layout) of a model folder")
+    quantize.add_argument("--model", required=True, help="a local Hugging Face folder with bf16 weights")
+    quantize.add_argument("--scheme", required=True, choices=list(SCHEMES))
+    quantize.add_argument("--out", required=True, help="the new checkpoint folder (must not exist)")
     args = parser.parse_args(argv)
     try:
         if args.command == "formats":
@@ -213,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate_folder(args, "The with statement")
         elif args.command == "eval":
             return _evaluate_folder(args, None)
+        elif args.command == "quantize":
+            from .checkpoint import quantize as write_checkpoint
+
+            print(f"wrote {write_checkpoint(args.model, args.scheme, args.out)}")
         else:
             return _inspect(args)
     except (ValueError, OSError) as error:

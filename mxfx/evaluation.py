@@ -22,8 +22,11 @@ class ModelError(ValueError):
 
 
 def load_model(path: str | Path) -> torch.nn.Module:
-    """A local Hugging Face Qwen3 folder as a bf16 model in eval mode; nothing is downloaded."""
+    """A local Hugging Face Qwen3 folder as a bf16 model in eval mode; nothing is downloaded. A quantized
+    checkpoint (quant_model_description.json) loads through mxfx.checkpoint: compile it with "modelslim"."""
     from transformers import AutoModelForCausalLM
+
+    from mxfx import checkpoint
 
     path = Path(path)
     if not path.is_dir():
@@ -34,6 +37,8 @@ def load_model(path: str | Path) -> torch.nn.Module:
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type != "qwen3":
         raise ModelError(f"{config_file}: model_type is {model_type!r}; mxfx evaluates Qwen3 models ('qwen3')")
+    if (path / checkpoint.DESCRIPTION).is_file():
+        return checkpoint.load(path)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, local_files_only=True).eval()
 
 
@@ -76,10 +81,11 @@ def layer_sqnr(model, batch: torch.Tensor, scheme: str, names: list[str]) -> dic
     finally:
         for hook in hooks:
             hook.remove()
-    scheme, target = get_scheme(scheme), passes.get_target("reference")
+    configured, target = get_scheme(scheme), passes.get_target("reference")
     result = {}
     for name, x in inputs.items():
         layer = model.get_submodule(name)
+        scheme = configured.for_weight(layer.weight)  # a checkpoint's linears each have their own
         prepared = PREPARED.prepare(scheme, target, layer.weight, layer.bias, x.dtype)
         x2d = x.reshape(-1, x.shape[-1])
         quantized = scheme.matmul(target, scheme.quantize_activation(target, x2d), prepared, 15)

@@ -35,7 +35,16 @@ class Scheme:
             return f"K={k} is not a multiple of {self.k_multiple} ({self.name})"
         return None
 
+    def for_weight(self, weight: torch.Tensor) -> "Scheme | None":
+        """The scheme that serves this weight (None: leave the linear alone); one scheme serves all here."""
+        return self
+
+    def quantize_weight(self, target, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The weight's codes and scales as the torch_npu quantizer returns them."""
+        raise NotImplementedError
+
     def prepare_weight(self, target, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The tensors the matmul reads: quantize_weight's, laid out for the NPU op, and the bias."""
         raise NotImplementedError
 
     def quantize_activation(self, target, x2d):
@@ -48,14 +57,17 @@ class Scheme:
 class DualLevelMXFP4(Scheme):
     """W4A4 dual-level MXFP4 (the seed PR's online 'W4A8 MXFP'; 'A8' names the E8M0 level-1 scale)."""
 
+    def quantize_weight(self, target, weight):
+        q, level0, level1 = target_ops(target).npu_dynamic_dual_level_mx_quant(weight)
+        return {"q": q, "level0": level0, "level1": level1}
+
     def prepare_weight(self, target, weight, bias):
-        ops = target_ops(target)
-        q, level0, level1 = ops.npu_dynamic_dual_level_mx_quant(weight)
+        codes = self.quantize_weight(target, weight)
         prepared = {
-            "weight": ops.npu_format_cast(q.view(torch.int8), ACL_FORMAT_FRACTAL_NZ),
+            "weight": target_ops(target).npu_format_cast(codes["q"].view(torch.int8), ACL_FORMAT_FRACTAL_NZ),
             # [N, K/512] -> [K/512, N]; no squeeze(-1): level0 has no trailing 1 (K == 512 stays 2-D)
-            "weight_level0_scale": level0.transpose(0, 1).contiguous(),
-            "weight_scale": level1,
+            "weight_level0_scale": codes["level0"].transpose(0, 1).contiguous(),
+            "weight_scale": codes["level1"],
         }
         if bias is not None:
             prepared["bias"] = bias.float()
@@ -74,8 +86,14 @@ class DualLevelMXFP4(Scheme):
 class _MXActivation(Scheme):
     """MXFP8 E4M3 activations (npu_dynamic_mx_quant, OCP floor scale) into npu_quant_matmul."""
 
+    weight_dst_type: int
+
     def quantize_activation(self, target, x2d):
         return target_ops(target).npu_dynamic_mx_quant(x2d, dst_type=FLOAT8_E4M3FN)
+
+    def quantize_weight(self, target, weight):
+        q, scale = target_ops(target).npu_dynamic_mx_quant(weight, dst_type=self.weight_dst_type)
+        return {"q": q, "scale": scale}
 
     def _quant_matmul(self, target, activation, prepared, output_dtype, **mode):
         return target_ops(target).npu_quant_matmul(
@@ -88,9 +106,11 @@ class _MXActivation(Scheme):
 class MXFP8(_MXActivation):
     """W8A8 MXFP8: weight a [K, N] view of E4M3 [N, K], scale the [K/64, N, 2] view; bias in fp32."""
 
+    weight_dst_type = FLOAT8_E4M3FN
+
     def prepare_weight(self, target, weight, bias):
-        q, scale = target_ops(target).npu_dynamic_mx_quant(weight, dst_type=FLOAT8_E4M3FN)
-        prepared = {"weight": q.t(), "weight_scale": scale.transpose(0, 1)}
+        codes = self.quantize_weight(target, weight)
+        prepared = {"weight": codes["q"].t(), "weight_scale": codes["scale"].transpose(0, 1)}
         if bias is not None:
             prepared["bias"] = bias.float()
         return prepared
@@ -103,12 +123,15 @@ class MXFP4W4A8(_MXActivation):
     """MXFP4 weight x MXFP8 activation (vllm-ascend W4A8_MXFP): packed FP4 weight as a [K/2, N] view,
     NZ-cast before the transpose on the NPU; the bias in the output dtype, shape [1, N]."""
 
+    weight_dst_type = FLOAT4_E2M1FN_X2
+
     def prepare_weight(self, target, weight, bias):
-        ops = target_ops(target)
-        q, scale = ops.npu_dynamic_mx_quant(weight, dst_type=FLOAT4_E2M1FN_X2)
+        codes = self.quantize_weight(target, weight)
+        q = codes["q"]
         if target.nz_fp4_quant_matmul_weight:
-            q = ops.npu_format_cast(q, ACL_FORMAT_FRACTAL_NZ, customize_dtype=FLOAT8_E4M3FN, input_dtype=FLOAT4_E2M1FN_X2)
-        prepared = {"weight": q.transpose(-1, -2), "weight_scale": scale.transpose(0, 1)}
+            q = target_ops(target).npu_format_cast(q, ACL_FORMAT_FRACTAL_NZ, customize_dtype=FLOAT8_E4M3FN,
+                                                   input_dtype=FLOAT4_E2M1FN_X2)
+        prepared = {"weight": q.transpose(-1, -2), "weight_scale": codes["scale"].transpose(0, 1)}
         if bias is not None:
             prepared["bias"] = bias.to(weight.dtype).reshape(1, -1)
         return prepared
@@ -119,6 +142,38 @@ class MXFP4W4A8(_MXActivation):
         )
 
 
+class _Stored:
+    """A scheme whose weight codes come from a checkpoint (mxfx.checkpoint attaches them to the weight
+    as `weight.mxfx_quantized`) instead of being quantized: the rest of the scheme is unchanged."""
+
+    def quantize_weight(self, target, weight):
+        stored = getattr(weight, "mxfx_quantized", None)
+        if stored is None:
+            raise ValueError(f"scheme {self.name}: the weight carries no checkpoint tensors (mxfx.checkpoint.load)")
+        return stored.codes(weight.device)
+
+
+class _StoredDualLevel(_Stored, DualLevelMXFP4):
+    pass
+
+
+class _StoredMXFP8(_Stored, MXFP8):
+    pass
+
+
+class _StoredMXFP4W4A8(_Stored, MXFP4W4A8):
+    pass
+
+
+class Modelslim(Scheme):
+    """Checkpoints quantized ahead of time (msmodelslim or `mxfx quantize`): each linear runs the online
+    scheme of its stored type, fed with the stored codes; linears stored as FLOAT are left alone."""
+
+    def for_weight(self, weight):
+        stored = getattr(weight, "mxfx_quantized", None)
+        return None if stored is None else STORED_SCHEMES[stored.scheme]
+
+
 SCHEMES = {
     scheme.name: scheme
     for scheme in (
@@ -127,11 +182,18 @@ SCHEMES = {
         MXFP8("mxfp8", "W8A8 MXFP8 (npu_quant_matmul)", 32, "mxfp8"),
     )
 }
+STORED_SCHEMES = {
+    name: cls(f"modelslim/{name}", f"{scheme.description}, stored weights", scheme.k_multiple, scheme.activation)
+    for (name, scheme), cls in zip(SCHEMES.items(), (_StoredDualLevel, _StoredMXFP4W4A8, _StoredMXFP8))
+}
+MODELSLIM = Modelslim("modelslim", "per linear, the stored type of a quantized checkpoint", 32, "")
 
 
 def get_scheme(scheme: "str | Scheme") -> Scheme:
     if isinstance(scheme, Scheme):
         return scheme
+    if scheme == MODELSLIM.name:
+        return MODELSLIM
     if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+        raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join([*SCHEMES, MODELSLIM.name])}")
     return SCHEMES[scheme]

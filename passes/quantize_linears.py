@@ -142,11 +142,13 @@ class _Rewrite:
         return value
 
     # -- eligibility -------------------------------------------------------------------------------
-    def skip_reason(self, site, include, exclude, weight, bias, x):
+    def skip_reason(self, site, include, exclude, weight, bias, x, scheme):
         if reason := _fqn_excluded(site.fqn, include, exclude):
             return reason
         if not isinstance(weight, torch.Tensor):
             return f"weight {site.weight} is not a constant of the graph"
+        if scheme is None:
+            return f"scheme {self.scheme.name} has nothing for this weight (stored unquantized)"
         if weight.dtype not in WEIGHT_DTYPES or weight.dim() != 2:
             return f"weight is {weight.dtype} {list(weight.shape)}; supported: 2-D bf16/fp16/fp32"
         if weight.untyped_storage().data_ptr() in self.embedding_storages:
@@ -163,24 +165,27 @@ class _Rewrite:
             return "dynamic K (the activation's last dim is symbolic)"
         if x.shape[-1] != weight.shape[1]:
             return f"activation K={x.shape[-1]} does not match weight {list(weight.shape)}"
-        return self.scheme.skip_reason(weight.shape[1])
+        return scheme.skip_reason(weight.shape[1])
 
     def site(self, site: LinearSite, include, exclude) -> None:
         weight = self.tensor(site.weight, site.weight_node)
         bias = self.tensor(site.bias, site.bias_node)
         x = self.value(site.input) if isinstance(site.input, fx.Node) else None
         is_matrix = isinstance(weight, torch.Tensor) and weight.dim() == 2
+        scheme = self.scheme.for_weight(weight) if isinstance(weight, torch.Tensor) else self.scheme
         entry = LinearReport(site.fqn or site.weight, weight.shape[1] if is_matrix else None,
                              weight.shape[0] if is_matrix else None, "skipped",
-                             bytes_before=_nbytes([weight]) if isinstance(weight, torch.Tensor) else 0)
+                             bytes_before=_nbytes([weight]) if isinstance(weight, torch.Tensor) else 0,
+                             scheme=(scheme or self.scheme).name)
         self.report.linears.append(entry)
-        if reason := self.skip_reason(site, include, exclude, weight, bias, x):
+        if reason := self.skip_reason(site, include, exclude, weight, bias, x, scheme):
             entry.reason = reason
             return
         before = set(self.graph.nodes)
         with self.graph.inserting_before(site.node):
-            prepared, entry.bytes_after = self.constants(site, weight, bias, x.dtype)
-            y = self.scheme.matmul(self.target, self.activation(site.input, x), prepared, SCALAR_TYPE[x.dtype])
+            prepared, entry.bytes_after = self.constants(site, weight, bias, x.dtype, scheme)
+            activation = self.activation(site.input, x, scheme)
+            y = scheme.matmul(self.target, activation, prepared, SCALAR_TYPE[x.dtype])
             if x.dim() != 2:
                 lead = [d if isinstance(d, int) else aten.sym_size.int(self.proxy(site.input), i)
                         for i, d in enumerate(x.shape[:-1])]
@@ -197,11 +202,11 @@ class _Rewrite:
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return fx.Proxy(node, self.tracer)
 
-    def constants(self, site, weight, bias, dtype) -> tuple[dict[str, fx.Proxy], int]:
+    def constants(self, site, weight, bias, dtype, scheme) -> tuple[dict[str, fx.Proxy], int]:
         """The prepared weight as get_attr proxies (prepared once per weight), and its bytes (bias excluded)."""
         key = (site.weight, site.bias, dtype)
         if key not in self.prepared:
-            tensors = self.prepare(self.scheme, self.target, weight, bias, dtype)
+            tensors = self.prepare(scheme, self.target, weight, bias, dtype)
             stem = re.sub(r"\W", "_", f"_mxfx_{site.fqn or site.weight}")
             nodes = {}
             for name, tensor in tensors.items():
@@ -211,15 +216,15 @@ class _Rewrite:
         nodes, nbytes = self.prepared[key]
         return {name: self.proxy(node) for name, node in nodes.items()}, nbytes
 
-    def activation(self, x: fx.Node, value: torch.Tensor) -> "_Outputs":
+    def activation(self, x: fx.Node, value: torch.Tensor, scheme: Scheme) -> "_Outputs":
         """One activation quantization per distinct activation (q/k/v share one, gate/up share one)."""
         base = x
         while value.dim() == 2 and base.op == "call_function" and base.target in FLATTENING_VIEWS:
             base = base.args[0]  # views that flatten the same tensor to [M, K] share its quantization
-        key = (base, value.shape[-1], value.dtype, self.scheme.activation)
+        key = (base, value.shape[-1], value.dtype, scheme.activation)
         if key not in self.activations:
             x2d = self.proxy(x) if value.dim() == 2 else aten.reshape.default(self.proxy(x), [-1, value.shape[-1]])
-            self.activations[key] = _Outputs(self.scheme.quantize_activation(self.target, x2d))
+            self.activations[key] = _Outputs(scheme.quantize_activation(self.target, x2d))
             self.report.activation_quants += 1
         return self.activations[key]
 

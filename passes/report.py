@@ -12,6 +12,7 @@ class LinearReport:
     reason: str = ""
     bytes_before: int = 0
     bytes_after: int = 0
+    scheme: str = ""  # the scheme that served (or would have served) it: per linear for checkpoints
 
 
 @dataclass
@@ -43,6 +44,9 @@ class RewriteReport:
             (r.fqn, str(r.k), str(r.n), r.outcome, f"{r.bytes_before:,}", f"{r.bytes_after:,}" if r.bytes_after else "", r.reason)
             for r in self.linears
         ]
+        if any(r.scheme != self.scheme for r in self.linears):  # checkpoints: the path each linear took
+            header = (*header[:4], "scheme", *header[4:])
+            rows = [(*row[:4], r.scheme, *row[4:]) for row, r in zip(rows, self.linears)]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         lines = [f"mxfx rewrite: scheme {self.scheme}, target {self.target}"]
         lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
