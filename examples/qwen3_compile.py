@@ -8,7 +8,7 @@ import argparse
 import torch
 
 import mxfx
-from mxfx import evaluation, textdata
+from mxfx import evaluation
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("model", nargs="?", default=str(evaluation.SHIPPED_MODEL))
@@ -16,7 +16,8 @@ parser.add_argument("--scheme", default="mxfp4_dual", choices=["mxfp4_dual", "mx
 args = parser.parse_args()
 
 model = evaluation.load_model(args.model)  # a bf16 transformers Qwen3ForCausalLM
+tokens = evaluation.Tokenizer(args.model, model)  # its tokenizer, or bytes for mxfx's demo model
 compiled = torch.compile(model, backend=mxfx.backend(args.scheme, report=print), dynamic=True, fullgraph=True)
 
-tokens = evaluation.continuation(compiled, textdata.encode("The for statement"), 60, textdata.END_OF_TEXT)
-print("\ncontinuation:", repr(textdata.decode(tokens)))
+generated = evaluation.continuation(compiled, tokens.encode("The for statement"), 60, tokens.end)
+print("\ncontinuation:", repr(tokens.decode(generated)))

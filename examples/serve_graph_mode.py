@@ -1,8 +1,7 @@
 """The pattern a graph-mode server uses, with mxfx: a static KV cache, a few fixed batch-size buckets
 compiled once each (the way torchair gears work), greedy decoding of a batch of prompts, and no
 recompiles after warm-up (asserted). Prints time to first token and decode tokens/s for bf16 and each
-scheme. Here it runs on the CPU reference target; on an Ascend 950 pass --target npu (and, once
-wired, --inner torchair).
+scheme. Here it runs on the CPU reference target; on an Ascend 950 pass --target npu --inner torchair.
 
     python examples/serve_graph_mode.py [--model DIR] [--buckets 1 2 4] [--new-tokens 32]
 """
@@ -62,9 +61,12 @@ def main() -> None:
     # the model eagerly, unquantized. Raise the limit, and fail instead of falling back.
     torch._dynamo.config.recompile_limit = 4 * len(args.buckets) + 4
     torch._dynamo.config.fail_on_recompile_limit_hit = True
+    texts = textdata.texts(textdata.split()[1])
+    if max(args.buckets) > len(texts) or args.prompt_len > min(len(textdata.encode(t)) for t in texts):
+        parser.error(f"the held-out topics give at most {len(texts)} prompts of "
+                     f"{min(len(textdata.encode(t)) for t in texts)} tokens")
     model = evaluation.load_model(args.model)
-    prompts_all = torch.stack([torch.tensor(textdata.encode(text)[: args.prompt_len])
-                               for text in textdata.texts(textdata.split()[1])[: max(args.buckets)]])
+    prompts_all = torch.stack([torch.tensor(textdata.encode(text)[: args.prompt_len]) for text in texts[: max(args.buckets)]])
 
     print(f"buckets {args.buckets}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, target {args.target}")
     print(f"{'model':12s} {'batch':>5s} {'TTFT ms':>9s} {'decode tok/s':>13s}  first prompt's continuation")

@@ -1,5 +1,5 @@
 """Train the small Qwen3 that mxfx ships for its demo, on the Python reference-manual topics
-(pydoc_data.topics, byte-level tokens; every 8th topic held out). Seeded and deterministic on one
+(pydoc_data.topics, byte-level tokens; the topics in mxfx.textdata.HELD_OUT held out). Seeded and deterministic on one
 machine: `python examples/train_tiny_qwen3.py --out mxfx/data/tiny-qwen3-pydoc`.
 
 Dimensions meet the Ascend kernels' rules (hidden and intermediate multiples of 512): hidden 512,

@@ -13,25 +13,19 @@ runs that frame eagerly). fallback="eager" downgrades the error to the warning p
 
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
 import passes  # attributes are read at call time: `import passes` may be what is importing mxfx
+from mxfx.metrics import nbytes, version
 from mxfx.ops import npu as npu_support
 from mxfx.schemes import Scheme, get_scheme
 
-CONSTANT_PREFIX = "_mxfx_"
-
-
 class MXFXCompileError(RuntimeError):
     """mxfx could not quantize a graph it was given."""
-
-
-def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class PreparedWeights:
@@ -40,7 +34,7 @@ class PreparedWeights:
     its weight does."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple, tuple[weakref.ref, dict[str, torch.Tensor]]] = {}
+        self._entries: dict[tuple, tuple[list[weakref.ref], dict[str, torch.Tensor]]] = {}
         self.hits = 0
 
     def __len__(self) -> int:
@@ -48,18 +42,19 @@ class PreparedWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(_nbytes(tensors.values()) for _, tensors in self._entries.values())
+        return sum(nbytes(tensors.values()) for _, tensors in self._entries.values())
 
     def prepare(self, scheme: Scheme, target: "passes.Target", weight, bias, dtype) -> dict[str, torch.Tensor]:
-        key = (id(weight), weight._version, None if bias is None else (id(bias), bias._version),
-               scheme.name, target.name, dtype)
+        sources = [t for t in (weight, bias) if t is not None]
+        key = (*((id(t), version(t)) for t in sources), bias is None, scheme.name, target.name, dtype)
         entry = self._entries.get(key)
-        if entry is not None and entry[0]() is weight:
+        if entry is not None and all(ref() is t for ref, t in zip(entry[0], sources)):
             self.hits += 1
             return entry[1]
         tensors = passes.prepare_weight(scheme, target, weight, bias, dtype)
-        self._entries[key] = (weakref.ref(weight), tensors)
-        weakref.finalize(weight, self._entries.pop, key, None)
+        self._entries[key] = ([weakref.ref(t) for t in sources], tensors)
+        for t in sources:
+            weakref.finalize(t, self._entries.pop, key, None)
         return tensors
 
 
@@ -95,7 +90,7 @@ def _lift_constants(gm: fx.GraphModule, fake_mode) -> list[torch.Tensor]:
     values; return the tensors, in input order."""
     graph = gm.graph
     constants, last = [], [n for n in graph.nodes if n.op == "placeholder"][-1]
-    for node in [n for n in graph.nodes if n.op == "get_attr" and n.target.startswith(CONSTANT_PREFIX)]:
+    for node in [n for n in graph.nodes if n.op == "get_attr" and n.target.startswith(passes.CONSTANT_PREFIX)]:
         tensor = gm.get_buffer(node.target)
         with graph.inserting_after(last):
             last = graph.placeholder(node.target)

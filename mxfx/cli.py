@@ -9,15 +9,7 @@ import torch
 
 from . import evaluation
 from .formats import dequantize_dual_level, dequantize_mx, quantize_dual_level, quantize_mx
-
-
-def _sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
-    x = x.double()
-    return (10 * torch.log10(x.pow(2).sum() / (x - y.double()).pow(2).sum())).item()
-
-
-def _nbytes(*tensors: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+from .metrics import nbytes, sqnr_db
 
 
 def _formats_report(x: torch.Tensor) -> str:
@@ -41,9 +33,9 @@ def _formats_report(x: torch.Tensor) -> str:
         rows.append(
             (
                 name,
-                f"{_nbytes(*quantized) / 2**20:.2f} MiB",
-                f"{8 * _nbytes(*quantized) / x.numel():.4f}",
-                f"{_sqnr_db(x, y):.2f}",
+                f"{nbytes(quantized) / 2**20:.2f} MiB",
+                f"{8 * nbytes(quantized) / x.numel():.4f}",
+                f"{sqnr_db(x, y):.2f}",
                 f"{(x.float() - y).abs().max().item():.4g}",
                 f"{int(scale_bytes.min())}..{int(scale_bytes.max())}",
                 f"{elapsed * 1e3:.1f}",
@@ -51,7 +43,7 @@ def _formats_report(x: torch.Tensor) -> str:
         )
     header = ("format", "size", "bits/elem", "SQNR dB", "max |err|", "E8M0 bytes", "ms")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = [f"input: {x.dtype} {list(x.shape)}, {_nbytes(x) / 2**20:.2f} MiB (16 bits/elem), randn seed 0"]
+    lines = [f"input: {x.dtype} {list(x.shape)}, {nbytes([x]) / 2**20:.2f} MiB (16 bits/elem), randn seed 0"]
     for row in [header, *rows]:
         lines.append("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
     return "\n".join(lines)
@@ -63,24 +55,7 @@ def _table(header: tuple, rows: list[tuple]) -> str:
                      for row in [header, *rows])
 
 
-class _Tokens:
-    """Encode/decode for a model folder: its Hugging Face tokenizer, or byte-level for mxfx's demo models."""
-
-    def __init__(self, path: Path, model):
-        from . import textdata
-
-        if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            self.encode, self.decode, self.end = tokenizer.encode, tokenizer.decode, tokenizer.eos_token_id
-        elif model.config.vocab_size == textdata.VOCAB_SIZE:
-            self.encode, self.decode, self.end = textdata.encode, textdata.decode, textdata.END_OF_TEXT
-        else:
-            raise evaluation.ModelError(f"{path} has no tokenizer files and is not a byte-level mxfx model")
-
-
-def _print_evaluation(result: "evaluation.Evaluation", tokens: _Tokens, prompt: str, plot: str | None) -> None:
+def _print_evaluation(result: "evaluation.Evaluation", tokens: evaluation.Tokenizer, prompt: str, plot: str | None) -> None:
     first = result.results[0].report if result.results else None
     if first is not None:
         print(first, end="\n\n")
@@ -149,7 +124,7 @@ def _evaluate_folder(args, default_prompt: str | None) -> int:
         _pyplot()  # before the long part: fail fast without matplotlib
     path = Path(args.model)
     model = _load(args)
-    tokens = _Tokens(path, model)
+    tokens = evaluation.Tokenizer(path, model)
     documents = [Path(args.text).read_text()] if args.text else textdata.texts(textdata.split()[1])
     stream = textdata.stream(documents, tokens.encode, tokens.end)
     prompt = args.prompt if args.prompt is not None else default_prompt

@@ -11,7 +11,9 @@ import torch
 from tqdm.auto import tqdm
 
 import passes
+from mxfx import textdata
 from mxfx.backend import PREPARED, backend
+from mxfx.metrics import sqnr_db
 from mxfx.schemes import get_scheme
 
 SHIPPED_MODEL = Path(__file__).parent / "data" / "tiny-qwen3-pydoc"
@@ -42,6 +44,22 @@ def load_model(path: str | Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, local_files_only=True).eval()
 
 
+class Tokenizer:
+    """Encode/decode for a model folder: its Hugging Face tokenizer, or byte-level for mxfx's demo models."""
+
+    def __init__(self, path: str | Path, model):
+        path = Path(path)
+        if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.encode, self.decode, self.end = tokenizer.encode, tokenizer.decode, tokenizer.eos_token_id
+        elif model.config.vocab_size == textdata.VOCAB_SIZE:
+            self.encode, self.decode, self.end = textdata.encode, textdata.decode, textdata.END_OF_TEXT
+        else:
+            raise ModelError(f"{path} has no tokenizer files and is not a byte-level mxfx model")
+
+
 def windows(stream: torch.Tensor, seq: int, max_tokens: int | None = None) -> torch.Tensor:
     """Non-overlapping [n, seq + 1] windows of a token stream (inputs and their next tokens)."""
     if max_tokens is not None:
@@ -53,19 +71,15 @@ def windows(stream: torch.Tensor, seq: int, max_tokens: int | None = None) -> to
 
 
 @torch.no_grad()
-def logits_and_loss(model, batches: torch.Tensor, batch_size: int, desc: str) -> tuple[torch.Tensor, float]:
-    """Logits [n, seq, vocab] (bf16) of every window and the mean next-token cross-entropy."""
-    outputs, total = [], 0.0
+def predictions_and_loss(model, batches: torch.Tensor, batch_size: int, desc: str) -> tuple[torch.Tensor, float]:
+    """The predicted next token [n, seq] of every window and the mean next-token cross-entropy (only
+    the argmax is kept: a real vocabulary's logits for a long text would take tens of GB)."""
+    predictions, total = [], 0.0
     for batch in tqdm(batches.split(batch_size), desc=desc, leave=False, disable=None):
         logits = model(batch[:, :-1]).logits
         total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
-        outputs.append(logits)
-    return torch.cat(outputs), total / batches[:, 1:].numel()
-
-
-def _sqnr_db(reference: torch.Tensor, quantized: torch.Tensor) -> float:
-    reference, error = reference.double(), reference.double() - quantized.double()
-    return (10 * torch.log10(reference.pow(2).sum() / error.pow(2).sum())).item()
+        predictions.append(logits.argmax(-1))
+    return torch.cat(predictions), total / batches[:, 1:].numel()
 
 
 @torch.no_grad()
@@ -89,7 +103,7 @@ def layer_sqnr(model, batch: torch.Tensor, scheme: str, names: list[str]) -> dic
         prepared = PREPARED.prepare(scheme, target, layer.weight, layer.bias, x.dtype)
         x2d = x.reshape(-1, x.shape[-1])
         quantized = scheme.matmul(target, scheme.quantize_activation(target, x2d), prepared, 15)
-        result[name] = _sqnr_db(torch.nn.functional.linear(x2d, layer.weight, layer.bias), quantized)
+        result[name] = sqnr_db(torch.nn.functional.linear(x2d, layer.weight, layer.bias), quantized)
     return result
 
 
@@ -134,7 +148,7 @@ def evaluate(model, stream: torch.Tensor, schemes: list[str], seq: int = 256, ba
     """bf16 against each scheme (compiled with mxfx on the reference target) on the same windows."""
     batches = windows(stream, seq, max_tokens)
     start = time.perf_counter()
-    bf16_logits, bf16_loss = logits_and_loss(model, batches, batch_size, "bf16")
+    bf16_predictions, bf16_loss = predictions_and_loss(model, batches, batch_size, "bf16")
     bf16_run_s = time.perf_counter() - start
     bf16_text = continuation(model, prompt, new_tokens, end) if prompt else []
     results = []
@@ -147,11 +161,11 @@ def evaluate(model, stream: torch.Tensor, schemes: list[str], seq: int = 256, ba
             compiled(batches[:batch_size, :-1])  # compile (the first call)
         compile_s = time.perf_counter() - start
         start = time.perf_counter()
-        logits, loss = logits_and_loss(compiled, batches, batch_size, scheme)
+        predictions, loss = predictions_and_loss(compiled, batches, batch_size, scheme)
         run_s = time.perf_counter() - start
         report = be.reports[-1]
         results.append(SchemeResult(
-            scheme, math.exp(loss), (logits.argmax(-1) == bf16_logits.argmax(-1)).float().mean().item(),
+            scheme, math.exp(loss), (predictions == bf16_predictions).float().mean().item(),
             report.bytes_before, report.bytes_after, compile_s, run_s, report,
             layer_sqnr(model, batches[:1, :-1], scheme, [r.fqn for r in report.rewritten]),
             continuation(compiled, prompt, new_tokens, end) if prompt else [],

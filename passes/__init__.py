@@ -4,11 +4,12 @@ They know FX graphs and the scheme interface (mxfx.schemes), not Dynamo, torchai
 a rewrite emits come from a target table (passes.targets)."""
 
 from .find_linears import LinearSite, find_linears
-from .quantize_linears import DEFAULT_EXCLUDE, RewriteError, prepare_weight, quantize_linears
+from .quantize_linears import CONSTANT_PREFIX, DEFAULT_EXCLUDE, RewriteError, prepare_weight, quantize_linears
 from .report import LinearReport, RewriteReport
 from .targets import TARGETS, Target, get_target
 
 __all__ = [
+    "CONSTANT_PREFIX",
     "DEFAULT_EXCLUDE",
     "LinearReport",
     "LinearSite",

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+from mxfx.metrics import nbytes
 from mxfx.ops.dtypes import SCALAR_TYPE
 from mxfx.schemes import Scheme, get_scheme
 
@@ -25,7 +26,8 @@ from .targets import Target, get_target
 
 aten = torch.ops.aten
 
-DEFAULT_EXCLUDE = ("lm_head", "*embed*")
+DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "*embed*")
+CONSTANT_PREFIX = "_mxfx_"  # the buffers a rewrite registers; the backend lifts them to graph inputs
 WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
 EMBEDDINGS = (torch.nn.functional.embedding, aten.embedding.default)
@@ -35,8 +37,10 @@ Prepare = Callable[[Scheme, Target, torch.Tensor, torch.Tensor | None, torch.dty
 
 
 def prepare_weight(scheme: Scheme, target: Target, weight, bias, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The scheme's prepared tensors for a weight (and bias) feeding activations of `dtype`."""
-    return scheme.prepare_weight(target, weight.to(dtype), bias)
+    """The scheme's prepared tensors for a weight (and bias) feeding activations of `dtype`. Under
+    no_grad: prepared tensors must not hold the weights through an autograd graph."""
+    with torch.no_grad():
+        return scheme.prepare_weight(target, weight.to(dtype), bias)
 
 
 def quantize_linears(
@@ -82,10 +86,6 @@ def _fqn_excluded(fqn: str | None, include, exclude) -> str | None:
     if include is not None and not any(fnmatch.fnmatchcase(fqn, pattern) for pattern in include):
         return "not matched by include patterns"
     return None
-
-
-def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class _Rewrite:
@@ -175,7 +175,7 @@ class _Rewrite:
         scheme = self.scheme.for_weight(weight) if isinstance(weight, torch.Tensor) else self.scheme
         entry = LinearReport(site.fqn or site.weight, weight.shape[1] if is_matrix else None,
                              weight.shape[0] if is_matrix else None, "skipped",
-                             bytes_before=_nbytes([weight]) if isinstance(weight, torch.Tensor) else 0,
+                             bytes_before=nbytes([weight]) if isinstance(weight, torch.Tensor) else 0,
                              scheme=(scheme or self.scheme).name)
         self.report.linears.append(entry)
         if reason := self.skip_reason(site, include, exclude, weight, bias, x, scheme):
@@ -207,14 +207,23 @@ class _Rewrite:
         key = (site.weight, site.bias, dtype)
         if key not in self.prepared:
             tensors = self.prepare(scheme, self.target, weight, bias, dtype)
-            stem = re.sub(r"\W", "_", f"_mxfx_{site.fqn or site.weight}")
+            stem = self.unused_stem(re.sub(r"\W", "_", f"{CONSTANT_PREFIX}{site.weight}"))
             nodes = {}
             for name, tensor in tensors.items():
                 self.gm.register_buffer(f"{stem}_{name}", tensor)
                 nodes[name] = self.graph.get_attr(f"{stem}_{name}")
-            self.prepared[key] = nodes, _nbytes(t for name, t in tensors.items() if name != "bias")
-        nodes, nbytes = self.prepared[key]
-        return {name: self.proxy(node) for name, node in nodes.items()}, nbytes
+            self.prepared[key] = nodes, nbytes(t for name, t in tensors.items() if name != "bias")
+        nodes, size = self.prepared[key]
+        return {name: self.proxy(node) for name, node in nodes.items()}, size
+
+    def unused_stem(self, stem: str) -> str:
+        """stem, or stem_2, stem_3...: weight names that differ only in punctuation must not collide
+        (every prepared set has a "weight")."""
+        candidate, count = stem, 1
+        while hasattr(self.gm, f"{candidate}_weight"):
+            count += 1
+            candidate = f"{stem}_{count}"
+        return candidate
 
     def activation(self, x: fx.Node, value: torch.Tensor, scheme: Scheme) -> "_Outputs":
         """One activation quantization per distinct activation (q/k/v share one, gate/up share one)."""

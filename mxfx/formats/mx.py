@@ -54,8 +54,7 @@ def quantize_mx(
     "fp4_e2m1"; scale is float8_e8m0fnu [..., ceil(K/block_size)] (a short last block is allowed).
 
     scale_alg: "floor" (default; torch_npu scale_alg=0) is the OCP exponent rule with the Ascend kernel's
-    one departure: a block whose scale byte is 0 (abs-max below 2**(emax + 1 - 126)) is flushed to
-    zero. "ocp" is the specification as written (such blocks are scaled by 2**127). "rceil"
+    one departure: a block whose scale byte is 0 (abs-max below 2**(emax - 126)) is flushed to zero. "ocp" is the specification as written (such blocks are scaled by 2**127). "rceil"
     (torch_npu scale_alg=1, FP8 only) rounds amax/max_normal up to a power of two.
     A block holding inf/NaN gets scale 0xFF (NaN) and all-zero elements. Elements are rounded by
     round_mode ("rint" half-to-even; FP4 also "round" half-away and "floor" toward -inf) and

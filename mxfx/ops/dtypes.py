@@ -7,12 +7,10 @@ SCALAR_TYPE = {torch.float16: 5, torch.float32: 6, torch.bfloat16: 15}
 SCALAR_TYPE_DTYPE = {code: dtype for dtype, code in SCALAR_TYPE.items()}
 
 # torch_npu's own dtype enum (op-plugin _meta_registrations.py): dtypes torch has no ScalarType for
-FLOAT8_E5M2 = 291
 FLOAT8_E4M3FN = 292
 FLOAT8_E8M0FNU = 293
 FLOAT4_E2M1FN_X2 = 296
 
-ACL_FORMAT_ND = 2
 ACL_FORMAT_FRACTAL_NZ = 29
 
 

@@ -11,6 +11,7 @@ import weakref
 import torch
 
 from mxfx.formats import dequantize_mx, from_paired_scales, nz_to_nd
+from mxfx.metrics import version
 
 from .dtypes import FLOAT4_E2M1FN_X2, FLOAT8_E8M0FNU, from_scalar_type
 
@@ -43,7 +44,7 @@ class _DecodedWeights:
         return len(self._entries)
 
     def get(self, tensors: tuple[torch.Tensor, ...], decode) -> torch.Tensor:
-        key = tuple((id(t), t._version) for t in tensors)
+        key = tuple((id(t), version(t)) for t in tensors)
         entry = self._entries.get(key)
         if entry is not None and all(ref() is t for ref, t in zip(entry[0], tensors)):
             return entry[1]

@@ -184,3 +184,29 @@ def test_inductor_inner_compiler_is_bit_exact_to_eager():
         eager = torch.compile(model, backend=mxfx.backend("mxfp4_dual", target="reference"))(_ids()).logits
     assert len(be.reports[-1].rewritten) == 14
     assert torch.equal(got, eager), "inductor (with emulate_precision_casts) must compute what eager computes"
+
+
+def test_compiling_with_grad_enabled_keeps_no_weight_alive():
+    model, cache = tiny_qwen3(layers=1), PreparedWeights()
+    weight = weakref.ref(model.model.layers[0].self_attn.o_proj.weight)
+    torch.compile(model, backend=Backend("mxfp4_dual", target="reference", cache=cache))(_ids())  # no no_grad
+    assert all(not t.requires_grad for _, tensors in cache._entries.values() for t in tensors.values())
+    del model
+    torch._dynamo.reset()
+    gc.collect()
+    assert weight() is None and len(cache) == 0
+
+
+def test_a_model_made_under_inference_mode():
+    with torch.inference_mode():
+        model = tiny_qwen3(layers=1)
+        got = torch.compile(model, backend=mxfx.backend("mxfp8", target="reference"))(_ids()).logits
+    assert torch.equal(got, reference_linear.swapped(model, "mxfp8")(_ids()).logits)
+
+
+def test_a_new_bias_is_prepared_again():
+    cache, weight = PreparedWeights(), torch.randn(64, 512, dtype=torch.bfloat16)
+    scheme, target = mxfx.schemes.get_scheme("mxfp8"), mxfx.backend(target="reference").target
+    for value in range(20):  # fresh bias tensors, whose ids the allocator may reuse
+        bias = torch.full((64,), float(value), dtype=torch.bfloat16)
+        assert cache.prepare(scheme, target, weight, bias, torch.bfloat16)["bias"][0].item() == value

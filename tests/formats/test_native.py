@@ -197,3 +197,38 @@ def test_mode_selection(monkeypatch):
     monkeypatch.setenv("MXFX_KERNELS", "bogus")
     with pytest.raises(ValueError, match="MXFX_KERNELS"):
         quantize_dual_level(x)
+
+
+def test_rows_split_across_threads_and_concurrent_callers(monkeypatch):
+    """Small tensors split into row ranges on the pool (the threshold lowered), from several threads at
+    once while another thread changes torch's thread count: same bytes as the torch code."""
+    import threading
+
+    from mxfx.formats import native as native_module
+
+    monkeypatch.setattr(native_module, "_MIN_PARALLEL_ELEMENTS", 64)
+    x = _randn((37, 512), torch.bfloat16, 0, seed=5)
+    with native.use("torch"):
+        expected = quantize_dual_level(x)
+    results, errors = [], []
+
+    def worker():
+        try:
+            with native.use("native"):
+                for _ in range(20):
+                    results.append(quantize_dual_level(x))
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    original = torch.get_num_threads()
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for n in (1, 2, 4, 2):
+        torch.set_num_threads(n)
+    for t in threads:
+        t.join()
+    torch.set_num_threads(original)
+    assert not errors and len(results) == 60
+    for result in results:
+        assert_same(result, expected)

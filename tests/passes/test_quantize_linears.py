@@ -248,3 +248,39 @@ def test_unknown_scheme_and_target():
         quantize_linears(gm, "int4")
     with pytest.raises(ValueError, match="unknown target"):
         quantize_linears(gm, "mxfp8", "tpu")
+
+
+class TwoInOne(torch.nn.Module):
+    """Two F.linear calls in one module: the same module path for both sites."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = torch.nn.Parameter(activation((64, 512), seed=1) * 0.05)
+        self.w2 = torch.nn.Parameter(activation((64, 512), seed=2) * 0.05)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.w1), torch.nn.functional.linear(x, self.w2)
+
+
+def test_linears_sharing_a_module_path_keep_their_own_weights():
+    model, x = TwoInOne(), activation((3, 512))
+    gm, weights, _ = export_graph(model, x)
+    report = quantize_linears(gm, "mxfp8", "reference", weights)
+    assert len(report.rewritten) == 2
+    a, b = gm(*weights.values(), x)
+    assert torch.equal(a, reference_linear.linear("mxfp8", x, model.w1, None))
+    assert torch.equal(b, reference_linear.linear("mxfp8", x, model.w2, None))
+
+
+def test_a_nested_lm_head_is_excluded_by_default():
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Head()
+
+        def forward(self, ids):
+            return self.inner(ids)
+
+    gm, weights, _ = dynamo_graph(Wrapper(), torch.zeros(1, 4, dtype=torch.long))
+    report = quantize_linears(gm, "mxfp4_dual", "reference", weights)
+    assert _skips(report) == {"inner.lm_head": "excluded by pattern '*.lm_head'"}

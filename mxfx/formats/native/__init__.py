@@ -82,10 +82,12 @@ def _compiler() -> str | None:
 
 
 def _cpu_id() -> str:
-    # -march=native code must not be reused on another CPU that shares the cache directory
+    # -march=native code must not be reused on another CPU that shares the cache directory: all of
+    # /proc/cpuinfo but what changes from moment to moment (x86 "model name"/"flags", arm "Features",
+    # "CPU implementer"/"CPU part" are all kept)
     try:
         with open("/proc/cpuinfo") as f:
-            return "".join(sorted({line for line in f if line.startswith(("model name", "flags"))}))
+            return "".join(sorted({line for line in f if not line.lower().startswith(("cpu mhz", "bogomips"))}))
     except OSError:
         return platform.processor()
 
@@ -183,31 +185,27 @@ def _native_library() -> ctypes.CDLL | None:
 # ------------------------------------------------------------------------------------- running
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """A pool of `workers` threads (recreated when torch.get_num_threads() changes)."""
+def _pool() -> ThreadPoolExecutor:
+    """One pool for the process, never shut down while in use; callers use at most
+    torch.get_num_threads() - 1 of its threads (the calling thread takes a share too)."""
     with _lock:
-        pool, size = _state.get("pool", (None, 0))
-        if pool is None or size != workers:
-            if pool is not None:
-                pool.shutdown(wait=False)
-            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mxfx-native")
-            _state["pool"] = (pool, workers)
-    return pool
+        if "pool" not in _state:
+            _state["pool"] = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="mxfx-native")
+    return _state["pool"]
 
 
 def _run_rows(call, rows: int, k: int) -> None:
-    """call(row_start, row_count) over all rows, split across the pool when the work is large enough."""
-    workers = torch.get_num_threads()
-    chunks = min(workers, rows, max(1, rows * k // _MIN_PARALLEL_ELEMENTS))
-    if chunks <= 1:
-        _check(call(0, rows))
-        return
+    """call(row_start, row_count) over all rows, split across threads when the work is large enough.
+    Every range has finished when this returns or raises: the kernels write into the caller's tensors."""
+    chunks = min(torch.get_num_threads(), rows, max(1, rows * k // _MIN_PARALLEL_ELEMENTS))
     bounds = [rows * i // chunks for i in range(chunks + 1)]
-    pool = _pool(workers)
-    futures = [pool.submit(call, bounds[i], bounds[i + 1] - bounds[i]) for i in range(1, chunks)]
-    _check(call(bounds[0], bounds[1]))  # the caller's thread takes the first range
-    for f in futures:
-        _check(f.result())
+    futures = [_pool().submit(call, bounds[i], bounds[i + 1] - bounds[i]) for i in range(1, chunks)]
+    try:
+        first = call(bounds[0], bounds[1])  # the caller's thread takes the first range
+    finally:
+        others = [f.result() for f in futures]  # wait for every range, even when the first one raised
+    for code in (first, *others):
+        _check(code)
 
 
 def _check(rc: int) -> None:
