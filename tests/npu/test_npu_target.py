@@ -141,3 +141,19 @@ def test_torchair_inner_gets_the_users_config_and_frozen_parameter_constants(mon
     constants = [t for t in seen["inputs"] if isinstance(t, torch.nn.Parameter) and t.dtype in (torch.float8_e4m3fn, torch.uint8)]
     assert len(constants) == 14, "7 weights and 7 scales, each a frozen Parameter"
     assert torch.equal(got.logits, expected.logits)
+
+
+@pytest.mark.parametrize("scheme", ["mxfp4_dual", "mxfp4_w4a8"])
+def test_a_checkpoint_on_target_npu_feeds_the_stored_codes_to_the_device_ops(torch_npu, tmp_path, scheme):
+    from mxfx import checkpoint, evaluation
+
+    model = checkpoint.load(checkpoint.quantize(evaluation.SHIPPED_MODEL, scheme, tmp_path / "q"))
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        npu = torch.compile(model, backend=Backend("modelslim", target="npu", cache=PreparedWeights()))(ids)
+        calls = [name for name, _ in npu_standin.calls]
+        torch._dynamo.reset()
+        reference = torch.compile(model, backend=mxfx.backend("modelslim", target="reference"))(ids)
+    assert torch.equal(npu.logits, reference.logits)
+    assert calls.count("npu_format_cast") == 28, "stored codes are NZ-cast on the device, never re-quantized"
+    assert "npu_dynamic_dual_level_mx_quant" not in calls[:28] and "npu_dynamic_mx_quant" not in calls[:28]

@@ -217,22 +217,24 @@ def _covers(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
 
 
-def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    x = x.detach().contiguous()
-    k = x.shape[-1]
-    return x, x.numel() // k, k
-
-
-def try_quantize_dual_level(x: torch.Tensor, round_mode: str):
-    """Native quantize_dual_level if this call should and can go native (arguments already checked),
-    else None."""
+def _native_input(x: torch.Tensor):
+    """(library, contiguous x, rows, k, leading shape) when this call goes native, else None."""
     if not _covers(x):
         return None
     lib = _native_library()
     if lib is None:
         return None
-    x, rows, k = _rows(x)
-    lead = tuple(x.shape[:-1])
+    x = x.detach().contiguous()
+    k = x.shape[-1]
+    return lib, x, x.numel() // k, k, tuple(x.shape[:-1])
+
+
+def try_quantize_dual_level(x: torch.Tensor, round_mode: str):
+    """Native quantize_dual_level if this call should and can go native (arguments already checked),
+    else None."""
+    if (native := _native_input(x)) is None:
+        return None
+    lib, x, rows, k, lead = native
     nb0, nb1 = -(-k // 512), -(-k // 32)
     q = torch.empty(lead + (k // 2,), dtype=torch.uint8)
     level0 = torch.empty(lead + (nb0,), dtype=torch.float32)
@@ -250,13 +252,9 @@ def try_quantize_dual_level(x: torch.Tensor, round_mode: str):
 
 def try_quantize_mx(x: torch.Tensor, fmt: str, block_size: int, scale_alg: str, round_mode: str):
     """Native quantize_mx if this call should and can go native (arguments already checked), else None."""
-    if not _covers(x) or scale_alg not in _SCALE_ALGS:  # an unknown scale_alg: the torch code raises
+    if scale_alg not in _SCALE_ALGS or (native := _native_input(x)) is None:  # unknown scale_alg: torch raises
         return None
-    lib = _native_library()
-    if lib is None:
-        return None
-    x, rows, k = _rows(x)
-    lead = tuple(x.shape[:-1])
+    lib, x, rows, k, lead = native
     nb = -(-k // block_size)
     qk = k if fmt == "fp8_e4m3" else k // 2
     q = torch.empty(lead + (qk,), dtype=torch.uint8)
