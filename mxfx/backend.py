@@ -12,7 +12,6 @@ runs that frame eagerly). fallback="eager" downgrades the error to the warning p
 """
 
 import warnings
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -20,42 +19,28 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 import passes  # attributes are read at call time: `import passes` may be what is importing mxfx
-from mxfx.metrics import nbytes, version
+from mxfx.metrics import nbytes
 from mxfx.ops import npu as npu_support
 from mxfx.schemes import Scheme, get_scheme
+from mxfx.tensor_cache import TensorCache
 
 class MXFXCompileError(RuntimeError):
     """mxfx could not quantize a graph it was given."""
 
 
-class PreparedWeights:
-    """Prepared tensors per (weight, bias, scheme, target, dtype), the weight identified by identity and
-    version. It holds weak references only: the bf16 weights stay the model's, and an entry goes when
-    its weight does."""
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple, tuple[list[weakref.ref], dict[str, torch.Tensor]]] = {}
-        self.hits = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
+class PreparedWeights(TensorCache):
+    """Prepared tensors per (weight, bias, scheme, target, dtype), the weight and bias identified by
+    identity and version. Weak references only: the bf16 weights stay the model's, and an entry goes
+    when its weight does."""
 
     @property
     def nbytes(self) -> int:
-        return sum(nbytes(tensors.values()) for _, tensors in self._entries.values())
+        return sum(nbytes(tensors.values()) for tensors in self.values())
 
     def prepare(self, scheme: Scheme, target: "passes.Target", weight, bias, dtype) -> dict[str, torch.Tensor]:
-        sources = [t for t in (weight, bias) if t is not None]
-        key = (*((id(t), version(t)) for t in sources), bias is None, scheme.name, target.name, dtype)
-        entry = self._entries.get(key)
-        if entry is not None and all(ref() is t for ref, t in zip(entry[0], sources)):
-            self.hits += 1
-            return entry[1]
-        tensors = passes.prepare_weight(scheme, target, weight, bias, dtype)
-        self._entries[key] = ([weakref.ref(t) for t in sources], tensors)
-        for t in sources:
-            weakref.finalize(t, self._entries.pop, key, None)
-        return tensors
+        sources = (weight,) if bias is None else (weight, bias)
+        return self.get(sources, lambda: passes.prepare_weight(scheme, target, weight, bias, dtype),
+                        (bias is None, scheme.name, target.name, dtype))
 
 
 PREPARED = PreparedWeights()  # process-wide: a second torch.compile of the same model reuses it

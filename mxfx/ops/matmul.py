@@ -6,12 +6,11 @@ then a single cast to the output dtype (ops-nn golden, notes/npu_ops.md ยง3.1, ย
 additions inside a group is the BLAS's: the NPU's own order is not documented."""
 
 import math
-import weakref
 
 import torch
 
 from mxfx.formats import dequantize_mx, from_paired_scales, nz_to_nd
-from mxfx.metrics import version
+from mxfx.tensor_cache import TensorCache
 
 from .dtypes import FLOAT4_E2M1FN_X2, FLOAT8_E8M0FNU, from_scalar_type
 
@@ -31,30 +30,11 @@ torch.library.define(
 LEVEL0 = 512
 
 
-class _DecodedWeights:
-    """The weight operand decoded to the fp32 GEMM layout, kept while the weight constant lives (weakly
-    keyed by identity and version): a graph calls the matmul with the same constants every time, and
-    unpacking and decoding them on each call would cost 10-40x the GEMM at M=1. The NPU reads the
-    packed bytes itself; this is an emulation speed-up that holds 4 bytes per weight element."""
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple, tuple[list[weakref.ref], torch.Tensor]] = {}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, tensors: tuple[torch.Tensor, ...], decode) -> torch.Tensor:
-        key = tuple((id(t), version(t)) for t in tensors)
-        entry = self._entries.get(key)
-        if entry is not None and all(ref() is t for ref, t in zip(entry[0], tensors)):
-            return entry[1]
-        value = decode()
-        self._entries[key] = ([weakref.ref(t) for t in tensors], value)
-        weakref.finalize(tensors[0], self._entries.pop, key, None)
-        return value
-
-
-DECODED_WEIGHTS = _DecodedWeights()
+# The weight operand decoded to the fp32 GEMM layout, kept while the weight constant lives: a graph calls
+# the matmul with the same constants every time, and unpacking and decoding them on each call would
+# cost 10-40x the GEMM at M=1. The NPU reads the packed bytes itself; this is an emulation speed-up
+# that holds 4 bytes per weight element.
+DECODED_WEIGHTS = TensorCache()
 
 
 def _mx_operand(q: torch.Tensor, paired_scale: torch.Tensor, fmt: str, k: int) -> torch.Tensor:

@@ -190,7 +190,7 @@ def test_compiling_with_grad_enabled_keeps_no_weight_alive():
     model, cache = tiny_qwen3(layers=1), PreparedWeights()
     weight = weakref.ref(model.model.layers[0].self_attn.o_proj.weight)
     torch.compile(model, backend=Backend("mxfp4_dual", target="reference", cache=cache))(_ids())  # no no_grad
-    assert all(not t.requires_grad for _, tensors in cache._entries.values() for t in tensors.values())
+    assert all(not t.requires_grad for tensors in cache.values() for t in tensors.values())
     del model
     torch._dynamo.reset()
     gc.collect()
