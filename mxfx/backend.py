@@ -49,12 +49,12 @@ PREPARED = PreparedWeights()  # process-wide: a second torch.compile of the same
 def _auto_target() -> str:
     """npu when torch_npu imports and an Ascend 950 is present, else the CPU reference (with a warning
     when an NPU is there but cannot run the MX operators). torch_npu is imported only if installed."""
-    if not npu_support.torch_npu_available():
+    if not npu_support.npu_visible():
         return "reference"
-    problem = npu_support.device_problem()
-    if problem is not None and "no NPU" not in problem:
+    if (problem := npu_support.device_problem()) is not None:
         warnings.warn(f"mxfx: {problem}; compiling for the CPU reference target instead", stacklevel=3)
-    return "reference" if problem else "npu"
+        return "reference"
+    return "npu"
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:

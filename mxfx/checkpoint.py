@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from mxfx.formats import dequantize_dual_level, dequantize_mx, quantize_dual_level, quantize_mx, to_paired_scales
+from mxfx.formats import dequantize_dual_level, dequantize_mx, from_paired_scales, to_paired_scales
 
 DESCRIPTION = "quant_model_description.json"
 INDEX = "model.safetensors.index.json"
@@ -201,12 +201,15 @@ def scheme_of(folder: str | Path) -> str:
 
 
 # -- writing ---------------------------------------------------------------------------------------------
-def _quantize(scheme: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    if scheme == "mxfp4_dual":
-        q, level0, level1 = quantize_dual_level(weight)
-        return {"weight": q, "weight_scale": level1.view(torch.uint8), "weight_dual_scale": level0.unsqueeze(-1)}
-    q, scale = quantize_mx(weight, "fp8_e4m3" if scheme == "mxfp8" else "fp4_e2m1")
-    return {"weight": q, "weight_scale": scale.view(torch.uint8)}
+def _stored(scheme, target, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The weight quantized by the scheme's own quantizer, in the checkpoint layout: the inverse of
+    QuantizedWeight.codes, so a written checkpoint runs exactly what the scheme would."""
+    codes = scheme.quantize_weight(target, weight)
+    blocks = math.ceil(weight.shape[-1] / 32)
+    if "level0" in codes:
+        return {"weight": codes["q"], "weight_scale": from_paired_scales(codes["level1"], blocks).view(torch.uint8),
+                "weight_dual_scale": codes["level0"].unsqueeze(-1)}
+    return {"weight": codes["q"], "weight_scale": from_paired_scales(codes["scale"], blocks).view(torch.uint8)}
 
 
 def _linear_weights(config) -> dict[str, int]:
@@ -242,7 +245,7 @@ def quantize(model_dir: str | Path, scheme: str, out: str | Path, exclude=None, 
         raise CheckpointError(f"{out} already exists")
     exclude = passes.DEFAULT_EXCLUDE if exclude is None else tuple(exclude)
     linears = _linear_weights(AutoConfig.from_pretrained(model_dir, local_files_only=True))
-    rule = get_scheme(scheme)
+    rule, reference = get_scheme(scheme), passes.get_target("reference")
     description = {"model_quant_type": WRITTEN_TYPES[scheme], "version": "1.0.0", "group_size": 32}
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -265,7 +268,7 @@ def quantize(model_dir: str | Path, scheme: str, out: str | Path, exclude=None, 
                     prefix = name.removesuffix(".weight")
                     eligible = (name in linears and rule.skip_reason(linears[name]) is None
                                 and not any(fnmatch.fnmatchcase(prefix, p) for p in exclude))
-                    written = {f"{prefix}.{k}": v for k, v in _quantize(scheme, tensor).items()} if eligible else {name: tensor}
+                    written = {f"{prefix}.{k}": v for k, v in _stored(rule, reference, tensor).items()} if eligible else {name: tensor}
                     for key, value in written.items():
                         description[key] = WRITTEN_TYPES[scheme] if eligible else FLOAT
                         shard[key] = value.contiguous()

@@ -63,8 +63,8 @@ def _print_evaluation(result: "evaluation.Evaluation", tokens: evaluation.Tokeni
              "100.0%", "", "", f"{result.bf16_run_s:.1f}")]
     for r in result.results:
         sqnr = list(r.layer_sqnr.values())
-        bits = f"{16 * r.bytes_after / r.bytes_before:.4f}" if r.bytes_before else "nothing rewritten"
-        rows.append((r.scheme, f"{r.bytes_after / 2**20:.2f}", bits,
+        bits = f"{16 * r.report.bytes_after / r.report.bytes_before:.4f}" if r.report.bytes_before else "nothing rewritten"
+        rows.append((r.scheme, f"{r.report.bytes_after / 2**20:.2f}", bits,
                      f"{r.perplexity:.3f}", f"{100 * (r.perplexity / result.bf16_perplexity - 1):+.1f}%",
                      f"{100 * r.top1_agreement:.1f}%", f"{min(sqnr):.1f} / {sum(sqnr) / len(sqnr):.1f}" if sqnr else "",
                      f"{r.compile_s:.1f}", f"{r.run_s:.1f}"))

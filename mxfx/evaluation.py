@@ -124,8 +124,6 @@ class SchemeResult:
     scheme: str
     perplexity: float
     top1_agreement: float  # with the bf16 model's next-token choice
-    bytes_before: int
-    bytes_after: int
     compile_s: float
     run_s: float
     report: "passes.RewriteReport"
@@ -166,7 +164,7 @@ def evaluate(model, stream: torch.Tensor, schemes: list[str], seq: int = 256, ba
         report = be.reports[-1]
         results.append(SchemeResult(
             scheme, math.exp(loss), (predictions == bf16_predictions).float().mean().item(),
-            report.bytes_before, report.bytes_after, compile_s, run_s, report,
+            compile_s, run_s, report,
             layer_sqnr(model, batches[:1, :-1], scheme, [r.fqn for r in report.rewritten]),
             continuation(compiled, prompt, new_tokens, end) if prompt else [],
         ))

@@ -27,6 +27,11 @@ def torch_npu_available() -> bool:
     return importlib.util.find_spec("torch_npu") is not None
 
 
+def npu_visible() -> bool:
+    """torch_npu is installed and sees an NPU (importing torch_npu only when it is installed)."""
+    return torch_npu_available() and require_torch_npu().npu.is_available()
+
+
 def require_torch_npu():
     if not torch_npu_available():
         raise RuntimeError("target 'npu' needs torch_npu (pip install 'mxfx[npu]' on an Ascend machine)")
