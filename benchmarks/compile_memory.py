@@ -1,44 +1,16 @@
-"""Peak memory of compiling a 4-layer Qwen3-0.6B-shaped model (hidden 1024, intermediate 3072, 16 heads,
-8 KV heads, head_dim 128, vocab 151936, tied embeddings) with mxfx: the process's peak RSS above its
-level before the model existed, divided by the model's bf16 weight bytes (goal from issue 5: <= 1.3),
-and the prepared weight bytes divided by the bf16 bytes of the linears they replace (mxfp4_dual:
+"""Peak memory of compiling a 4-layer Qwen3-0.6B-shaped model (memory.qwen3_06b_shaped) with mxfx: the
+process's peak RSS above its level before the model existed, divided by the model's bf16 weight bytes
+(goal from issue 5: <= 1.3), and the prepared weight bytes divided by the bf16 bytes of the linears they replace (mxfp4_dual:
 exactly 4.3125/16). RSS is sampled every millisecond from /proc/self/statm while compiling."""
 
 import argparse
-import os
-import threading
-import time
 
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from memory import PeakRSS, qwen3_06b_shaped, rss
+from transformers import Qwen3ForCausalLM
 
 import mxfx
 from mxfx.backend import PREPARED
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-class PeakRSS:
-    def __enter__(self):
-        self.peak, self._running = rss(), True
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while self._running:
-            self.peak = max(self.peak, rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self._running = False
-        self._thread.join()
-        self.peak = max(self.peak, rss())
 
 
 def main() -> None:
@@ -50,8 +22,7 @@ def main() -> None:
     torch._dynamo.reset()
     torch.manual_seed(0)
     baseline = rss()
-    config = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=args.layers,
-                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+    config = qwen3_06b_shaped(args.layers)
     model = Qwen3ForCausalLM(config).to(torch.bfloat16).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     linear_bytes = sum(m.weight.numel() * 2 for n, m in model.named_modules()

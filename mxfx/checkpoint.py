@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,30 +99,46 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_tensors(folder: Path) -> dict[str, tuple[torch.Tensor, Path]]:
-    """Every tensor of the folder, with the file it came from."""
-    tensors = {}
-    for path in _safetensors_files(folder):
-        if not path.is_file():
-            raise CheckpointError(f"{path}: listed in {INDEX} but missing")
+class _Tensors:
+    """The folder's tensors by name, read one at a time from its open safetensors files (memory-mapped),
+    so loading holds one linear's stored tensors at a time, never the whole checkpoint."""
+
+    def __init__(self, folder: Path, stack: ExitStack):
+        self.files: dict[str, tuple] = {}  # name -> (open file, path)
+        for path in _safetensors_files(folder):
+            if not path.is_file():
+                raise CheckpointError(f"{path}: listed in {INDEX} but missing")
+            try:
+                f = stack.enter_context(safe_open(path, framework="pt"))
+            except Exception as error:  # safetensors raises its own error types for a bad header or a short file
+                raise CheckpointError(f"{path}: cannot read safetensors (truncated or corrupt?): {error}") from error
+            for name in f.keys():
+                if name in self.files:
+                    raise CheckpointError(f"{path}: tensor {name} is also in {self.files[name][1].name}")
+                self.files[name] = (f, path)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def path(self, name: str) -> Path:
+        return self.files[name][1]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        f, path = self.files[name]
         try:
-            with safe_open(path, framework="pt") as f:
-                for name in f.keys():
-                    if name in tensors:
-                        raise CheckpointError(f"{path}: tensor {name} is also in {tensors[name][1].name}")
-                    tensors[name] = (f.get_tensor(name), path)
-        except CheckpointError:
-            raise
-        except Exception as error:  # safetensors raises its own error types for a bad header or a short file
-            raise CheckpointError(f"{path}: cannot read safetensors (truncated or corrupt?): {error}") from error
-    return tensors
+            return f.get_tensor(name)
+        except Exception as error:
+            raise CheckpointError(f"{path}: cannot read tensor {name}: {error}") from error
 
 
 def read_description(folder: Path) -> dict[str, str]:
     path = folder / DESCRIPTION
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {DESCRIPTION}: not a quantized (msmodelslim or mxfx) checkpoint")
-    description = json.loads(path.read_text())
+    try:
+        description = json.loads(path.read_text())
+    except ValueError as error:
+        raise CheckpointError(f"{path}: not JSON ({error})") from error
     types = {name: kind for name, kind in description.items() if name not in HEADER_KEYS}
     for name, kind in types.items():
         if kind in NOT_YET:
@@ -131,65 +148,102 @@ def read_description(folder: Path) -> dict[str, str]:
     return types
 
 
-def _check_layout(prefix: str, kind: str, tensors: dict[str, tuple[torch.Tensor, Path]]) -> QuantizedWeight:
+def _plan(description: dict[str, str], tensors: _Tensors) -> tuple[list[str], dict[str, str]]:
+    """The FLOAT tensor names and the quantized linears (prefix -> type), checked against the files'
+    tensor names before anything is read: a missing or extra tensor fails fast."""
+    floats, quantized, used = [], {}, set()
+    for name, kind in description.items():
+        if kind == FLOAT:
+            if name not in tensors:
+                raise CheckpointError(f"missing tensor {name} (in {DESCRIPTION} as FLOAT)")
+            floats.append(name)
+            used.add(name)
+        elif name.endswith(".weight") and (prefix := name.removesuffix(".weight")) not in quantized:
+            quantized[prefix] = kind
+            for suffix in LAYOUTS[kind]:
+                if f"{prefix}.{suffix}" not in tensors:
+                    raise CheckpointError(f"missing tensor {prefix}.{suffix}: {kind} needs {', '.join(LAYOUTS[kind])}")
+                used.add(f"{prefix}.{suffix}")
+    extra = sorted(set(tensors.files) - used)
+    if extra:
+        raise CheckpointError(f"{tensors.path(extra[0]).name}: extra tensor {extra[0]} (not in {DESCRIPTION})")
+    return floats, quantized
+
+
+def _read_quantized(prefix: str, kind: str, tensors: _Tensors) -> QuantizedWeight:
     stored = {}
     for suffix, dtypes in LAYOUTS[kind].items():
         name = f"{prefix}.{suffix}"
-        if name not in tensors:
-            raise CheckpointError(f"missing tensor {name}: {kind} needs {', '.join(LAYOUTS[kind])}")
-        tensor, path = tensors[name]
+        tensor = tensors[name]
         allowed = dtypes if isinstance(dtypes, tuple) else (dtypes,)
         if tensor.dtype not in allowed:
-            raise CheckpointError(f"{path.name}: {name} is {tensor.dtype}; {kind} stores it as {' or '.join(map(str, allowed))}")
+            raise CheckpointError(f"{tensors.path(name).name}: {name} is {tensor.dtype}; {kind} stores it as {' or '.join(map(str, allowed))}")
         stored[suffix] = tensor
-    weight, scale = stored["weight"], stored["weight_scale"]
+    weight = stored["weight"]
     n, k = weight.shape[0], weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1)
     expected = {"weight_scale": (n, math.ceil(k / 32)), "weight_dual_scale": (n, math.ceil(k / 512), 1)}
     for suffix, shape in expected.items():
         if suffix in stored and tuple(stored[suffix].shape) != shape:
-            path = tensors[f"{prefix}.{suffix}"][1]
-            raise CheckpointError(f"{path.name}: {prefix}.{suffix} has shape {list(stored[suffix].shape)}, "
-                                  f"expected {list(shape)} for a [{n}, {k}] weight")
+            raise CheckpointError(f"{tensors.path(f'{prefix}.{suffix}').name}: {prefix}.{suffix} has shape "
+                                  f"{list(stored[suffix].shape)}, expected {list(shape)} for a [{n}, {k}] weight")
     return QuantizedWeight(kind, stored)
 
 
+def _empty_model(config) -> torch.nn.Module:
+    """The architecture in bf16 with its parameters allocated but not initialised (every one is then
+    replaced from the checkpoint); buffers such as RoPE frequencies are computed as usual."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+
+
+def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor, source: str) -> None:
+    module_name, _, attr = name.rpartition(".")
+    try:
+        old = model.get_submodule(module_name)._parameters[attr]
+    except (AttributeError, KeyError):
+        old = None
+    if old is None:
+        raise CheckpointError(f"{source}: {name} is not a parameter of a {model.config.model_type} model")
+    if value.shape != old.shape or not value.is_floating_point():
+        raise CheckpointError(f"{source}: {name} is {value.dtype} {list(value.shape)}; the model's parameter is "
+                              f"{old.dtype} {list(old.shape)}")
+    model.get_submodule(module_name)._parameters[attr] = torch.nn.Parameter(value.to(old.dtype), requires_grad=False)
+
+
 def load(folder: str | Path) -> torch.nn.Module:
-    """A quantized checkpoint folder as a bf16 model whose quantized linears carry their stored tensors."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A quantized checkpoint folder as a bf16 model whose quantized linears carry their stored tensors.
+
+    Names, types and the tensors' presence are checked first; then the tensors are read one linear at
+    a time, so the peak is the model's bf16 weights plus its stored codes plus one linear.
+    """
+    from transformers import AutoConfig
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json")
     description = read_description(folder)
-    tensors = read_tensors(folder)
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-    parameters = dict(model.named_parameters(remove_duplicate=False))
-    state, quantized, used = {}, {}, set()
-    for name, kind in description.items():
-        if kind == FLOAT:
-            if name not in tensors:
-                raise CheckpointError(f"missing tensor {name} (in {DESCRIPTION} as FLOAT)")
-            state[name], used = tensors[name][0], used | {name}
-        elif name.endswith(".weight") and (prefix := name.removesuffix(".weight")) not in quantized:
-            quantized[prefix] = _check_layout(prefix, kind, tensors)
-            used |= {f"{prefix}.{suffix}" for suffix in LAYOUTS[kind]}
-    extra = sorted(set(tensors) - used)
-    if extra:
-        raise CheckpointError(f"{tensors[extra[0]][1].name}: extra tensor {extra[0]} (not in {DESCRIPTION})")
-    for prefix, stored in quantized.items():
-        if f"{prefix}.weight" not in parameters:
-            raise CheckpointError(f"{prefix}.weight is not a parameter of a {config.model_type} model")
-        state[f"{prefix}.weight"] = stored.dequantize().to(torch.bfloat16)
+    with ExitStack() as stack:
+        tensors = _Tensors(folder, stack)
+        floats, quantized = _plan(description, tensors)
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        model = _empty_model(config)
+        for name in tqdm(floats, desc="mxfx load (FLOAT)", unit="tensor", disable=None):
+            _set_parameter(model, name, tensors[name], tensors.path(name).name)
+        for prefix, kind in tqdm(quantized.items(), desc="mxfx load (quantized)", unit="linear", disable=None):
+            stored = _read_quantized(prefix, kind, tensors)
+            name = f"{prefix}.weight"
+            _set_parameter(model, name, stored.dequantize().to(torch.bfloat16), tensors.path(name).name)
+            model.get_parameter(name).mxfx_quantized = stored
+    loaded = set(floats) | {f"{prefix}.weight" for prefix in quantized}
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = sorted(set(parameters) - set(state) - tied)
+    missing = sorted(set(dict(model.named_parameters(remove_duplicate=False))) - loaded - tied)
     if missing:
         raise CheckpointError(f"{folder}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()
-    for prefix, stored in quantized.items():
-        model.get_parameter(f"{prefix}.weight").mxfx_quantized = stored
     model.mxfx_checkpoint_scheme = "modelslim"  # what `mxfx eval` / `inspect` compile it with
     return model
 

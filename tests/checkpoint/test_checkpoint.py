@@ -125,13 +125,15 @@ Q = "model.layers.0.self_attn.q_proj"
         (lambda f: _edit(f, lambda t: t.update({f"{Q}.weight_scale": t[f"{Q}.weight_scale"][:, :3].contiguous()})),
          f"{Q}.weight_scale has shape [512, 3], expected [512, 16]"),
         (lambda f: _edit(f, lambda t: t.update({f"{Q}.weight": t[f"{Q}.weight"].float()})), f"{Q}.weight is torch.float32"),
+        (lambda f: _edit(f, lambda t: t.update({"model.norm.weight": torch.ones(3, dtype=torch.bfloat16)})),
+         "model.norm.weight is torch.bfloat16 [3]; the model's parameter is torch.bfloat16 [512]"),
         (lambda f: _describe(f, f"{Q}.weight", "W2A2_MAGIC"), "unknown type 'W2A2_MAGIC'"),
         (lambda f: _describe(f, f"{Q}.weight", "W4A8_DYNAMIC"), "W4A8_DYNAMIC .* does not support yet"),
         (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:1000]), "truncated or corrupt"),
         (lambda f: (f / "config.json").unlink(), "has no config.json"),
         (lambda f: (f / checkpoint.DESCRIPTION).unlink(), "not a quantized"),
     ],
-    ids=["missing", "extra", "scale-shape", "dtype", "unknown-type", "int4", "truncated", "no-config", "no-description"],
+    ids=["missing", "extra", "scale-shape", "dtype", "float-shape", "unknown-type", "int4", "truncated", "no-config", "no-description"],
 )
 def test_bad_checkpoints_name_the_file_and_tensor(good, damage, message):
     damage(good)
