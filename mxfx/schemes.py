@@ -2,7 +2,7 @@
 the matmul. A scheme is written once against an op table (`ops.<torch_npu name>`), so the same code
 prepares weights eagerly, builds graph nodes when called with FX proxies, and runs on either target."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,7 +28,7 @@ class Scheme:
     name: str
     description: str
     k_multiple: int  # K must be a multiple of this (32: the MX block; 512: the dual-level level-0 block)
-    activation: str  # schemes with the same activation quantization can share it
+    activation: str  # schemes with the same activation quantization can share it; "" for none
 
     def skip_reason(self, k: int) -> str | None:
         if k % self.k_multiple:
@@ -48,6 +48,7 @@ class Scheme:
         raise NotImplementedError
 
     def quantize_activation(self, target, x2d):
+        """The activation's quantized tensors, as a tuple the matmul indexes."""
         raise NotImplementedError
 
     def matmul(self, target, activation, prepared: dict, output_dtype: int):
@@ -165,13 +166,45 @@ class _StoredMXFP4W4A8(_Stored, MXFP4W4A8):
     pass
 
 
+@dataclass(frozen=True)
+class _StoredInt4WeightOnly(_Stored, Scheme):
+    """msmodelslim W4A8_DYNAMIC as vllm-ascend and sglang serve a dense linear: int4 weights, activations
+    not quantized (so W4A16 in fact), npu_weight_quant_batchmatmul with the weight packed 8 per int32
+    [K, N/8] and the antiquant scale, per channel [N] or per group [K/group, N], in the activation's
+    dtype; the bias in fp32 (bf16 activations) or fp16."""
+
+    group_size: int = 0  # 0: one scale per output channel
+
+    def for_weight(self, weight):
+        return replace(self, group_size=weight.mxfx_quantized.group_size)
+
+    def prepare_weight(self, target, weight, bias):
+        codes = self.quantize_weight(target, weight)  # int8 values [N, K], fp32 scale [N] or [K/group, N]
+        prepared = {
+            "weight": target_ops(target).npu_convert_weight_to_int4pack(codes["q"].t().contiguous().to(torch.int32)),
+            "antiquant_scale": codes["scale"].to(weight.dtype),
+        }
+        if bias is not None:
+            prepared["bias"] = bias.to(torch.float32 if weight.dtype == torch.bfloat16 else weight.dtype)
+        return prepared
+
+    def quantize_activation(self, target, x2d):
+        return (x2d,)
+
+    def matmul(self, target, activation, prepared, output_dtype):
+        return target_ops(target).npu_weight_quant_batchmatmul(
+            activation[0], prepared["weight"], prepared["antiquant_scale"], bias=prepared.get("bias"),
+            antiquant_group_size=self.group_size,
+        )
+
+
 class Modelslim(Scheme):
-    """Checkpoints quantized ahead of time (msmodelslim or `mxfx quantize`): each linear runs the online
-    scheme of its stored type, fed with the stored codes; linears stored as FLOAT are left alone."""
+    """Checkpoints quantized ahead of time (msmodelslim or `mxfx quantize`): each linear runs the scheme
+    of its stored type, fed with the stored codes; linears stored as FLOAT are left alone."""
 
     def for_weight(self, weight):
         stored = getattr(weight, "mxfx_quantized", None)
-        return None if stored is None else STORED_SCHEMES[stored.scheme]
+        return None if stored is None else STORED_SCHEMES[stored.scheme].for_weight(weight)
 
 
 SCHEMES = {
@@ -185,7 +218,9 @@ SCHEMES = {
 STORED_SCHEMES = {
     name: cls(f"modelslim/{name}", f"{scheme.description}, stored weights", scheme.k_multiple, scheme.activation)
     for (name, scheme), cls in zip(SCHEMES.items(), (_StoredDualLevel, _StoredMXFP4W4A8, _StoredMXFP8))
-}
+} | {"w4a8_dynamic": _StoredInt4WeightOnly(
+    "modelslim/w4a8_dynamic", "int4 weight x bf16/fp16 activation (npu_weight_quant_batchmatmul), stored weights", 1, ""
+)}
 MODELSLIM = Modelslim("modelslim", "per linear, the stored type of a quantized checkpoint", 32, "")
 
 

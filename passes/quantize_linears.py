@@ -234,7 +234,7 @@ class _Rewrite:
         if key not in self.activations:
             x2d = self.proxy(x) if value.dim() == 2 else aten.reshape.default(self.proxy(x), [-1, value.shape[-1]])
             self.activations[key] = _Outputs(scheme.quantize_activation(self.target, x2d))
-            self.report.activation_quants += 1
+            self.report.activation_quants += bool(scheme.activation)  # "": weight-only, nothing quantized
         return self.activations[key]
 
     def propagate_meta(self, nodes: list[fx.Node]) -> None:

@@ -17,7 +17,7 @@ import mxfx.ops  # noqa: F401
 
 mx = torch.ops.mxfx
 OPS = ("npu_dynamic_dual_level_mx_quant", "npu_dual_level_quant_matmul", "npu_dynamic_mx_quant",
-       "npu_quant_matmul", "npu_format_cast")
+       "npu_quant_matmul", "npu_format_cast", "npu_convert_weight_to_int4pack", "npu_weight_quant_batchmatmul")
 E8M0, E4M3, FP4, NZ = 293, 292, 296, 29
 
 calls: list[tuple[str, dict]] = []
@@ -104,9 +104,32 @@ def _quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None,
                                group_sizes=group_sizes)
 
 
+def _int4pack(weight, inner_k_tiles=0):
+    _check(weight.dtype == torch.int32 and weight.dim() == 2 and weight.shape[1] % 8 == 0,
+           f"int4pack takes int32 [k, n], n % 8 == 0, got {weight.dtype} {list(weight.shape)}")
+    calls.append(("npu_convert_weight_to_int4pack", {"weight": tuple(weight.shape)}))
+    return mx.npu_convert_weight_to_int4pack(weight, inner_k_tiles)
+
+
+def _weight_quant_matmul(x, weight, antiquant_scale, antiquant_offset=None, quant_scale=None, quant_offset=None,
+                         bias=None, antiquant_group_size=0, inner_precise=0, weight_dtype=None):
+    k, n = x.shape[-1], weight.shape[1] * 8
+    _check(x.dtype in (torch.bfloat16, torch.float16), f"x {x.dtype}")
+    _check(weight.dtype == torch.int32 and weight.is_contiguous() and weight.shape[0] == k, "weight: int4pack [K, N/8]")
+    group = antiquant_group_size
+    _check(antiquant_scale.dtype == x.dtype, "antiquant_scale must be in x's dtype")
+    _check(group == 0 or (group % 32 == 0 and 32 <= group < k), f"antiquant_group_size {group}")
+    _check(tuple(antiquant_scale.shape) == (((k // group), n) if group else (n,)), f"antiquant_scale {list(antiquant_scale.shape)}")
+    _check(bias is None or bias.dtype == (torch.float32 if x.dtype == torch.bfloat16 else torch.float16), "bias dtype")
+    calls.append(("npu_weight_quant_batchmatmul", {"x": tuple(x.shape), "weight": tuple(weight.shape), "group": group}))
+    return mx.npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset, bias=bias,
+                                           antiquant_group_size=group)
+
+
 _KERNELS = {"npu_dynamic_dual_level_mx_quant": _dual_level_quant, "npu_dynamic_mx_quant": _mx_quant,
             "npu_format_cast": _format_cast, "npu_dual_level_quant_matmul": _dual_level_matmul,
-            "npu_quant_matmul": _quant_matmul}
+            "npu_quant_matmul": _quant_matmul, "npu_convert_weight_to_int4pack": _int4pack,
+            "npu_weight_quant_batchmatmul": _weight_quant_matmul}
 
 
 def _format_cast_fake(self, acl_format, *, customize_dtype=None, input_dtype=None):

@@ -5,24 +5,16 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import mxfx
 from mxfx import checkpoint, cli, evaluation
 from mxfx.checkpoint import CheckpointError
-from mxfx.formats import quantize_mx
 
-from ..models import tiny_qwen3
+from .. import msmodelslim
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 SCHEMES = ["mxfp8", "mxfp4_w4a8", "mxfp4_dual"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bf16")
-    tiny_qwen3().save_pretrained(folder)
-    return folder
 
 
 def _logits(model, scheme):
@@ -51,32 +43,9 @@ def test_quantize_save_load_compile_round_trip(model_dir, tmp_path, scheme):
     assert len(report.rewritten) == 14 and {r.scheme for r in report.rewritten} == {f"modelslim/{scheme}"}
 
 
-def _msmodelslim_folder(model_dir, folder, types):
-    """A checkpoint in msmodelslim's layout, written from the documented format with mxfx.formats."""
-    folder.mkdir()
-    for name in ("config.json", "generation_config.json"):
-        (folder / name).write_text((model_dir / name).read_text())
-    tensors, description = {}, {"model_quant_type": "W8A8_MXFP8", "version": "1.0.0", "group_size": 32}
-    for name, tensor in load_file(model_dir / "model.safetensors").items():
-        kind = types(name) if name.endswith("proj.weight") else "FLOAT"
-        prefix = name.removesuffix(".weight")
-        if kind == "FLOAT":
-            tensors[name], description[name] = tensor, "FLOAT"
-            continue
-        fmt = "fp8_e4m3" if kind == "W8A8_MXFP8" else "fp4_e2m1"
-        q, scale = quantize_mx(tensor, fmt)
-        if kind == "W4A8_MXFP_FP8":  # the early export: FP4 values in an E4M3 container
-            q, kind = (mxfx.formats.e2m1_decode(mxfx.formats.unpack_fp4(q)) * 1.0).to(torch.float8_e4m3fn), "W4A8_MXFP"
-        tensors[f"{prefix}.weight"], tensors[f"{prefix}.weight_scale"] = q, scale.view(torch.uint8)
-        description[f"{prefix}.weight"] = description[f"{prefix}.weight_scale"] = kind
-    save_file(tensors, folder / "model.safetensors")
-    (folder / checkpoint.DESCRIPTION).write_text(json.dumps(description))
-    return folder
-
-
 def test_msmodelslim_w4a8_exports_packed_and_fp8_container_run_alike(model_dir, tmp_path):
-    packed = checkpoint.load(_msmodelslim_folder(model_dir, tmp_path / "packed", lambda n: "W4A8_MXFP"))
-    container = checkpoint.load(_msmodelslim_folder(model_dir, tmp_path / "fp8", lambda n: "W4A8_MXFP_FP8"))
+    packed = checkpoint.load(msmodelslim.mx_folder(model_dir, tmp_path / "packed", lambda n: "W4A8_MXFP"))
+    container = checkpoint.load(msmodelslim.mx_folder(model_dir, tmp_path / "fp8", lambda n: "W4A8_MXFP_FP8"))
     expected, _ = _logits(evaluation.load_model(model_dir), "mxfp4_w4a8")
     got_packed, report_packed = _logits(packed, "modelslim")
     got_container, report_container = _logits(container, "modelslim")
@@ -87,7 +56,7 @@ def test_msmodelslim_w4a8_exports_packed_and_fp8_container_run_alike(model_dir, 
 
 def test_mixed_types_and_float_layers_are_reported_per_linear(model_dir, tmp_path):
     types = lambda n: "FLOAT" if "layers.1" in n else ("W8A8_MXFP8" if "self_attn" in n else "W4A8_MXFP")  # noqa: E731
-    model = checkpoint.load(_msmodelslim_folder(model_dir, tmp_path / "mixed", types))
+    model = checkpoint.load(msmodelslim.mx_folder(model_dir, tmp_path / "mixed", types))
     _, report = _logits(model, "modelslim")
     by_name = {r.fqn: r for r in report.linears}
     assert by_name["model.layers.0.self_attn.q_proj"].scheme == "modelslim/mxfp8"
@@ -98,20 +67,7 @@ def test_mixed_types_and_float_layers_are_reported_per_linear(model_dir, tmp_pat
 
 @pytest.fixture
 def good(model_dir, tmp_path):
-    return _msmodelslim_folder(model_dir, tmp_path / "good", lambda n: "W8A8_MXFP8")
-
-
-def _edit(folder, change):
-    tensors = load_file(folder / "model.safetensors")
-    change(tensors)
-    save_file(tensors, folder / "model.safetensors")
-
-
-def _describe(folder, name, kind):
-    path = folder / checkpoint.DESCRIPTION
-    description = json.loads(path.read_text())
-    description[name] = kind
-    path.write_text(json.dumps(description))
+    return msmodelslim.mx_folder(model_dir, tmp_path / "good", lambda n: "W8A8_MXFP8")
 
 
 Q = "model.layers.0.self_attn.q_proj"
@@ -120,20 +76,20 @@ Q = "model.layers.0.self_attn.q_proj"
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda f: _edit(f, lambda t: t.pop(f"{Q}.weight_scale")), f"missing tensor {Q}.weight_scale"),
-        (lambda f: _edit(f, lambda t: t.update(junk=torch.zeros(2))), "extra tensor junk"),
-        (lambda f: _edit(f, lambda t: t.update({f"{Q}.weight_scale": t[f"{Q}.weight_scale"][:, :3].contiguous()})),
+        (lambda f: msmodelslim.edit_tensors(f, lambda t: t.pop(f"{Q}.weight_scale")), f"missing tensor {Q}.weight_scale"),
+        (lambda f: msmodelslim.edit_tensors(f, lambda t: t.update(junk=torch.zeros(2))), "extra tensor junk"),
+        (lambda f: msmodelslim.edit_tensors(f, lambda t: t.update({f"{Q}.weight_scale": t[f"{Q}.weight_scale"][:, :3].contiguous()})),
          f"{Q}.weight_scale has shape [512, 3], expected [512, 16]"),
-        (lambda f: _edit(f, lambda t: t.update({f"{Q}.weight": t[f"{Q}.weight"].float()})), f"{Q}.weight is torch.float32"),
-        (lambda f: _edit(f, lambda t: t.update({"model.norm.weight": torch.ones(3, dtype=torch.bfloat16)})),
+        (lambda f: msmodelslim.edit_tensors(f, lambda t: t.update({f"{Q}.weight": t[f"{Q}.weight"].float()})), f"{Q}.weight is torch.float32"),
+        (lambda f: msmodelslim.edit_tensors(f, lambda t: t.update({"model.norm.weight": torch.ones(3, dtype=torch.bfloat16)})),
          "model.norm.weight is torch.bfloat16 [3]; the model's parameter is torch.bfloat16 [512]"),
-        (lambda f: _describe(f, f"{Q}.weight", "W2A2_MAGIC"), "unknown type 'W2A2_MAGIC'"),
-        (lambda f: _describe(f, f"{Q}.weight", "W4A8_DYNAMIC"), "W4A8_DYNAMIC .* does not support yet"),
+        (lambda f: msmodelslim.describe(f, f"{Q}.weight", "W2A2_MAGIC"), "unknown type 'W2A2_MAGIC'"),
+        (lambda f: msmodelslim.describe(f, f"{Q}.weight", "W4A4_MXFP4"), "W4A4_MXFP4 .* does not support yet"),
         (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:1000]), "truncated or corrupt"),
         (lambda f: (f / "config.json").unlink(), "has no config.json"),
         (lambda f: (f / checkpoint.DESCRIPTION).unlink(), "not a quantized"),
     ],
-    ids=["missing", "extra", "scale-shape", "dtype", "float-shape", "unknown-type", "int4", "truncated", "no-config", "no-description"],
+    ids=["missing", "extra", "scale-shape", "dtype", "float-shape", "unknown-type", "not-yet", "truncated", "no-config", "no-description"],
 )
 def test_bad_checkpoints_name_the_file_and_tensor(good, damage, message):
     damage(good)
@@ -149,7 +105,7 @@ def test_quantize_refuses_an_existing_folder_and_leaves_nothing_when_interrupted
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "save_file", interrupted)
+    monkeypatch.setattr(checkpoint.write, "save_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.quantize(model_dir, "mxfp8", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"], "no partial folder is left behind"

@@ -157,3 +157,20 @@ def test_a_checkpoint_on_target_npu_feeds_the_stored_codes_to_the_device_ops(tor
     assert torch.equal(npu.logits, reference.logits)
     assert calls.count("npu_format_cast") == 28, "stored codes are NZ-cast on the device, never re-quantized"
     assert "npu_dynamic_dual_level_mx_quant" not in calls[:28] and "npu_dynamic_mx_quant" not in calls[:28]
+
+
+def test_an_int4_checkpoint_on_target_npu_packs_each_weight_once_and_matches_the_reference(torch_npu, tmp_path):
+    from mxfx import checkpoint
+
+    from .. import msmodelslim
+
+    bf16 = tmp_path / "bf16"
+    tiny_qwen3().save_pretrained(bf16)
+    model = checkpoint.load(msmodelslim.int4_folder(bf16, tmp_path / "int4", "v1", 128)[0])
+    with torch.no_grad():
+        npu = torch.compile(model, backend=Backend("modelslim", target="npu", cache=PreparedWeights()))(IDS)
+        calls = Counter(name for name, _ in npu_standin.calls)
+        torch._dynamo.reset()
+        reference = torch.compile(model, backend=mxfx.backend("modelslim", target="reference"))(IDS)
+    assert torch.equal(npu.logits, reference.logits)
+    assert calls == {"npu_convert_weight_to_int4pack": 14, "npu_weight_quant_batchmatmul": 14}

@@ -1,0 +1,183 @@
+"""Loading a quantized checkpoint folder into a model.
+
+A checkpoint is a Hugging Face folder (config.json, *.safetensors, optionally sharded with
+model.safetensors.index.json) plus quant_model_description.json, which maps every tensor name to a type
+(stored.py has the types and their layouts) or FLOAT (kept as it is: norms, embeddings, lm_head,
+biases). Loading builds the model with each quantized linear's weight dequantized to bf16 (so the model
+also runs eagerly) and its stored tensors attached to that weight; compiling with
+`mxfx.backend(scheme="modelslim")` then runs the stored tensors, never re-quantizing.
+"""
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from .stored import LAYOUTS, NOT_YET, OPTIONAL, CheckpointError, read_linear, suffixes
+
+DESCRIPTION = "quant_model_description.json"
+INDEX = "model.safetensors.index.json"
+FLOAT = "FLOAT"
+HEADER_KEYS = ("version", "model_quant_type", "group_size", "metadata", "optional")
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"{index}: not a safetensors index ({error})") from error
+        return [folder / name for name in files]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} has no *.safetensors files")
+    return files
+
+
+class _Tensors:
+    """The folder's tensors by name, read one at a time from its open safetensors files (memory-mapped),
+    so loading holds one linear's stored tensors at a time, never the whole checkpoint."""
+
+    def __init__(self, folder: Path, stack: ExitStack):
+        self.files: dict[str, tuple] = {}  # name -> (open file, path)
+        for path in safetensors_files(folder):
+            if not path.is_file():
+                raise CheckpointError(f"{path}: listed in {INDEX} but missing")
+            try:
+                f = stack.enter_context(safe_open(path, framework="pt"))
+            except Exception as error:  # safetensors raises its own error types for a bad header or a short file
+                raise CheckpointError(f"{path}: cannot read safetensors (truncated or corrupt?): {error}") from error
+            for name in f.keys():
+                if name in self.files:
+                    raise CheckpointError(f"{path}: tensor {name} is also in {self.files[name][1].name}")
+                self.files[name] = (f, path)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def path(self, name: str) -> Path:
+        return self.files[name][1]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        f, path = self.files[name]
+        try:
+            return f.get_tensor(name)
+        except Exception as error:
+            raise CheckpointError(f"{path}: cannot read tensor {name}: {error}") from error
+
+
+def read_description(folder: Path) -> tuple[dict[str, str], dict]:
+    """(tensor name -> type, the header: version, group_size, ...), every type checked."""
+    path = folder / DESCRIPTION
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {DESCRIPTION}: not a quantized (msmodelslim or mxfx) checkpoint")
+    try:
+        description = json.loads(path.read_text())
+    except ValueError as error:
+        raise CheckpointError(f"{path}: not JSON ({error})") from error
+    types = {name: kind for name, kind in description.items() if name not in HEADER_KEYS}
+    for name, kind in types.items():
+        if kind in NOT_YET:
+            raise CheckpointError(f"{path}: tensor {name} is {kind} ({NOT_YET[kind]}), which mxfx does not support yet")
+        if kind != FLOAT and kind not in LAYOUTS:
+            raise CheckpointError(f"{path}: tensor {name} has unknown type {kind!r}; known: {', '.join([FLOAT, *LAYOUTS])}")
+    return types, {key: description[key] for key in HEADER_KEYS if key in description}
+
+
+def _plan(description: dict[str, str], tensors: _Tensors) -> tuple[list[str], dict[str, str]]:
+    """The FLOAT tensor names and the quantized linears (prefix -> type), checked against the files'
+    tensor names before anything is read: a missing or extra tensor fails fast."""
+    floats, quantized, used = [], {}, set()
+    for name, kind in description.items():
+        if kind == FLOAT:
+            if name not in tensors:
+                raise CheckpointError(f"missing tensor {name} (in {DESCRIPTION} as FLOAT)")
+            floats.append(name)
+            used.add(name)
+        elif name.endswith(".weight") and (prefix := name.removesuffix(".weight")) not in quantized:
+            quantized[prefix] = kind
+            for suffix in LAYOUTS[kind]:
+                if f"{prefix}.{suffix}" not in tensors:
+                    raise CheckpointError(f"missing tensor {prefix}.{suffix}: {kind} needs {', '.join(LAYOUTS[kind])}")
+            present = {s for s in OPTIONAL.get(kind, ()) if f"{prefix}.{s}" in tensors}
+            used |= {f"{prefix}.{suffix}" for suffix in suffixes(kind, present)}
+    extra = sorted(set(tensors.files) - used)
+    if extra:
+        raise CheckpointError(f"{tensors.path(extra[0]).name}: extra tensor {extra[0]} (not in {DESCRIPTION})")
+    return floats, quantized
+
+
+def _empty_model(config) -> torch.nn.Module:
+    """The architecture in bf16 with its parameters allocated but not initialised (every one is then
+    replaced from the checkpoint); buffers such as RoPE frequencies are computed as usual."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+
+
+def _parameter(model: torch.nn.Module, name: str, source: str) -> torch.nn.Parameter:
+    module_name, _, attr = name.rpartition(".")
+    try:
+        parameter = model.get_submodule(module_name)._parameters[attr]
+    except (AttributeError, KeyError):
+        parameter = None
+    if parameter is None:
+        raise CheckpointError(f"{source}: {name} is not a parameter of a {model.config.model_type} model")
+    return parameter
+
+
+def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor, source: str) -> None:
+    old = _parameter(model, name, source)
+    if value.shape != old.shape or not value.is_floating_point():
+        raise CheckpointError(f"{source}: {name} is {value.dtype} {list(value.shape)}; the model's parameter is "
+                              f"{old.dtype} {list(old.shape)}")
+    module_name, _, attr = name.rpartition(".")
+    model.get_submodule(module_name)._parameters[attr] = torch.nn.Parameter(value.to(old.dtype), requires_grad=False)
+
+
+def load(folder: str | Path) -> torch.nn.Module:
+    """A quantized checkpoint folder as a bf16 model whose quantized linears carry their stored tensors.
+
+    Names, types and the tensors' presence are checked first; then the tensors are read one linear at
+    a time, so the peak is the model's bf16 weights plus its stored codes plus one linear.
+    """
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} has no config.json")
+    description, header = read_description(folder)
+    with ExitStack() as stack:
+        tensors = _Tensors(folder, stack)
+        floats, quantized = _plan(description, tensors)
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        model = _empty_model(config)
+        for name in tqdm(floats, desc="mxfx load (FLOAT)", unit="tensor", disable=None):
+            _set_parameter(model, name, tensors[name], tensors.path(name).name)
+        for prefix, kind in tqdm(quantized.items(), desc="mxfx load (quantized)", unit="linear", disable=None):
+            name = f"{prefix}.weight"
+            shape = _parameter(model, name, tensors.path(name).name).shape
+            stored = read_linear(prefix, kind, tensors, shape, header.get("group_size"))
+            _set_parameter(model, name, stored.dequantize().to(torch.bfloat16), tensors.path(name).name)
+            model.get_parameter(name).mxfx_quantized = stored
+    loaded = set(floats) | {f"{prefix}.weight" for prefix in quantized}
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(dict(model.named_parameters(remove_duplicate=False))) - loaded - tied)
+    if missing:
+        raise CheckpointError(f"{folder}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if tied:
+        model.tie_weights()
+    model.mxfx_checkpoint_scheme = "modelslim"  # what `mxfx eval` / `inspect` compile it with
+    return model
+
+
+def scheme_of(folder: str | Path) -> str:
+    """The scheme name to compile a checkpoint folder with: "modelslim" for any quantized checkpoint."""
+    read_description(Path(folder))
+    return "modelslim"

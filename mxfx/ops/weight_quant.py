@@ -1,0 +1,116 @@
+"""mxfx::npu_weight_quant_batchmatmul and mxfx::npu_convert_weight_to_int4pack: torch_npu's weight-only
+quantized matmul (int8 weights, or int4 packed 8 per int32) and its int4 packer, argument for argument.
+
+The CPU reference follows the ops-nn kernel golden (weight_quant_batch_matmul_v2 wqbmmv2_kernel_golden.py):
+the weight is dequantized in the activation's dtype, `Wdq = dtype(w * scale)` (with an offset,
+`dtype(dtype(w + offset) * scale)`), scale per output channel or per group of K rows; then one fp32
+matmul with x, the bias in fp32, and one cast to x's dtype. Only the dequant-then-matmul kernels are
+emulated: the A2/A3 "MSD" tilings (int4, group 64/128, M <= group/8) split x into integer digits instead
+and round differently (ops-nn weight_quant_batch_matmul_v2_tiling_msd_group.cpp). The int4 packing is
+op-plugin's ConvertWeightToINT4PackKernelNpuOpApi.cpp.
+"""
+
+import torch
+
+from mxfx.formats import pack_int4, unpack_int4
+
+from .matmul import DECODED_WEIGHTS
+
+torch.library.define(
+    "mxfx::npu_weight_quant_batchmatmul",
+    "(Tensor x, Tensor weight, Tensor antiquant_scale, Tensor? antiquant_offset=None, Tensor? quant_scale=None, "
+    "Tensor? quant_offset=None, Tensor? bias=None, int antiquant_group_size=0, int inner_precise=0, "
+    "int? weight_dtype=None) -> Tensor",
+)
+torch.library.define("mxfx::npu_convert_weight_to_int4pack", "(Tensor weight, int inner_k_tiles=0) -> Tensor")
+
+INT4_PER_INT32 = 8
+BIAS_DTYPES = {torch.bfloat16: torch.float32, torch.float16: torch.float16}
+
+
+def _check_int4pack(weight):
+    if weight.dtype != torch.int32 or weight.dim() != 2 or weight.shape[-1] % INT4_PER_INT32:
+        raise ValueError(f"npu_convert_weight_to_int4pack: weight must be int32 [k, n] with n a multiple of 8, "
+                         f"got {weight.dtype} {list(weight.shape)}")
+
+
+@torch.library.register_kernel("mxfx::npu_convert_weight_to_int4pack", ("cpu", "cuda"))
+def _convert_weight_to_int4pack(weight, inner_k_tiles=0):
+    """int32 values in [-8, 7] [k, n] -> int32 [k, n/8], value 8c+i in bits 4i..4i+3 of word c."""
+    _check_int4pack(weight)
+    return pack_int4(weight).view(torch.int32)
+
+
+@torch.library.register_fake("mxfx::npu_convert_weight_to_int4pack")
+def _convert_weight_to_int4pack_fake(weight, inner_k_tiles=0):
+    _check_int4pack(weight)
+    return weight.new_empty((weight.shape[0], weight.shape[1] // INT4_PER_INT32))
+
+
+def _weight_quant_shapes(x, weight, antiquant_scale, antiquant_offset, quant_scale, quant_offset, bias,
+                         antiquant_group_size, inner_precise, weight_dtype) -> tuple[int, int]:
+    """(K, N) of a call the reference supports, else a ValueError saying what is not."""
+    what = "npu_weight_quant_batchmatmul"
+    if x.dim() != 2 or x.dtype not in BIAS_DTYPES:
+        raise ValueError(f"{what}: x must be 2-D [M, K] bf16/fp16, got {x.dtype} {list(x.shape)}")
+    if quant_scale is not None or quant_offset is not None or weight_dtype is not None:
+        raise ValueError(f"{what}: quant_scale, quant_offset (int8 output) and weight_dtype are not supported here")
+    if inner_precise not in (0, 1):
+        raise ValueError(f"{what}: inner_precise must be 0 or 1, got {inner_precise}")
+    k = x.shape[1]
+    if weight.dtype not in (torch.int8, torch.int32) or weight.dim() != 2 or weight.shape[0] != k:
+        raise ValueError(f"{what}: weight must be int8 [K, N] or int4-packed int32 [K, N/8] with K={k}, "
+                         f"got {weight.dtype} {list(weight.shape)}")
+    n = weight.shape[1] * (INT4_PER_INT32 if weight.dtype == torch.int32 else 1)
+    group = antiquant_group_size
+    if group and (group % 32 or not 32 <= group < k):
+        raise ValueError(f"{what}: antiquant_group_size must be 0 or a multiple of 32 in [32, K-1], got {group}")
+    shapes = [((-(-k // group)), n)] if group else [(n,), (1, n)]
+    for name, t in (("antiquant_scale", antiquant_scale), ("antiquant_offset", antiquant_offset)):
+        if t is not None and (tuple(t.shape) not in shapes or t.dtype != x.dtype):
+            raise ValueError(f"{what}: {name} must be {x.dtype} of shape {' or '.join(map(str, map(list, shapes)))}, "
+                             f"got {t.dtype} {list(t.shape)}")
+    if bias is not None and (tuple(bias.shape) not in ((n,), (1, n)) or bias.dtype != BIAS_DTYPES[x.dtype]):
+        raise ValueError(f"{what}: bias must be {BIAS_DTYPES[x.dtype]} [N] for {x.dtype} x, got {bias.dtype} {list(bias.shape)}")
+    return k, n
+
+
+def dequantized_weight(weight, scale, offset, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weight operand as the kernel computes it: fp32 [K, N] holding `dtype` values."""
+    values = unpack_int4(weight.contiguous().view(torch.uint8)) if weight.dtype == torch.int32 else weight
+    w = values.float()
+    if offset is not None:
+        w = (w + _per_row(offset, group, values.shape)).to(dtype).float()
+    return (w * _per_row(scale, group, values.shape)).to(dtype).float()
+
+
+def _per_row(t: torch.Tensor, group: int, shape) -> torch.Tensor:
+    """A per-channel [N] / per-group [ceil(K/group), N] tensor as fp32 broadcastable to [K, N]."""
+    k, n = shape
+    rows = t.float().reshape(-1, n)
+    return rows.repeat_interleave(group, 0)[:k] if group else rows
+
+
+@torch.library.register_kernel("mxfx::npu_weight_quant_batchmatmul", ("cpu", "cuda"))
+def _weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=None, quant_scale=None, quant_offset=None,
+                              bias=None, antiquant_group_size=0, inner_precise=0, weight_dtype=None):
+    _weight_quant_shapes(x, weight, antiquant_scale, antiquant_offset, quant_scale, quant_offset, bias,
+                         antiquant_group_size, inner_precise, weight_dtype)
+    sources = (weight, antiquant_scale) + ((antiquant_offset,) if antiquant_offset is not None else ())
+    w = DECODED_WEIGHTS.get(
+        sources, lambda: dequantized_weight(weight, antiquant_scale, antiquant_offset, antiquant_group_size, x.dtype),
+        extra=(antiquant_group_size, x.dtype),
+    )
+    acc = x.float() @ w
+    if bias is not None:
+        acc = acc + bias.float().reshape(-1)
+    return acc.to(x.dtype)
+
+
+@torch.library.register_fake("mxfx::npu_weight_quant_batchmatmul")
+def _weight_quant_batchmatmul_fake(x, weight, antiquant_scale, antiquant_offset=None, quant_scale=None,
+                                   quant_offset=None, bias=None, antiquant_group_size=0, inner_precise=0,
+                                   weight_dtype=None):
+    _, n = _weight_quant_shapes(x, weight, antiquant_scale, antiquant_offset, quant_scale, quant_offset, bias,
+                                antiquant_group_size, inner_precise, weight_dtype)
+    return x.new_empty((x.shape[0], n))
