@@ -181,7 +181,7 @@ class _Rewrite:
         if reason := self.skip_reason(site, include, exclude, weight, bias, x, scheme):
             entry.reason = reason
             return
-        before = set(self.graph.nodes)
+        anchor = site.node.prev  # every new node goes between it and the linear: no scan of the graph
         with self.graph.inserting_before(site.node):
             prepared, entry.bytes_after = self.constants(site, weight, bias, x.dtype, scheme)
             activation = self.activation(site.input, x, scheme)
@@ -190,12 +190,16 @@ class _Rewrite:
                 lead = [d if isinstance(d, int) else aten.sym_size.int(self.proxy(site.input), i)
                         for i, d in enumerate(x.shape[:-1])]
                 y = aten.reshape.default(y, [*lead, weight.shape[0]])
+        new_nodes, node = [], anchor.next
+        while node is not site.node:
+            new_nodes.append(node)
+            node = node.next
         site.node.replace_all_uses_with(y.node)
         transposed = site.node.args[-1] if site.form == "aten_mm" else None
         self.graph.erase_node(site.node)
         if transposed is not None and not transposed.users:
             self.graph.erase_node(transposed)
-        self.propagate_meta([node for node in self.graph.nodes if node not in before])
+        self.propagate_meta(new_nodes)
         entry.outcome = "rewritten"
 
     # -- emission ----------------------------------------------------------------------------------
