@@ -2,7 +2,8 @@
 
 1. For each scheme, the device's quantizers against mxfx's CPU reference, bit for bit (codes and scales),
    on random and edge-case bf16 tensors; the quantized matmuls within rtol 1e-3 (the tolerance of the
-   Ascend operator tests).
+   Ascend operator tests). The same for W4A8_DYNAMIC checkpoints' int4 path: the int4 packer bit for
+   bit, npu_weight_quant_batchmatmul per channel and per group within rtol 1e-3.
 2. A Qwen3 (a local checkpoint folder, or the shipped demo model) compiled with mxfx through torchair
    for each scheme: greedy tokens/s against bf16 eager on the NPU.
 
@@ -57,10 +58,35 @@ def check_kernels() -> None:
         (act_npu, y_npu), (act_ref, y_ref) = outputs
         for i, (a, b) in enumerate(zip(act_npu, act_ref)):
             _same(f"{name} activation quant output {i}", a, b)
-        error = ((y_npu.cpu().float() - y_ref.float()).abs() / y_ref.float().abs().clamp_min(1e-3)).max().item()
-        if error > 1e-3:
-            raise SystemExit(f"FAIL {name} matmul: max relative error {error:.2e} > 1e-3")
-        print(f"ok   {name} matmul: max relative error {error:.2e}")
+        _close(f"{name} matmul", y_npu, y_ref)
+
+
+def _close(name: str, device: torch.Tensor, reference: torch.Tensor) -> None:
+    """Within rtol 1e-3 where the reference is finite; non-finite outputs (the inf input row) must match."""
+    got, expected = device.cpu().float(), reference.float()
+    finite = expected.isfinite()
+    if not torch.equal(got.isfinite(), finite) or not torch.equal(got[~finite].nan_to_num(), expected[~finite].nan_to_num()):
+        raise SystemExit(f"FAIL {name}: the non-finite outputs differ from the reference")
+    error = ((got - expected).abs() / expected.abs().clamp_min(1e-3))[finite].max().item()
+    if not error <= 1e-3:
+        raise SystemExit(f"FAIL {name}: max relative error {error:.2e} > 1e-3")
+    print(f"ok   {name}: max relative error {error:.2e}")
+
+
+def check_int4() -> None:
+    import torch_npu
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 1024, generator=generator).bfloat16()
+    values = torch.randint(-8, 8, (1024, 256), generator=generator, dtype=torch.int32)
+    packed = torch.ops.mxfx.npu_convert_weight_to_int4pack(values)
+    _same("npu_convert_weight_to_int4pack", torch_npu.npu_convert_weight_to_int4pack(values.npu()), packed)
+    for group, rows in ((0, 1), (128, 8), (256, 4)):
+        scale = (torch.rand(rows, 256, generator=generator) * 0.01 + 1e-4).bfloat16()
+        scale = scale.flatten() if not group else scale
+        device = torch_npu.npu_weight_quant_batchmatmul(x.npu(), packed.npu(), scale.npu(), antiquant_group_size=group)
+        reference = torch.ops.mxfx.npu_weight_quant_batchmatmul(x, packed, scale, antiquant_group_size=group)
+        _close(f"npu_weight_quant_batchmatmul int4, group {group}", device, reference)
 
 
 @torch.no_grad()
@@ -83,6 +109,7 @@ def main() -> None:
     npu_support.install()  # torch_npu, an Ascend 950, the fake kernel, the GE converter
     torch._dynamo.config.fail_on_recompile_limit_hit = True  # never time an eager fallback
     check_kernels()
+    check_int4()
 
     import torchair
 
