@@ -27,24 +27,27 @@ def private_rss() -> int:
 
 
 class PeakRSS:
-    def __init__(self, measure=rss):
-        self.measure = measure
+    """The peaks of `rss()` (.peak) and `private_rss()` (.peak_private) while the block runs."""
 
     def __enter__(self):
-        self.peak, self._running = self.measure(), True
+        self.peak, self.peak_private, self._running = rss(), private_rss(), True
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
+    def _update(self):
+        _, resident, shared, *_ = _statm()
+        self.peak, self.peak_private = max(self.peak, resident), max(self.peak_private, resident - shared)
+
     def _sample(self):
         while self._running:
-            self.peak = max(self.peak, self.measure())
+            self._update()
             time.sleep(0.001)
 
     def __exit__(self, *exc):
         self._running = False
         self._thread.join()
-        self.peak = max(self.peak, self.measure())
+        self._update()
 
 
 def qwen3_06b_shaped(layers: int) -> Qwen3Config:

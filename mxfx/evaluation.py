@@ -83,22 +83,28 @@ def predictions_and_loss(model, batches: torch.Tensor, batch_size: int, desc: st
 
 
 @torch.no_grad()
-def layer_sqnr(model, batch: torch.Tensor, scheme: str, names: list[str]) -> dict[str, float]:
-    """Per named linear: SQNR (dB) of the quantized layer's output against the bf16 layer's, both fed the
-    bf16 model's own input to that layer."""
+def layer_inputs(model, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input of every nn.Linear of the model in one bf16 forward of `batch`."""
     inputs, hooks = {}, []
-    for name in names:
-        hooks.append(model.get_submodule(name).register_forward_hook(
-            lambda m, args, out, name=name: inputs.__setitem__(name, args[0])))
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            hooks.append(module.register_forward_hook(lambda m, args, out, name=name: inputs.__setitem__(name, args[0])))
     try:
         model(batch)
     finally:
         for hook in hooks:
             hook.remove()
+    return inputs
+
+
+@torch.no_grad()
+def layer_sqnr(model, inputs: dict[str, torch.Tensor], scheme: str, names: list[str]) -> dict[str, float]:
+    """Per named nn.Linear: SQNR (dB) of the quantized layer's output against the bf16 layer's, both fed
+    the bf16 model's own input to that layer (`layer_inputs`)."""
     configured, target = get_scheme(scheme), passes.get_target("reference")
     result = {}
-    for name, x in inputs.items():
-        layer = model.get_submodule(name)
+    for name in filter(inputs.__contains__, names):
+        layer, x = model.get_submodule(name), inputs[name]
         scheme = configured.for_weight(layer.weight)  # a checkpoint's linears each have their own
         prepared = PREPARED.prepare(scheme, target, layer.weight, layer.bias, x.dtype)
         x2d = x.reshape(-1, x.shape[-1])
@@ -149,6 +155,7 @@ def evaluate(model, stream: torch.Tensor, schemes: list[str], seq: int = 256, ba
     bf16_predictions, bf16_loss = predictions_and_loss(model, batches, batch_size, "bf16")
     bf16_run_s = time.perf_counter() - start
     bf16_text = continuation(model, prompt, new_tokens, end) if prompt else []
+    inputs = layer_inputs(model, batches[:1, :-1])
     results = []
     for scheme in schemes:
         torch._dynamo.reset()
@@ -165,7 +172,7 @@ def evaluate(model, stream: torch.Tensor, schemes: list[str], seq: int = 256, ba
         results.append(SchemeResult(
             scheme, math.exp(loss), (predictions == bf16_predictions).float().mean().item(),
             compile_s, run_s, report,
-            layer_sqnr(model, batches[:1, :-1], scheme, [r.fqn for r in report.rewritten]),
+            layer_sqnr(model, inputs, scheme, [r.fqn for r in report.rewritten]),
             continuation(compiled, prompt, new_tokens, end) if prompt else [],
         ))
     return Evaluation(math.exp(bf16_loss), bf16_run_s, bf16_text, batches[:, 1:].numel(), results)

@@ -176,7 +176,8 @@ class _StoredInt4WeightOnly(_Stored, Scheme):
     group_size: int = 0  # 0: one scale per output channel
 
     def for_weight(self, weight):
-        return replace(self, group_size=weight.mxfx_quantized.group_size)
+        stored = getattr(weight, "mxfx_quantized", None)  # without it, quantize_weight says what is wrong
+        return self if stored is None else replace(self, group_size=stored.group_size)
 
     def prepare_weight(self, target, weight, bias):
         codes = self.quantize_weight(target, weight)  # int8 values [N, K], fp32 scale [N] or [K/group, N]
@@ -215,13 +216,22 @@ SCHEMES = {
         MXFP8("mxfp8", "W8A8 MXFP8 (npu_quant_matmul)", 32, "mxfp8"),
     )
 }
+
+
+def _stored(cls, online: str) -> Scheme:
+    scheme = SCHEMES[online]
+    return cls(f"modelslim/{online}", f"{scheme.description}, stored weights", scheme.k_multiple, scheme.activation)
+
+
 STORED_SCHEMES = {
-    name: cls(f"modelslim/{name}", f"{scheme.description}, stored weights", scheme.k_multiple, scheme.activation)
-    for (name, scheme), cls in zip(SCHEMES.items(), (_StoredDualLevel, _StoredMXFP4W4A8, _StoredMXFP8))
-} | {"w4a8_dynamic": _StoredInt4WeightOnly(
-    "modelslim/w4a8_dynamic", "int4 weight x bf16/fp16 activation (npu_weight_quant_batchmatmul), stored weights", 1, ""
-)}
-MODELSLIM = Modelslim("modelslim", "per linear, the stored type of a quantized checkpoint", 32, "")
+    "mxfp4_dual": _stored(_StoredDualLevel, "mxfp4_dual"),
+    "mxfp4_w4a8": _stored(_StoredMXFP4W4A8, "mxfp4_w4a8"),
+    "mxfp8": _stored(_StoredMXFP8, "mxfp8"),
+    "w4a8_dynamic": _StoredInt4WeightOnly(
+        "modelslim/w4a8_dynamic", "int4 weight x bf16/fp16 activation (npu_weight_quant_batchmatmul), stored weights",
+        1, ""),
+}
+MODELSLIM = Modelslim("modelslim", "per linear, the stored type of a quantized checkpoint", 1, "")  # rules: the type's
 
 
 def get_scheme(scheme: "str | Scheme") -> Scheme:

@@ -26,9 +26,10 @@ def edit_tensors(folder, change):
 
 
 def describe(folder, name, kind):
-    """Set one entry of the folder's quant_model_description.json."""
+    """Set one entry of the folder's quant_model_description.json (kind None: remove it)."""
     path = folder / checkpoint.DESCRIPTION
-    path.write_text(json.dumps(json.loads(path.read_text()) | {name: kind}))
+    description = json.loads(path.read_text()) | {name: kind}
+    path.write_text(json.dumps({key: value for key, value in description.items() if value is not None}))
 
 
 def mx_folder(model_dir, folder, types):
@@ -53,16 +54,24 @@ def mx_folder(model_dir, folder, types):
 
 
 def int4_quantize(w: torch.Tensor, group: int):
-    """Symmetric int4 (msmodelslim: scale = amax / 7), two-level when per group: a per-channel scale
-    times a per-group one, both bf16-representable."""
+    """Symmetric int4 (msmodelslim: scale = amax / 7) in fp32, two-level when per group: a per-channel
+    scale [N, 1] times a per-group one [N, K/group]. Returns (values int8 [N, K], channel, second)."""
     w = w.float()
-    channel = (w.abs().amax(-1, keepdim=True) / 7).bfloat16().float()  # [N, 1]
+    channel = w.abs().amax(-1, keepdim=True) / 7
     if not group:
         return torch.clamp(torch.round(w / channel), -8, 7).to(torch.int8), channel, None
     blocks = w.reshape(w.shape[0], -1, group)
-    second = (blocks.abs().amax(-1) / 7 / channel).bfloat16().float()  # [N, K/group]
+    second = blocks.abs().amax(-1) / 7 / channel
     q = torch.clamp(torch.round(blocks / (channel * second).unsqueeze(-1)), -8, 7).to(torch.int8)
     return q.reshape(w.shape), channel, second
+
+
+def int4_golden(q, channel, second, group, dtype=torch.bfloat16) -> torch.Tensor:
+    """The ops-nn golden's dequantized weight [N, K] from stored tensors: the antiquant scale is
+    channel * second in fp32 (vllm-ascend), cast to the activation's dtype; Wdq = dtype(q * scale)."""
+    scale = channel.float() * second.float() if group else channel.float()
+    per_element = scale.to(dtype).float().repeat_interleave(group or q.shape[1], -1)
+    return (q.float() * per_element).to(dtype)
 
 
 def int4_pack(q: torch.Tensor) -> torch.Tensor:
@@ -79,8 +88,9 @@ def _scale_bias(name, q, channel):
     return 8 * deq.reshape(deq.shape[0], chunks, -1).sum(-1)
 
 
-def int4_folder(model_dir, folder, variant, group):
-    """variant: "v0" (one int4 per byte, bf16 scales), "v1" (packed, fp32 scales, scale_bias)."""
+def int4_folder(model_dir, folder, variant, group, dtype=torch.bfloat16):
+    """variant: "v0" (one int4 per byte, bf16 scales), "v1" (packed, fp32 scales, scale_bias). Returns the
+    folder and, per linear, the golden dequantized weight for activations of `dtype`."""
     _copy_config(model_dir, folder)
     description = {"model_quant_type": "W4A8_DYNAMIC", "group_size": group}
     if variant == "v1":
@@ -102,9 +112,7 @@ def int4_folder(model_dir, folder, variant, group):
             stored["scale_bias"] = _scale_bias(name, q, channel)
         for suffix, tensor in stored.items():
             tensors[f"{prefix}.{suffix}"], description[f"{prefix}.{suffix}"] = tensor, "W4A8_DYNAMIC"
-        scale = channel * second if group else channel  # fp32, as vllm-ascend multiplies them
-        per_element = scale.bfloat16().float().repeat_interleave(group or w.shape[1], -1)
-        golden[prefix] = (q.float() * per_element).bfloat16()  # Wdq [N, K], rounded to bf16 (x's dtype)
+        golden[prefix] = int4_golden(q, stored["weight_scale"], stored.get("weight_scale_second"), group, dtype)
     save_file(tensors, folder / "model.safetensors")
     (folder / checkpoint.DESCRIPTION).write_text(json.dumps(description))
     return folder, golden

@@ -119,7 +119,7 @@ def _weight_quant_matmul(x, weight, antiquant_scale, antiquant_offset=None, quan
     group = antiquant_group_size
     _check(antiquant_scale.dtype == x.dtype, "antiquant_scale must be in x's dtype")
     _check(group == 0 or (group % 32 == 0 and 32 <= group < k), f"antiquant_group_size {group}")
-    _check(tuple(antiquant_scale.shape) == (((k // group), n) if group else (n,)), f"antiquant_scale {list(antiquant_scale.shape)}")
+    _check(tuple(antiquant_scale.shape) == ((-(-k // group), n) if group else (n,)), f"antiquant_scale {list(antiquant_scale.shape)}")
     _check(bias is None or bias.dtype == (torch.float32 if x.dtype == torch.bfloat16 else torch.float16), "bias dtype")
     calls.append(("npu_weight_quant_batchmatmul", {"x": tuple(x.shape), "weight": tuple(weight.shape), "group": group}))
     return mx.npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset, bias=bias,

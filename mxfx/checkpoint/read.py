@@ -39,8 +39,8 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 class _Tensors:
-    """The folder's tensors by name, read one at a time from its open safetensors files (memory-mapped),
-    so loading holds one linear's stored tensors at a time, never the whole checkpoint."""
+    """The folder's tensors by name, each read when asked for from its open (memory-mapped) safetensors
+    file, so loading holds one linear's stored tensors at a time beside the model, never the checkpoint."""
 
     def __init__(self, folder: Path, stack: ExitStack):
         self.files: dict[str, tuple] = {}  # name -> (open file, path)
@@ -64,8 +64,8 @@ class _Tensors:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         f, path = self.files[name]
-        try:
-            return f.get_tensor(name)
+        try:  # a copy: a tensor still mapped from the file would change (or fault) if the file were rewritten
+            return f.get_tensor(name).clone()
         except Exception as error:
             raise CheckpointError(f"{path}: cannot read tensor {name}: {error}") from error
 
@@ -90,22 +90,27 @@ def read_description(folder: Path) -> tuple[dict[str, str], dict]:
 
 def _plan(description: dict[str, str], tensors: _Tensors) -> tuple[list[str], dict[str, str]]:
     """The FLOAT tensor names and the quantized linears (prefix -> type), checked against the files'
-    tensor names before anything is read: a missing or extra tensor fails fast."""
+    tensor names before anything is read: a missing, extra or mis-described tensor fails fast."""
     floats, quantized, used = [], {}, set()
     for name, kind in description.items():
+        if name not in tensors:
+            raise CheckpointError(f"missing tensor {name} (in {DESCRIPTION} as {kind})")
         if kind == FLOAT:
-            if name not in tensors:
-                raise CheckpointError(f"missing tensor {name} (in {DESCRIPTION} as FLOAT)")
             floats.append(name)
-            used.add(name)
-        elif name.endswith(".weight") and (prefix := name.removesuffix(".weight")) not in quantized:
+        elif name.endswith(".weight"):
+            prefix = name.removesuffix(".weight")
             quantized[prefix] = kind
             for suffix in LAYOUTS[kind]:
                 if f"{prefix}.{suffix}" not in tensors:
                     raise CheckpointError(f"missing tensor {prefix}.{suffix}: {kind} needs {', '.join(LAYOUTS[kind])}")
             present = {s for s in OPTIONAL.get(kind, ()) if f"{prefix}.{s}" in tensors}
             used |= {f"{prefix}.{suffix}" for suffix in suffixes(kind, present)}
-    extra = sorted(set(tensors.files) - used)
+    for name in used:
+        owner = name.rpartition(".")[0] + ".weight"
+        if description.get(name, description[owner]) != description[owner]:
+            raise CheckpointError(f"{DESCRIPTION}: {name} is described as {description[name]} but {owner} as "
+                                  f"{description[owner]}")
+    extra = sorted(set(tensors.files) - used - set(floats))
     if extra:
         raise CheckpointError(f"{tensors.path(extra[0]).name}: extra tensor {extra[0]} (not in {DESCRIPTION})")
     return floats, quantized
@@ -141,6 +146,17 @@ def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor, sourc
     model.get_submodule(module_name)._parameters[attr] = torch.nn.Parameter(value.to(old.dtype), requires_grad=False)
 
 
+def _check_coverage(model, floats: list[str], quantized: dict[str, str], tied: bool, folder: Path) -> None:
+    """Every parameter of the model comes from the checkpoint (before anything is read)."""
+    if tied and "lm_head" in quantized:
+        raise CheckpointError(f"{folder}: lm_head.weight is stored as {quantized['lm_head']}, but config.json ties "
+                              "it to the embeddings, which would replace it")
+    loaded = set(floats) | {f"{prefix}.weight" for prefix in quantized} | ({"lm_head.weight"} if tied else set())
+    missing = sorted(set(dict(model.named_parameters(remove_duplicate=False))) - loaded)
+    if missing:
+        raise CheckpointError(f"{folder}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+
 def load(folder: str | Path) -> torch.nn.Module:
     """A quantized checkpoint folder as a bf16 model whose quantized linears carry their stored tensors.
 
@@ -158,19 +174,16 @@ def load(folder: str | Path) -> torch.nn.Module:
         floats, quantized = _plan(description, tensors)
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         model = _empty_model(config)
+        tied = getattr(config, "tie_word_embeddings", False)
+        _check_coverage(model, floats, quantized, tied, folder)
         for name in tqdm(floats, desc="mxfx load (FLOAT)", unit="tensor", disable=None):
             _set_parameter(model, name, tensors[name], tensors.path(name).name)
         for prefix, kind in tqdm(quantized.items(), desc="mxfx load (quantized)", unit="linear", disable=None):
             name = f"{prefix}.weight"
             shape = _parameter(model, name, tensors.path(name).name).shape
             stored = read_linear(prefix, kind, tensors, shape, header.get("group_size"))
-            _set_parameter(model, name, stored.dequantize().to(torch.bfloat16), tensors.path(name).name)
+            _set_parameter(model, name, stored.dequantize(), tensors.path(name).name)
             model.get_parameter(name).mxfx_quantized = stored
-    loaded = set(floats) | {f"{prefix}.weight" for prefix in quantized}
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = sorted(set(dict(model.named_parameters(remove_duplicate=False))) - loaded - tied)
-    if missing:
-        raise CheckpointError(f"{folder}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     if tied:
         model.tie_weights()
     model.mxfx_checkpoint_scheme = "modelslim"  # what `mxfx eval` / `inspect` compile it with

@@ -13,8 +13,10 @@ W4A8_DYNAMIC (msmodelslim's int4; shapes and packing from its savers and vllm-as
 stores `weight_offset` [N, 1] and, per group, `weight_offset_second`: msmodelslim quantizes
 symmetrically and writes them as zeros, and vllm-ascend never reads them, so a non-zero offset is
 refused rather than run one way or the other. Its `scale_bias` feeds the int8-activation MoE kernels
-only and is not used. The antiquant scale is weight_scale * weight_scale_second in fp32, as vllm-ascend
-computes it; the group size comes from the tensors and must agree with the description's `group_size`.
+only and is not used. Offsets and scale_bias are dropped once checked. The antiquant scale is
+weight_scale * weight_scale_second in fp32, as vllm-ascend computes it; the group size comes from the
+tensors (a multiple of 32 dividing K) and must equal the description's `group_size` where that is set
+and not 0.
 """
 
 import math
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mxfx.formats import dequantize_dual_level, dequantize_mx, to_paired_scales, unpack_int4
+from mxfx.formats import dequantize_dual_level, dequantize_mx, pack_int4, to_paired_scales, unpack_int4
 from mxfx.ops.weight_quant import dequantized_weight
 
 
@@ -51,52 +53,66 @@ def suffixes(kind: str, present) -> list[str]:
 
 @dataclass
 class QuantizedWeight:
-    """A linear's stored tensors, attached to its (dequantized) weight as `weight.mxfx_quantized`."""
+    """A linear's stored MX tensors, attached to its (dequantized) weight as `weight.mxfx_quantized`."""
 
     type: str
     tensors: dict[str, torch.Tensor]
-    group_size: int = 0  # W4A8_DYNAMIC: K rows per antiquant scale (0: one scale per output channel)
 
     @property
     def scheme(self) -> str:
         """The mxfx.schemes.STORED_SCHEMES entry that runs these tensors."""
-        if self.type == "W4A8_DYNAMIC":
-            return "w4a8_dynamic"
         if self.type == "W4A4_MXFP4_DUALSCALE":
             return "mxfp4_dual"
         packed_fp4 = self.type == "W4A8_MXFP" and self.tensors["weight"].dtype == torch.uint8
         return "mxfp4_w4a8" if packed_fp4 else "mxfp8"
 
     def dequantize(self) -> torch.Tensor:
-        """The weight [N, K] as the device computes it (W4A8_DYNAMIC: in bf16, the model's dtype)."""
+        """The weight [N, K] in bf16, as the model holds it."""
         t = self.tensors
-        if self.scheme == "w4a8_dynamic":
-            codes, dtype = self._int4_codes(), torch.bfloat16  # the scale is cast to x's dtype, as the scheme does
-            return dequantized_weight(codes["q"].t(), codes["scale"].to(dtype), None, self.group_size, dtype).t()
         if self.scheme == "mxfp4_dual":
-            return dequantize_dual_level(t["weight"], t["weight_dual_scale"].flatten(-2), t["weight_scale"])
-        # FP4 values in an E4M3 container (early W4A8_MXFP exports) are exact as E4M3
-        return dequantize_mx(t["weight"], t["weight_scale"], "fp4_e2m1" if self.scheme == "mxfp4_w4a8" else "fp8_e4m3")
+            weight = dequantize_dual_level(t["weight"], t["weight_dual_scale"].flatten(-2), t["weight_scale"])
+        else:  # FP4 values in an E4M3 container (early W4A8_MXFP exports) are exact as E4M3
+            fmt = "fp4_e2m1" if self.scheme == "mxfp4_w4a8" else "fp8_e4m3"
+            weight = dequantize_mx(t["weight"], t["weight_scale"], fmt)
+        return weight.to(torch.bfloat16)
 
     def codes(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The tensors as the scheme's quantize_weight returns them (mxfx.schemes)."""
-        if self.scheme == "w4a8_dynamic":
-            return {name: tensor.to(device) for name, tensor in self._int4_codes().items()}
         t = {name: tensor.to(device) for name, tensor in self.tensors.items()}
         scale = to_paired_scales(t["weight_scale"])
         if self.scheme == "mxfp4_dual":
             return {"q": t["weight"], "level0": t["weight_dual_scale"].flatten(-2), "level1": scale}
         return {"q": t["weight"], "scale": scale}
 
-    def _int4_codes(self) -> dict[str, torch.Tensor]:
-        """int8 values [N, K] and the fp32 antiquant scale, [N] or [K/group, N]."""
-        t = self.tensors
-        scale = t["weight_scale"].float().reshape(-1, 1)  # [N, 1]
-        if "weight_scale_second" in t:
-            scale = scale * t["weight_scale_second"].float()  # [N, groups]
-        weight = t["weight"]
-        q = weight if weight.shape[0] == scale.shape[0] else unpack_int4(weight.t()).t()
-        return {"q": q, "scale": scale.t().contiguous() if self.group_size else scale.flatten()}
+
+@dataclass
+class Int4Weight(QuantizedWeight):
+    """A W4A8_DYNAMIC linear: `weight` int4 packed two per byte along N, int8 [N/2, K] (one-per-byte
+    exports are packed when read); `weight_scale` [N, 1]; per group, `weight_scale_second` [N, K/group]."""
+
+    group_size: int = 0  # K rows per antiquant scale; 0: one scale per output channel
+    scheme = "w4a8_dynamic"
+
+    def values(self) -> torch.Tensor:
+        """int8 [N, K] in [-8, 7]."""
+        return unpack_int4(self.tensors["weight"].t()).t()
+
+    def scale(self) -> torch.Tensor:
+        """The antiquant scale in fp32, [N] or [N, K/group]: weight_scale * weight_scale_second, as
+        vllm-ascend multiplies them (the op then takes it in the activation's dtype)."""
+        scale = self.tensors["weight_scale"].float().reshape(-1, 1)
+        if "weight_scale_second" in self.tensors:
+            scale = scale * self.tensors["weight_scale_second"].float()
+        return scale if self.group_size else scale.flatten()
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight [N, K] in bf16 exactly as the device dequantizes it for bf16 activations."""
+        return dequantized_weight(self.values(), self.scale().bfloat16(), None, self.group_size, torch.bfloat16)
+
+    def codes(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """int8 values [N, K] and the fp32 scale laid out for the op: [N] or [K/group, N]."""
+        scale = self.scale()
+        return {"q": self.values().to(device), "scale": (scale.t().contiguous() if self.group_size else scale).to(device)}
 
 
 def read_linear(prefix: str, kind: str, tensors, shape: torch.Size, group_size: int | None) -> QuantizedWeight:
@@ -127,11 +143,12 @@ def read_linear(prefix: str, kind: str, tensors, shape: torch.Size, group_size: 
     return QuantizedWeight(kind, stored)
 
 
-def _read_int4(stored: dict, n: int, k: int, described_group: int | None, fail) -> QuantizedWeight:
+def _read_int4(stored: dict, n: int, k: int, described_group: int | None, fail) -> Int4Weight:
     weight = stored["weight"]
-    if tuple(weight.shape) == (n, k):
+    if tuple(weight.shape) == (n, k):  # one value per byte: packed here, as msmodelslim's 1.0.0 exports are
         if weight.min() < -8 or weight.max() > 7:
             fail("weight", f"holds values in [{weight.min().item()}, {weight.max().item()}]; int4 is [-8, 7]")
+        weight = pack_int4(weight.t()).t().contiguous().view(torch.int8)
     elif tuple(weight.shape) != (n // 2, k) or n % 2:
         fail("weight", f"has shape {list(weight.shape)}; W4A8_DYNAMIC stores a [{n}, {k}] weight as [{n}, {k}] "
                        f"(one int4 per byte) or [{n // 2}, {k}] (two per byte)")
@@ -140,7 +157,6 @@ def _read_int4(stored: dict, n: int, k: int, described_group: int | None, fail) 
     if "weight_offset_second" in stored and "weight_scale_second" not in stored:
         fail("weight_offset_second", "is stored without weight_scale_second")
     groups = stored["weight_scale_second"].shape[-1] if "weight_scale_second" in stored else 1
-    group = k // groups if groups and k % groups == 0 else 0
     for suffix, want in (("weight_scale", (n, 1)), ("weight_offset", (n, 1)),
                          ("weight_scale_second", (n, groups)), ("weight_offset_second", (n, groups))):
         if suffix in stored and tuple(stored[suffix].shape) != want:
@@ -150,10 +166,13 @@ def _read_int4(stored: dict, n: int, k: int, described_group: int | None, fail) 
                          "and vllm-ascend ignores offsets, so the result would depend on who runs it)")
     if "scale_bias" in stored and stored["scale_bias"].shape[0] != n:
         fail("scale_bias", f"has shape {list(stored['scale_bias'].shape)}; its first dim must be N={n}")
+    kept = {suffix: stored[suffix] for suffix in ("weight_scale", "weight_scale_second") if suffix in stored}
     if groups == 1:  # one scale per channel (a single group spanning K is the same thing)
-        return QuantizedWeight("W4A8_DYNAMIC", stored)
+        return Int4Weight("W4A8_DYNAMIC", {"weight": weight, **kept})
+    group = k // groups if groups and k % groups == 0 else 0
     if not group or group % 32 or described_group not in (None, 0, group):
-        fail("weight_scale_second", f"has {groups} groups for K={k}: a group size of {k / groups:g} "
-                                    f"(the description says {described_group}); npu_weight_quant_batchmatmul "
-                                    "takes a multiple of 32 that divides K")
-    return QuantizedWeight("W4A8_DYNAMIC", stored, group)
+        size = f"{k / groups:g}" if groups else "none"
+        fail("weight_scale_second", f"has {groups} groups for K={k}, a group size of {size}; "
+                                    "npu_weight_quant_batchmatmul takes a multiple of 32 that divides K, and the "
+                                    f"description says {described_group}")
+    return Int4Weight("W4A8_DYNAMIC", {"weight": weight, **kept}, group)

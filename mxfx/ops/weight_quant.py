@@ -55,8 +55,8 @@ def _weight_quant_shapes(x, weight, antiquant_scale, antiquant_offset, quant_sca
         raise ValueError(f"{what}: x must be 2-D [M, K] bf16/fp16, got {x.dtype} {list(x.shape)}")
     if quant_scale is not None or quant_offset is not None or weight_dtype is not None:
         raise ValueError(f"{what}: quant_scale, quant_offset (int8 output) and weight_dtype are not supported here")
-    if inner_precise not in (0, 1):
-        raise ValueError(f"{what}: inner_precise must be 0 or 1, got {inner_precise}")
+    if inner_precise != 0:
+        raise ValueError(f"{what}: only inner_precise=0 (the high-precision kernel) is emulated, got {inner_precise}")
     k = x.shape[1]
     if weight.dtype not in (torch.int8, torch.int32) or weight.dim() != 2 or weight.shape[0] != k:
         raise ValueError(f"{what}: weight must be int8 [K, N] or int4-packed int32 [K, N/8] with K={k}, "
@@ -75,20 +75,18 @@ def _weight_quant_shapes(x, weight, antiquant_scale, antiquant_offset, quant_sca
     return k, n
 
 
-def dequantized_weight(weight, scale, offset, group: int, dtype: torch.dtype) -> torch.Tensor:
-    """The weight operand as the kernel computes it: fp32 [K, N] holding `dtype` values."""
-    values = unpack_int4(weight.contiguous().view(torch.uint8)) if weight.dtype == torch.int32 else weight
-    w = values.float()
+def dequantized_weight(values, scale, offset, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weight as the kernel dequantizes it, [N, K] in `dtype`, from integer values [N, K] and a scale
+    (and offset) in `dtype`, [N] or [N, ceil(K/group)]. Computing in bf16/fp16 here rounds once, as
+    the golden's fp32 products truncated to `dtype` do: a sum or product of a small integer and a
+    bf16/fp16 value is exact in fp32."""
+    n, k = values.shape
+    step = group or k
+    blocks = -(-k // step)
+    w = torch.nn.functional.pad(values, (0, blocks * step - k)).reshape(n, blocks, step).to(dtype)
     if offset is not None:
-        w = (w + _per_row(offset, group, values.shape)).to(dtype).float()
-    return (w * _per_row(scale, group, values.shape)).to(dtype).float()
-
-
-def _per_row(t: torch.Tensor, group: int, shape) -> torch.Tensor:
-    """A per-channel [N] / per-group [ceil(K/group), N] tensor as fp32 broadcastable to [K, N]."""
-    k, n = shape
-    rows = t.float().reshape(-1, n)
-    return rows.repeat_interleave(group, 0)[:k] if group else rows
+        w = w + offset.reshape(n, blocks, 1)
+    return (w * scale.reshape(n, blocks, 1)).reshape(n, blocks * step)[:, :k]
 
 
 @torch.library.register_kernel("mxfx::npu_weight_quant_batchmatmul", ("cpu", "cuda"))
@@ -96,11 +94,14 @@ def _weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=None,
                               bias=None, antiquant_group_size=0, inner_precise=0, weight_dtype=None):
     _weight_quant_shapes(x, weight, antiquant_scale, antiquant_offset, quant_scale, quant_offset, bias,
                          antiquant_group_size, inner_precise, weight_dtype)
+    def decode():  # fp32 [K, N] for the GEMM
+        values = unpack_int4(weight.contiguous().view(torch.uint8)) if weight.dtype == torch.int32 else weight
+        offset = None if antiquant_offset is None else antiquant_offset.t()
+        w = dequantized_weight(values.t(), antiquant_scale.t(), offset, antiquant_group_size, x.dtype)
+        return w.t().float().contiguous()
+
     sources = (weight, antiquant_scale) + ((antiquant_offset,) if antiquant_offset is not None else ())
-    w = DECODED_WEIGHTS.get(
-        sources, lambda: dequantized_weight(weight, antiquant_scale, antiquant_offset, antiquant_group_size, x.dtype),
-        extra=(antiquant_group_size, x.dtype),
-    )
+    w = DECODED_WEIGHTS.get(sources, decode, extra=(antiquant_group_size, x.dtype))
     acc = x.float() @ w
     if bias is not None:
         acc = acc + bias.float().reshape(-1)

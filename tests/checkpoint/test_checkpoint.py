@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import mxfx
 from mxfx import checkpoint, cli, evaluation
 from mxfx.checkpoint import CheckpointError
+from mxfx.formats import quantize_mx
 
 from .. import msmodelslim
 
@@ -84,16 +85,31 @@ Q = "model.layers.0.self_attn.q_proj"
         (lambda f: msmodelslim.edit_tensors(f, lambda t: t.update({"model.norm.weight": torch.ones(3, dtype=torch.bfloat16)})),
          "model.norm.weight is torch.bfloat16 [3]; the model's parameter is torch.bfloat16 [512]"),
         (lambda f: msmodelslim.describe(f, f"{Q}.weight", "W2A2_MAGIC"), "unknown type 'W2A2_MAGIC'"),
+        (lambda f: msmodelslim.describe(f, f"{Q}.smooth", "W8A8_MXFP8"), f"missing tensor {Q}.smooth .in quant_model_description.json as W8A8_MXFP8."),
+        (lambda f: msmodelslim.describe(f, f"{Q}.weight_scale", "FLOAT"), f"{Q}.weight_scale is described as FLOAT but {Q}.weight as W8A8_MXFP8"),
+        (lambda f: (msmodelslim.edit_tensors(f, lambda t: t.pop("model.norm.weight")), msmodelslim.describe(f, "model.norm.weight", None)),
+         "missing tensors model.norm.weight"),
         (lambda f: msmodelslim.describe(f, f"{Q}.weight", "W4A4_MXFP4"), "W4A4_MXFP4 .* does not support yet"),
         (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:1000]), "truncated or corrupt"),
         (lambda f: (f / "config.json").unlink(), "has no config.json"),
         (lambda f: (f / checkpoint.DESCRIPTION).unlink(), "not a quantized"),
     ],
-    ids=["missing", "extra", "scale-shape", "dtype", "float-shape", "unknown-type", "not-yet", "truncated", "no-config", "no-description"],
+    ids=["missing", "extra", "scale-shape", "dtype", "float-shape", "unknown-type", "described-absent", "described-twice", "missing-parameter", "not-yet", "truncated", "no-config", "no-description"],
 )
 def test_bad_checkpoints_name_the_file_and_tensor(good, damage, message):
     damage(good)
     with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+        checkpoint.load(good)
+
+
+def test_a_quantized_lm_head_that_the_config_ties_to_the_embeddings_is_refused(good):
+    config = json.loads((good / "config.json").read_text())
+    (good / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
+    q, scale = quantize_mx(load_file(good / "model.safetensors")["lm_head.weight"], "fp8_e4m3")
+    msmodelslim.edit_tensors(good, lambda t: t.update({"lm_head.weight": q, "lm_head.weight_scale": scale.view(torch.uint8)}))
+    msmodelslim.describe(good, "lm_head.weight", "W8A8_MXFP8")
+    msmodelslim.describe(good, "lm_head.weight_scale", "W8A8_MXFP8")
+    with pytest.raises(CheckpointError, match="lm_head.weight is stored as W8A8_MXFP8, but config.json ties it"):
         checkpoint.load(good)
 
 
@@ -119,6 +135,8 @@ def test_quantize_command(model_dir, tmp_path, capsys):
 
 def test_eval_and_inspect_a_checkpoint_of_the_shipped_model(tmp_path, capsys):
     out = checkpoint.quantize(evaluation.SHIPPED_MODEL, "mxfp8", tmp_path / "q")  # tied embeddings, byte-level
+    model = checkpoint.load(out)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
     assert cli.main(["inspect", "--model", str(out)]) == 0
     assert "28 rewritten" in capsys.readouterr().out
     assert cli.main(["eval", "--model", str(out), "--max-tokens", "512", "--new-tokens", "2"]) == 0

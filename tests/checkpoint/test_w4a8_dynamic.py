@@ -10,7 +10,8 @@ import torch
 
 import mxfx
 from mxfx import checkpoint
-from mxfx.checkpoint import CheckpointError, QuantizedWeight
+from mxfx.checkpoint import CheckpointError
+from mxfx.checkpoint.stored import Int4Weight
 
 from .. import msmodelslim
 
@@ -20,16 +21,16 @@ IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
 class GoldenLinear(torch.nn.Module):
     def __init__(self, wdq: torch.Tensor):
         super().__init__()
-        self.w = wdq.float().t().contiguous()  # [K, N] fp32 holding bf16 values
+        self.w = wdq.float().t().contiguous()  # [K, N] fp32 holding values of the activations' dtype
 
     def forward(self, x):
         return (x.reshape(-1, x.shape[-1]).float() @ self.w).to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
-def _golden_logits(model_dir, golden):
+def _golden_logits(model_dir, golden, dtype):
     from mxfx import evaluation
 
-    model = evaluation.load_model(model_dir)
+    model = evaluation.load_model(model_dir).to(dtype)
     for prefix, wdq in golden.items():
         parent, _, child = prefix.rpartition(".")
         setattr(model.get_submodule(parent), child, GoldenLinear(wdq))
@@ -37,13 +38,17 @@ def _golden_logits(model_dir, golden):
         return model(IDS).logits
 
 
-@pytest.mark.parametrize("variant, group", [("v0", 128), ("v1", 128), ("v1", 256), ("v1", 0)],
-                         ids=["unpacked-g128", "packed-g128", "packed-g256", "packed-per-channel"])
-def test_int4_checkpoints_run_through_the_weight_quant_matmul(model_dir, tmp_path, variant, group):
-    folder, golden = msmodelslim.int4_folder(model_dir, tmp_path / "int4", variant, group)
+@pytest.mark.parametrize("variant, group, dtype", [
+    ("v0", 128, torch.bfloat16), ("v1", 128, torch.bfloat16), ("v1", 256, torch.bfloat16), ("v1", 0, torch.bfloat16),
+    ("v1", 128, torch.float16),
+], ids=["unpacked-g128", "packed-g128", "packed-g256", "packed-per-channel", "packed-g128-fp16"])
+def test_int4_checkpoints_run_through_the_weight_quant_matmul(model_dir, tmp_path, variant, group, dtype):
+    folder, golden = msmodelslim.int4_folder(model_dir, tmp_path / "int4", variant, group, dtype)
     model = checkpoint.load(folder)
-    for prefix, wdq in golden.items():
-        assert torch.equal(model.get_parameter(f"{prefix}.weight"), wdq), "the eager weight is the device's Wdq"
+    if dtype == torch.bfloat16:
+        for prefix, wdq in golden.items():
+            assert torch.equal(model.get_parameter(f"{prefix}.weight"), wdq), "the eager weight is the device's Wdq"
+    model = model.to(dtype)  # the stored tensors stay with the parameters
     be = mxfx.backend("modelslim", target="reference")
     torch._dynamo.reset()
     with torch.no_grad():
@@ -52,29 +57,15 @@ def test_int4_checkpoints_run_through_the_weight_quant_matmul(model_dir, tmp_pat
     report = be.reports[-1]
     assert len(report.rewritten) == 14 and {r.scheme for r in report.rewritten} == {"modelslim/w4a8_dynamic"}
     assert report.activation_quants == 0, "W4A8_DYNAMIC linears do not quantize the activation"
-    assert torch.equal(got, _golden_logits(model_dir, golden))
-
-
-def test_packed_and_unpacked_exports_run_alike(model_dir, tmp_path):
-    logits = []
-    for variant in ("v0", "v1"):
-        model = checkpoint.load(msmodelslim.int4_folder(model_dir, tmp_path / variant, variant, 128)[0])
-        torch._dynamo.reset()
-        with torch.no_grad():
-            logits.append(torch.compile(model, backend=mxfx.backend("modelslim"))(IDS).logits)
-    torch._dynamo.reset()
-    assert torch.equal(*logits)
+    assert got.dtype == dtype and torch.equal(got, _golden_logits(model_dir, golden, dtype))
 
 
 def test_a_biased_int4_linear_adds_its_bias_in_fp32():
     linear = torch.nn.Linear(256, 64, dtype=torch.bfloat16)
     q, channel, second = msmodelslim.int4_quantize(linear.weight.detach(), 128)
-    stored = QuantizedWeight("W4A8_DYNAMIC", {"weight": msmodelslim.int4_pack(q), "weight_scale": channel,
-                                              "weight_offset": torch.zeros_like(channel), "weight_scale_second": second}, 128)
-    wdq = stored.dequantize()
-    with torch.no_grad():
-        linear.weight.copy_(wdq)
-    linear.weight.mxfx_quantized = stored
+    linear.weight.mxfx_quantized = Int4Weight("W4A8_DYNAMIC", {"weight": msmodelslim.int4_pack(q), "weight_scale": channel,
+                                                               "weight_scale_second": second}, 128)
+    wdq = msmodelslim.int4_golden(q, channel, second, 128)
     x = torch.randn(3, 256).bfloat16()
     torch._dynamo.reset()
     with torch.no_grad():
@@ -102,17 +93,21 @@ Q = "model.layers.0.self_attn.q_proj"  # [512, 512]
          r"holds values in \[9, 9\]; int4 is \[-8, 7\]"),
         (lambda f: msmodelslim.edit_tensors(f, lambda t: t.update({f"{Q}.weight_scale_second": torch.ones(512, 8),
                                                  f"{Q}.weight_offset_second": torch.zeros(512, 8)})),
-         rf"{Q}.weight_scale_second has 8 groups for K=512: a group size of 64 \(the description says 128\)"),
+         rf"{Q}.weight_scale_second has 8 groups for K=512, a group size of 64; .* the description says 128"),
         (lambda f: msmodelslim.edit_tensors(f, lambda t: t.update({f"{Q}.weight_scale_second": torch.ones(512, 5),
                                                  f"{Q}.weight_offset_second": torch.zeros(512, 5)})),
-         "5 groups for K=512: a group size of 102.4"),
-        (lambda f: msmodelslim.edit_tensors(f, lambda t: t.pop(f"{Q}.weight_scale_second")), f"{Q}.weight_offset_second is stored without"),
+         "5 groups for K=512, a group size of 102.4"),
+        (lambda f: (msmodelslim.edit_tensors(f, lambda t: t.pop(f"{Q}.weight_scale_second")),
+                    msmodelslim.describe(f, f"{Q}.weight_scale_second", None)), f"{Q}.weight_offset_second is stored without"),
+        (lambda f: msmodelslim.edit_tensors(f, lambda t: t.update({f"{Q}.weight_scale_second": torch.ones(512, 0),
+                                                                   f"{Q}.weight_offset_second": torch.zeros(512, 0)})),
+         "has 0 groups for K=512, a group size of none"),
         (lambda f: msmodelslim.edit_tensors(f, lambda t: t.update({f"{Q}.weight_scale": t[f"{Q}.weight_scale"].to(torch.int32)})),
          f"{Q}.weight_scale is torch.int32"),
         (lambda f: msmodelslim.edit_tensors(f, lambda t: t.pop(f"{Q}.weight_offset")), f"missing tensor {Q}.weight_offset"),
     ],
     ids=["offset", "offset-second", "weight-shape", "int4-range", "group-vs-description", "group-not-32",
-         "offset-alone", "scale-dtype", "missing-offset"],
+         "offset-alone", "no-groups", "scale-dtype", "missing-offset"],
 )
 def test_bad_int4_checkpoints_name_the_file_and_tensor(int4, damage, message):
     damage(int4)

@@ -168,9 +168,9 @@ def test_an_int4_checkpoint_on_target_npu_packs_each_weight_once_and_matches_the
     tiny_qwen3().save_pretrained(bf16)
     model = checkpoint.load(msmodelslim.int4_folder(bf16, tmp_path / "int4", "v1", 128)[0])
     with torch.no_grad():
-        npu = torch.compile(model, backend=Backend("modelslim", target="npu", cache=PreparedWeights()))(IDS)
+        npu = torch.compile(model, backend=Backend("modelslim", target="npu", cache=PreparedWeights()), fullgraph=True)(IDS)
         calls = Counter(name for name, _ in npu_standin.calls)
         torch._dynamo.reset()
-        reference = torch.compile(model, backend=mxfx.backend("modelslim", target="reference"))(IDS)
+        reference = torch.compile(model, backend=mxfx.backend("modelslim", target="reference"), fullgraph=True)(IDS)
     assert torch.equal(npu.logits, reference.logits)
     assert calls == {"npu_convert_weight_to_int4pack": 14, "npu_weight_quant_batchmatmul": 14}

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import mxfx.ops  # noqa: F401  (registers torch.ops.mxfx)
-from mxfx.formats import pack_int4
 from mxfx.ops.weight_quant import dequantized_weight
 
 ops = torch.ops.mxfx
@@ -52,7 +51,8 @@ def _case(dtype, k, n, group, offset, seed=0):
 def test_matches_the_kernel_golden(dtype, k, group, offset):
     x, weight, scale, off, bias = _case(dtype, k, 48, group, offset)
     golden_w, golden = _golden(x, weight, scale, off, bias, group)
-    assert np.array_equal(dequantized_weight(weight, scale, off, group, dtype).numpy(), golden_w), "Wdq bit-exact"
+    wdq = dequantized_weight(weight.t(), scale.t(), None if off is None else off.t(), group, dtype)
+    assert wdq.dtype == dtype and np.array_equal(wdq.t().float().numpy(), golden_w), "Wdq bit-exact"
     packed = ops.npu_convert_weight_to_int4pack(weight.to(torch.int32))
     for w in (weight, packed, weight.t().contiguous().t()):  # int8, int4 packed, int8 as a transposed view
         got = ops.npu_weight_quant_batchmatmul(x, w, scale, antiquant_offset=off, bias=bias, antiquant_group_size=group)
@@ -74,9 +74,9 @@ def test_int4pack_layout_and_opcheck():
     values = torch.randint(-8, 8, (64, 32), dtype=torch.int32)
     packed = ops.npu_convert_weight_to_int4pack(values)
     assert (packed.dtype, packed.shape) == (torch.int32, (64, 4))
-    assert torch.equal(packed, pack_int4(values).view(torch.int32))
-    assert ops.npu_convert_weight_to_int4pack(torch.tensor([[1, 2, 3, 4, 5, 6, 7, -8]], dtype=torch.int32)).item() == \
-        np.uint32(0x87654321).view(np.int32)
+    words = ops.npu_convert_weight_to_int4pack(torch.tensor([[1, 2, 3, 4, 5, 6, 7, -8, -1, 0, 0, 0, 0, 0, 0, -7]],
+                                                            dtype=torch.int32))
+    assert words.tolist() == [[np.uint32(0x87654321).view(np.int32), np.uint32(0x9000000F).view(np.int32)]]
     torch.library.opcheck(ops.npu_convert_weight_to_int4pack.default, (values,))
     with pytest.raises(ValueError, match="multiple of 8"):
         ops.npu_convert_weight_to_int4pack(values[:, :12])
@@ -98,8 +98,9 @@ X, W, S = torch.zeros(2, 256, dtype=torch.bfloat16), torch.zeros(256, 16, dtype=
         ((X, W, S), {"antiquant_group_size": 256}, r"\[32, K-1\]"),
         ((X, W, S), {"bias": torch.ones(16, dtype=torch.bfloat16)}, "bias must be torch.float32"),
         ((X, W, S), {"quant_scale": S}, "int8 output"),
+        ((X, W, S), {"inner_precise": 1}, "only inner_precise=0"),
     ],
-    ids=["x-dtype", "k", "scale-dtype", "group-shape", "group-32", "group-k", "bias-dtype", "quant-scale"],
+    ids=["x-dtype", "k", "scale-dtype", "group-shape", "group-32", "group-k", "bias-dtype", "quant-scale", "inner-precise"],
 )
 def test_refuses_what_it_does_not_emulate(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
