@@ -44,6 +44,24 @@ def test_quantize_save_load_compile_round_trip(model_dir, tmp_path, scheme):
     assert len(report.rewritten) == 14 and {r.scheme for r in report.rewritten} == {f"modelslim/{scheme}"}
 
 
+def test_sharded_checkpoints_load_like_single_files(model_dir, tmp_path):
+    single = checkpoint.quantize(model_dir, "mxfp8", tmp_path / "one")
+    sharded = checkpoint.quantize(model_dir, "mxfp8", tmp_path / "many", shard_bytes=1 << 20)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(index.values()))
+    assert len(shards) > 3 and sorted(p.name for p in sharded.glob("*.safetensors")) == shards
+    expected = checkpoint.load(single).state_dict()
+    got = checkpoint.load(sharded).state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+
+    (sharded / shards[1]).unlink()
+    with pytest.raises(CheckpointError, match=f"{shards[1]}: listed in model.safetensors.index.json but missing"):
+        checkpoint.load(sharded)
+    (single / "model.safetensors").rename(sharded / shards[1])  # a file holding every tensor, among the shards
+    with pytest.raises(CheckpointError, match=f"{shards[1]}: tensor .* is also in"):
+        checkpoint.load(sharded)
+
+
 def test_msmodelslim_w4a8_exports_packed_and_fp8_container_run_alike(model_dir, tmp_path):
     packed = checkpoint.load(msmodelslim.mx_folder(model_dir, tmp_path / "packed", lambda n: "W4A8_MXFP"))
     container = checkpoint.load(msmodelslim.mx_folder(model_dir, tmp_path / "fp8", lambda n: "W4A8_MXFP_FP8"))
