@@ -131,6 +131,9 @@ def _evaluate_folder(args, default_prompt: str | None) -> int:
     result = evaluation.evaluate(model, stream, args.scheme, seq=args.seq, max_tokens=args.max_tokens,
                                  prompt=tokens.encode(prompt) if prompt else None, end=tokens.end,
                                  new_tokens=args.new_tokens)
+    if hasattr(model, "mxfx_checkpoint_scheme"):
+        print("a quantized checkpoint: its \"bf16\" is the stored weights dequantized to bf16 (the original "
+              "weights are not in it), so the comparison isolates the quantized matmuls and activations\n")
     _print_evaluation(result, tokens, prompt, getattr(args, "plot", None))
     return 0
 

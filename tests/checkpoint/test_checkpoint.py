@@ -159,4 +159,4 @@ def test_eval_and_inspect_a_checkpoint_of_the_shipped_model(tmp_path, capsys):
     assert "28 rewritten" in capsys.readouterr().out
     assert cli.main(["eval", "--model", str(out), "--max-tokens", "512", "--new-tokens", "2"]) == 0
     out_text = capsys.readouterr().out
-    assert "modelslim" in out_text and "modelslim/mxfp8" in out_text
+    assert "modelslim" in out_text and "modelslim/mxfp8" in out_text and "stored weights dequantized" in out_text
