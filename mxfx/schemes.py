@@ -177,7 +177,10 @@ class _StoredInt4WeightOnly(_Stored, Scheme):
 
     def for_weight(self, weight):
         stored = getattr(weight, "mxfx_quantized", None)  # without it, quantize_weight says what is wrong
-        return self if stored is None else replace(self, group_size=stored.group_size)
+        if stored is None:
+            return self
+        layout = f"group {stored.group_size}" if stored.group_size else "per channel"
+        return replace(self, name=f"{self.name} ({layout})", group_size=stored.group_size)
 
     def prepare_weight(self, target, weight, bias):
         codes = self.quantize_weight(target, weight)  # int8 values [N, K], fp32 scale [N] or [K/group, N]

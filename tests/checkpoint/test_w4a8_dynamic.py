@@ -55,7 +55,8 @@ def test_int4_checkpoints_run_through_the_weight_quant_matmul(model_dir, tmp_pat
         got = torch.compile(model, backend=be, fullgraph=True)(IDS).logits
     torch._dynamo.reset()
     report = be.reports[-1]
-    assert len(report.rewritten) == 14 and {r.scheme for r in report.rewritten} == {"modelslim/w4a8_dynamic"}
+    layout = f"group {group}" if group else "per channel"
+    assert len(report.rewritten) == 14 and {r.scheme for r in report.rewritten} == {f"modelslim/w4a8_dynamic ({layout})"}
     assert report.activation_quants == 0, "W4A8_DYNAMIC linears do not quantize the activation"
     assert got.dtype == dtype and torch.equal(got, _golden_logits(model_dir, golden, dtype))
 
