@@ -100,7 +100,7 @@ def layer_inputs(model, batch: torch.Tensor) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def layer_sqnr(model, inputs: dict[str, torch.Tensor], scheme: str, names: list[str]) -> dict[str, float]:
     """Per named nn.Linear: SQNR (dB) of the quantized layer's output against the bf16 layer's, both fed
-    the bf16 model's own input to that layer (`layer_inputs`)."""
+    the bf16 model's own input to that layer (`layer_inputs`); a name that is no nn.Linear gets none."""
     configured, target = get_scheme(scheme), passes.get_target("reference")
     result = {}
     for name in filter(inputs.__contains__, names):

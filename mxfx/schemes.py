@@ -166,6 +166,9 @@ class _StoredMXFP4W4A8(_Stored, MXFP4W4A8):
     pass
 
 
+STORED_INT4 = "modelslim/w4a8_dynamic"
+
+
 @dataclass(frozen=True)
 class _StoredInt4WeightOnly(_Stored, Scheme):
     """msmodelslim W4A8_DYNAMIC as vllm-ascend and sglang serve a dense linear: int4 weights, activations
@@ -176,11 +179,10 @@ class _StoredInt4WeightOnly(_Stored, Scheme):
     group_size: int = 0  # 0: one scale per output channel
 
     def for_weight(self, weight):
-        stored = getattr(weight, "mxfx_quantized", None)  # without it, quantize_weight says what is wrong
-        if stored is None:
+        group = getattr(getattr(weight, "mxfx_quantized", None), "group_size", None)
+        if group is None:  # not an int4 checkpoint weight: quantize_weight says what is wrong
             return self
-        layout = f"group {stored.group_size}" if stored.group_size else "per channel"
-        return replace(self, name=f"{self.name} ({layout})", group_size=stored.group_size)
+        return replace(self, name=f"{STORED_INT4} ({f'group {group}' if group else 'per channel'})", group_size=group)
 
     def prepare_weight(self, target, weight, bias):
         codes = self.quantize_weight(target, weight)  # int8 values [N, K], fp32 scale [N] or [K/group, N]
@@ -231,10 +233,11 @@ STORED_SCHEMES = {
     "mxfp4_w4a8": _stored(_StoredMXFP4W4A8, "mxfp4_w4a8"),
     "mxfp8": _stored(_StoredMXFP8, "mxfp8"),
     "w4a8_dynamic": _StoredInt4WeightOnly(
-        "modelslim/w4a8_dynamic", "int4 weight x bf16/fp16 activation (npu_weight_quant_batchmatmul), stored weights",
+        STORED_INT4, "int4 weight x bf16/fp16 activation (npu_weight_quant_batchmatmul), stored weights",
         1, ""),
 }
-MODELSLIM = Modelslim("modelslim", "per linear, the stored type of a quantized checkpoint", 1, "")  # rules: the type's
+# Modelslim's own K rule and activation are unused: each linear takes its stored type's scheme
+MODELSLIM = Modelslim("modelslim", "per linear, the stored type of a quantized checkpoint", 1, "")
 
 
 def get_scheme(scheme: "str | Scheme") -> Scheme:

@@ -3,8 +3,8 @@ the same layouts, so quantization is done once. stored.py: what each type stores
 read.py: folder -> model, streamed; write.py: bf16 folder -> quantized folder, streamed."""
 
 from .read import DESCRIPTION, FLOAT, load, read_description, scheme_of
-from .stored import CheckpointError, QuantizedWeight
+from .stored import CheckpointError, Int4Weight, QuantizedWeight
 from .write import WRITTEN_TYPES, quantize
 
-__all__ = ["DESCRIPTION", "FLOAT", "WRITTEN_TYPES", "CheckpointError", "QuantizedWeight", "load", "quantize",
+__all__ = ["DESCRIPTION", "FLOAT", "WRITTEN_TYPES", "CheckpointError", "Int4Weight", "QuantizedWeight", "load", "quantize",
            "read_description", "scheme_of"]

@@ -43,6 +43,7 @@ class _Tensors:
     file, so loading holds one linear's stored tensors at a time beside the model, never the checkpoint."""
 
     def __init__(self, folder: Path, stack: ExitStack):
+        self.folder = folder
         self.files: dict[str, tuple] = {}  # name -> (open file, path)
         for path in safetensors_files(folder):
             if not path.is_file():
@@ -94,7 +95,7 @@ def _plan(description: dict[str, str], tensors: _Tensors) -> tuple[list[str], di
     floats, quantized, used = [], {}, set()
     for name, kind in description.items():
         if name not in tensors:
-            raise CheckpointError(f"missing tensor {name} (in {DESCRIPTION} as {kind})")
+            raise CheckpointError(f"{tensors.folder}: missing tensor {name} (in {DESCRIPTION} as {kind})")
         if kind == FLOAT:
             floats.append(name)
         elif name.endswith(".weight"):
@@ -102,7 +103,8 @@ def _plan(description: dict[str, str], tensors: _Tensors) -> tuple[list[str], di
             quantized[prefix] = kind
             for suffix in LAYOUTS[kind]:
                 if f"{prefix}.{suffix}" not in tensors:
-                    raise CheckpointError(f"missing tensor {prefix}.{suffix}: {kind} needs {', '.join(LAYOUTS[kind])}")
+                    raise CheckpointError(f"{tensors.folder}: missing tensor {prefix}.{suffix}: {kind} needs "
+                                          f"{', '.join(LAYOUTS[kind])}")
             present = {s for s in OPTIONAL.get(kind, ()) if f"{prefix}.{s}" in tensors}
             used |= {f"{prefix}.{suffix}" for suffix in suffixes(kind, present)}
     for name in used:
@@ -112,7 +114,10 @@ def _plan(description: dict[str, str], tensors: _Tensors) -> tuple[list[str], di
                                   f"{description[owner]}")
     extra = sorted(set(tensors.files) - used - set(floats))
     if extra:
-        raise CheckpointError(f"{tensors.path(extra[0]).name}: extra tensor {extra[0]} (not in {DESCRIPTION})")
+        name = extra[0]
+        why = (f"described as {description[name]}, but no linear of that type stores it" if name in description
+               else f"not in {DESCRIPTION}")
+        raise CheckpointError(f"{tensors.path(name).name}: extra tensor {name} ({why})")
     return floats, quantized
 
 
@@ -147,12 +152,17 @@ def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor, sourc
 
 
 def _check_coverage(model, floats: list[str], quantized: dict[str, str], tied: bool, folder: Path) -> None:
-    """Every parameter of the model comes from the checkpoint (before anything is read)."""
+    """Every parameter of the model comes from the checkpoint, and nothing else does (before anything is
+    read)."""
     if tied and "lm_head" in quantized:
         raise CheckpointError(f"{folder}: lm_head.weight is stored as {quantized['lm_head']}, but config.json ties "
                               "it to the embeddings, which would replace it")
-    loaded = set(floats) | {f"{prefix}.weight" for prefix in quantized} | ({"lm_head.weight"} if tied else set())
-    missing = sorted(set(dict(model.named_parameters(remove_duplicate=False))) - loaded)
+    loaded = set(floats) | {f"{prefix}.weight" for prefix in quantized}
+    parameters = set(dict(model.named_parameters(remove_duplicate=False)))
+    unknown = sorted(loaded - parameters)
+    if unknown:
+        raise CheckpointError(f"{folder}: {unknown[0]} is not a parameter of a {model.config.model_type} model")
+    missing = sorted(parameters - loaded - ({"lm_head.weight"} if tied else set()))
     if missing:
         raise CheckpointError(f"{folder}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 

@@ -61,10 +61,9 @@ class QuantizedWeight:
     @property
     def scheme(self) -> str:
         """The mxfx.schemes.STORED_SCHEMES entry that runs these tensors."""
-        if self.type == "W4A4_MXFP4_DUALSCALE":
-            return "mxfp4_dual"
-        packed_fp4 = self.type == "W4A8_MXFP" and self.tensors["weight"].dtype == torch.uint8
-        return "mxfp4_w4a8" if packed_fp4 else "mxfp8"
+        if self.type == "W4A8_MXFP":  # packed FP4, or FP4 values in an E4M3 container (run as MXFP8)
+            return "mxfp4_w4a8" if self.tensors["weight"].dtype == torch.uint8 else "mxfp8"
+        return {"W8A8_MXFP8": "mxfp8", "W4A4_MXFP4_DUALSCALE": "mxfp4_dual"}[self.type]
 
     def dequantize(self) -> torch.Tensor:
         """The weight [N, K] in bf16, as the model holds it."""
@@ -145,6 +144,9 @@ def read_linear(prefix: str, kind: str, tensors, shape: torch.Size, group_size: 
 
 def _read_int4(stored: dict, n: int, k: int, described_group: int | None, fail) -> Int4Weight:
     weight = stored["weight"]
+    if n % 8:
+        fail("weight", f"belongs to a linear with N={n} outputs; npu_weight_quant_batchmatmul packs int4 8 per "
+                       "int32 along N, so N must be a multiple of 8")
     if tuple(weight.shape) == (n, k):  # one value per byte: packed here, as msmodelslim's 1.0.0 exports are
         if weight.min() < -8 or weight.max() > 7:
             fail("weight", f"holds values in [{weight.min().item()}, {weight.max().item()}]; int4 is [-8, 7]")
@@ -152,8 +154,6 @@ def _read_int4(stored: dict, n: int, k: int, described_group: int | None, fail) 
     elif tuple(weight.shape) != (n // 2, k) or n % 2:
         fail("weight", f"has shape {list(weight.shape)}; W4A8_DYNAMIC stores a [{n}, {k}] weight as [{n}, {k}] "
                        f"(one int4 per byte) or [{n // 2}, {k}] (two per byte)")
-    if n % 8:
-        fail("weight", f"has N={n} output channels; npu_weight_quant_batchmatmul packs int4 8 per int32 along N")
     if "weight_offset_second" in stored and "weight_scale_second" not in stored:
         fail("weight_offset_second", "is stored without weight_scale_second")
     groups = stored["weight_scale_second"].shape[-1] if "weight_scale_second" in stored else 1

@@ -83,10 +83,14 @@ def dequantized_weight(values, scale, offset, group: int, dtype: torch.dtype) ->
     n, k = values.shape
     step = group or k
     blocks = -(-k // step)
-    w = torch.nn.functional.pad(values, (0, blocks * step - k)).reshape(n, blocks, step).to(dtype)
+    w = values.to(dtype, memory_format=torch.contiguous_format)  # a new tensor (values are integers)
+    if blocks * step != k:  # a last, shorter group
+        w = torch.nn.functional.pad(w, (0, blocks * step - k))
+    grouped = w.view(n, blocks, step)
     if offset is not None:
-        w = w + offset.reshape(n, blocks, 1)
-    return (w * scale.reshape(n, blocks, 1)).reshape(n, blocks * step)[:, :k]
+        grouped.add_(offset.reshape(n, blocks, 1))
+    grouped.mul_(scale.reshape(n, blocks, 1))
+    return w[:, :k]
 
 
 @torch.library.register_kernel("mxfx::npu_weight_quant_batchmatmul", ("cpu", "cuda"))
@@ -98,7 +102,7 @@ def _weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=None,
         values = unpack_int4(weight.contiguous().view(torch.uint8)) if weight.dtype == torch.int32 else weight
         offset = None if antiquant_offset is None else antiquant_offset.t()
         w = dequantized_weight(values.t(), antiquant_scale.t(), offset, antiquant_group_size, x.dtype)
-        return w.t().float().contiguous()
+        return w.t().contiguous().float()
 
     sources = (weight, antiquant_scale) + ((antiquant_offset,) if antiquant_offset is not None else ())
     w = DECODED_WEIGHTS.get(sources, decode, extra=(antiquant_group_size, x.dtype))

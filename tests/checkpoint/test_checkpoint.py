@@ -105,6 +105,11 @@ Q = "model.layers.0.self_attn.q_proj"
         (lambda f: msmodelslim.describe(f, f"{Q}.weight", "W2A2_MAGIC"), "unknown type 'W2A2_MAGIC'"),
         (lambda f: msmodelslim.describe(f, f"{Q}.smooth", "W8A8_MXFP8"), f"missing tensor {Q}.smooth .in quant_model_description.json as W8A8_MXFP8."),
         (lambda f: msmodelslim.describe(f, f"{Q}.weight_scale", "FLOAT"), f"{Q}.weight_scale is described as FLOAT but {Q}.weight as W8A8_MXFP8"),
+        (lambda f: (msmodelslim.edit_tensors(f, lambda t: t.update({f"{Q}.smooth": torch.ones(512)})),
+                    msmodelslim.describe(f, f"{Q}.smooth", "W8A8_MXFP8")),
+         f"extra tensor {Q}.smooth .described as W8A8_MXFP8, but no linear of that type stores it."),
+        (lambda f: (msmodelslim.edit_tensors(f, lambda t: t.update({"model.junk": torch.ones(2)})),
+                    msmodelslim.describe(f, "model.junk", "FLOAT")), "model.junk is not a parameter of a qwen3 model"),
         (lambda f: (msmodelslim.edit_tensors(f, lambda t: t.pop("model.norm.weight")), msmodelslim.describe(f, "model.norm.weight", None)),
          "missing tensors model.norm.weight"),
         (lambda f: msmodelslim.describe(f, f"{Q}.weight", "W4A4_MXFP4"), "W4A4_MXFP4 .* does not support yet"),
@@ -112,7 +117,7 @@ Q = "model.layers.0.self_attn.q_proj"
         (lambda f: (f / "config.json").unlink(), "has no config.json"),
         (lambda f: (f / checkpoint.DESCRIPTION).unlink(), "not a quantized"),
     ],
-    ids=["missing", "extra", "scale-shape", "dtype", "float-shape", "unknown-type", "described-absent", "described-twice", "missing-parameter", "not-yet", "truncated", "no-config", "no-description"],
+    ids=["missing", "extra", "scale-shape", "dtype", "float-shape", "unknown-type", "described-absent", "described-twice", "described-unused", "not-a-parameter", "missing-parameter", "not-yet", "truncated", "no-config", "no-description"],
 )
 def test_bad_checkpoints_name_the_file_and_tensor(good, damage, message):
     damage(good)

@@ -47,7 +47,8 @@ def test_int4_checkpoints_run_through_the_weight_quant_matmul(model_dir, tmp_pat
     model = checkpoint.load(folder)
     if dtype == torch.bfloat16:
         for prefix, wdq in golden.items():
-            assert torch.equal(model.get_parameter(f"{prefix}.weight"), wdq), "the eager weight is the device's Wdq"
+            weight = model.get_parameter(f"{prefix}.weight")
+            assert torch.equal(weight, wdq) and weight.is_contiguous(), "the eager weight is the device's Wdq"
     model = model.to(dtype)  # the stored tensors stay with the parameters
     be = mxfx.backend("modelslim", target="reference")
     torch._dynamo.reset()
