@@ -4,7 +4,9 @@ They know FX graphs and the scheme interface (mxfx.schemes), not Dynamo, torchai
 a rewrite emits come from a target table (passes.targets)."""
 
 from .find_linears import LinearSite, find_linears
-from .quantize_linears import CONSTANT_PREFIX, DEFAULT_EXCLUDE, RewriteError, prepare_weight, quantize_linears
+from .quantize_linears import (
+    CONSTANT_PREFIX, DEFAULT_EXCLUDE, RewriteError, fqn_excluded, prepare_weight, quantize_linears,
+)
 from .report import LinearReport, RewriteReport
 from .targets import TARGETS, Target, get_target
 
@@ -18,6 +20,7 @@ __all__ = [
     "TARGETS",
     "Target",
     "find_linears",
+    "fqn_excluded",
     "get_target",
     "prepare_weight",
     "quantize_linears",

@@ -77,7 +77,8 @@ class RewriteError(RuntimeError):
     """A linear the pass had accepted could not be rewritten (the message names it and says why)."""
 
 
-def _fqn_excluded(fqn: str | None, include, exclude) -> str | None:
+def fqn_excluded(fqn: str | None, include, exclude) -> str | None:
+    """Why include/exclude (fnmatch patterns on module FQNs) leave this linear alone, or None."""
     if fqn is None:
         return "module name unknown and include= given" if include is not None else None
     for pattern in exclude:
@@ -143,7 +144,7 @@ class _Rewrite:
 
     # -- eligibility -------------------------------------------------------------------------------
     def skip_reason(self, site, include, exclude, weight, bias, x, scheme):
-        if reason := _fqn_excluded(site.fqn, include, exclude):
+        if reason := fqn_excluded(site.fqn, include, exclude):
             return reason
         if not isinstance(weight, torch.Tensor):
             return f"weight {site.weight} is not a constant of the graph"

@@ -131,19 +131,9 @@ def _empty_model(config) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
 
 
-def _parameter(model: torch.nn.Module, name: str, source: str) -> torch.nn.Parameter:
-    module_name, _, attr = name.rpartition(".")
-    try:
-        parameter = model.get_submodule(module_name)._parameters[attr]
-    except (AttributeError, KeyError):
-        parameter = None
-    if parameter is None:
-        raise CheckpointError(f"{source}: {name} is not a parameter of a {model.config.model_type} model")
-    return parameter
-
-
 def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor, source: str) -> None:
-    old = _parameter(model, name, source)
+    """Replace a parameter (one _check_coverage found in the model) by a checkpoint tensor of its shape."""
+    old = model.get_parameter(name)
     if value.shape != old.shape or not value.is_floating_point():
         raise CheckpointError(f"{source}: {name} is {value.dtype} {list(value.shape)}; the model's parameter is "
                               f"{old.dtype} {list(old.shape)}")
@@ -190,8 +180,7 @@ def load(folder: str | Path) -> torch.nn.Module:
             _set_parameter(model, name, tensors[name], tensors.path(name).name)
         for prefix, kind in tqdm(quantized.items(), desc="mxfx load (quantized)", unit="linear", disable=None):
             name = f"{prefix}.weight"
-            shape = _parameter(model, name, tensors.path(name).name).shape
-            stored = read_linear(prefix, kind, tensors, shape, header.get("group_size"))
+            stored = read_linear(prefix, kind, tensors, model.get_parameter(name).shape, header.get("group_size"))
             _set_parameter(model, name, stored.dequantize(), tensors.path(name).name)
             model.get_parameter(name).mxfx_quantized = stored
     if tied:

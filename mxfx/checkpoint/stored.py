@@ -92,8 +92,13 @@ class Int4Weight(QuantizedWeight):
     group_size: int = 0  # K rows per antiquant scale; 0: one scale per output channel
     scheme = "w4a8_dynamic"
 
+    @staticmethod
+    def pack(values: torch.Tensor) -> torch.Tensor:
+        """int [N, K] in [-8, 7] -> the stored `weight`, int8 [N/2, K] (rows 2j, 2j+1 in one byte)."""
+        return pack_int4(values.t()).t().contiguous().view(torch.int8)
+
     def values(self) -> torch.Tensor:
-        """int8 [N, K] in [-8, 7]."""
+        """int8 [N, K] in [-8, 7]: the inverse of pack."""
         return unpack_int4(self.tensors["weight"].t()).t()
 
     def scale(self) -> torch.Tensor:
@@ -150,7 +155,7 @@ def _read_int4(stored: dict, n: int, k: int, described_group: int | None, fail) 
     if tuple(weight.shape) == (n, k):  # one value per byte: packed here, as msmodelslim's 1.0.0 exports are
         if weight.min() < -8 or weight.max() > 7:
             fail("weight", f"holds values in [{weight.min().item()}, {weight.max().item()}]; int4 is [-8, 7]")
-        weight = pack_int4(weight.t()).t().contiguous().view(torch.int8)
+        weight = Int4Weight.pack(weight)
     elif tuple(weight.shape) != (n // 2, k) or n % 2:
         fail("weight", f"has shape {list(weight.shape)}; W4A8_DYNAMIC stores a [{n}, {k}] weight as [{n}, {k}] "
                        f"(one int4 per byte) or [{n // 2}, {k}] (two per byte)")

@@ -50,8 +50,6 @@ def quantize(model_dir: str | Path, scheme: str, out: str | Path, exclude=None, 
     near one shard plus one tensor. The folder is written under a temporary name and renamed when
     complete: an interrupted run leaves no folder that looks like a checkpoint.
     """
-    import fnmatch
-
     from transformers import AutoConfig
 
     import passes
@@ -88,7 +86,7 @@ def quantize(model_dir: str | Path, scheme: str, out: str | Path, exclude=None, 
                     tensor = f.get_tensor(name)
                     prefix = name.removesuffix(".weight")
                     eligible = (name in linears and rule.skip_reason(linears[name]) is None
-                                and not any(fnmatch.fnmatchcase(prefix, p) for p in exclude))
+                                and passes.fqn_excluded(prefix, None, exclude) is None)
                     written = {f"{prefix}.{k}": v for k, v in _stored(rule, reference, tensor).items()} if eligible else {name: tensor}
                     for key, value in written.items():
                         description[key] = WRITTEN_TYPES[scheme] if eligible else FLOAT

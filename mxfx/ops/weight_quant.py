@@ -14,7 +14,7 @@ import torch
 
 from mxfx.formats import pack_int4, unpack_int4
 
-from .matmul import DECODED_WEIGHTS
+from .matmul import DECODED_WEIGHTS, _finish
 
 torch.library.define(
     "mxfx::npu_weight_quant_batchmatmul",
@@ -98,6 +98,7 @@ def _weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=None,
                               bias=None, antiquant_group_size=0, inner_precise=0, weight_dtype=None):
     _weight_quant_shapes(x, weight, antiquant_scale, antiquant_offset, quant_scale, quant_offset, bias,
                          antiquant_group_size, inner_precise, weight_dtype)
+
     def decode():  # fp32 [K, N] for the GEMM
         values = unpack_int4(weight.contiguous().view(torch.uint8)) if weight.dtype == torch.int32 else weight
         offset = None if antiquant_offset is None else antiquant_offset.t()
@@ -106,10 +107,7 @@ def _weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=None,
 
     sources = (weight, antiquant_scale) + ((antiquant_offset,) if antiquant_offset is not None else ())
     w = DECODED_WEIGHTS.get(sources, decode, extra=(antiquant_group_size, x.dtype))
-    acc = x.float() @ w
-    if bias is not None:
-        acc = acc + bias.float().reshape(-1)
-    return acc.to(x.dtype)
+    return _finish(x.float() @ w, bias, x.dtype)
 
 
 @torch.library.register_fake("mxfx::npu_weight_quant_batchmatmul")
