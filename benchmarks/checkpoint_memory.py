@@ -1,5 +1,5 @@
 """Peak memory of writing and of loading a quantized checkpoint of a Qwen3-0.6B-shaped model
-(memory.qwen3_06b_shaped), each step in a fresh process, as a multiple of the model's bf16 weight bytes
+(qwen3_shapes.qwen3_06b_shaped), each step in a fresh process, as a multiple of the model's bf16 weight bytes
 above the process's level before the step: private RSS (the process's own memory) and all RSS (also the
 pages of the memory-mapped safetensors files it has read, which the kernel can drop). The writer streams
 tensor by tensor into shards (bound: one shard plus the largest tensor and its codes); the loader copies
@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from memory import PeakRSS, private_rss, qwen3_06b_shaped, rss
+from memory import PeakRSS, private_rss, rss
+from qwen3_shapes import qwen3_06b_shaped
 from transformers import Qwen3ForCausalLM
 
 from mxfx import checkpoint

@@ -10,7 +10,6 @@ from timing import best_seconds
 
 import passes
 from mxfx.checkpoint import Int4Weight
-from mxfx.formats import pack_int4
 from mxfx.schemes import SCHEMES, STORED_SCHEMES
 
 
@@ -18,7 +17,7 @@ def int4_checkpoint_weight(n: int, k: int, generator) -> torch.Tensor:
     """A bf16 weight carrying random stored int4 codes, as mxfx.checkpoint.load attaches them."""
     values = torch.randint(-8, 8, (n, k), generator=generator, dtype=torch.int8)
     stored = Int4Weight("W4A8_DYNAMIC", {
-        "weight": pack_int4(values.t()).t().contiguous().view(torch.int8),
+        "weight": Int4Weight.pack(values),
         "weight_scale": torch.rand(n, 1, generator=generator) * 0.01,
         "weight_scale_second": torch.rand(n, k // 128, generator=generator) + 0.5,
     }, 128)

@@ -1,13 +1,10 @@
-"""Peak resident memory of a block of work, sampled every millisecond from /proc/self/statm (Linux), and
-the Qwen3-0.6B-shaped configuration the memory benchmarks load. `rss` counts every resident page;
-`private_rss` leaves out file-backed ones (memory-mapped safetensors files: page cache, which the
-kernel can drop)."""
+"""Peak resident memory of a block of work, sampled every millisecond from /proc/self/statm (Linux).
+`rss` counts every resident page; `private_rss` leaves out file-backed ones (memory-mapped safetensors
+files: page cache, which the kernel can drop)."""
 
 import os
 import threading
 import time
-
-from transformers import Qwen3Config
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -48,10 +45,3 @@ class PeakRSS:
         self._running = False
         self._thread.join()
         self._update()
-
-
-def qwen3_06b_shaped(layers: int) -> Qwen3Config:
-    """Qwen3-0.6B's shapes (hidden 1024, intermediate 3072, 16 heads, 8 KV heads, head_dim 128, vocab
-    151936, tied embeddings) with `layers` layers."""
-    return Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=layers,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
