@@ -42,11 +42,8 @@ def _formats_report(x: torch.Tensor) -> str:
             )
         )
     header = ("format", "size", "bits/elem", "SQNR dB", "max |err|", "E8M0 bytes", "ms")
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = [f"input: {x.dtype} {list(x.shape)}, {nbytes([x]) / 2**20:.2f} MiB (16 bits/elem), randn seed 0"]
-    for row in [header, *rows]:
-        lines.append("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
-    return "\n".join(lines)
+    return (f"input: {x.dtype} {list(x.shape)}, {nbytes([x]) / 2**20:.2f} MiB (16 bits/elem), randn seed 0\n"
+            + _table(header, rows))
 
 
 def _table(header: tuple, rows: list[tuple]) -> str:
