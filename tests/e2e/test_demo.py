@@ -111,3 +111,14 @@ def test_serve_graph_mode_example(monkeypatch, capsys):
         torch._dynamo.reset()
     out = capsys.readouterr().out
     assert "no recompiles after warm-up" in out and out.count("mxfp4_dual") == 2
+
+
+def test_formats_command_reports_each_format(capsys):
+    from mxfx import cli
+
+    assert cli.main(["formats", "--rows", "8", "--cols", "1024"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("input: torch.bfloat16 [8, 1024]") and lines[1].split()[:2] == ["format", "size"]
+    bits = {line.split("  ")[0]: line.split()[-5] for line in lines[2:]}
+    assert bits == {"mxfp8 (E4M3, E8M0/32)": "8.2500", "mxfp4 (E2M1, E8M0/32)": "4.2500",
+                    "dual-level (E2M1, E8M0/32, FP32/512)": "4.3125"}
