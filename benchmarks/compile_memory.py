@@ -1,6 +1,6 @@
 """Peak memory of compiling a 4-layer Qwen3-0.6B-shaped model (qwen3_shapes.qwen3_06b_shaped) with
 mxfx: the process's peak RSS above its level before the model existed, divided by the model's bf16
-weight bytes (goal from issue 5: <= 1.3), and the prepared weight bytes divided by the bf16 bytes of
+weight bytes (goal: <= 1.3), and the prepared weight bytes divided by the bf16 bytes of
 the linears they replace (mxfp4_dual: exactly 4.3125/16). RSS is sampled every millisecond from
 /proc/self/statm while compiling."""
 
@@ -12,7 +12,7 @@ from qwen3_shapes import qwen3_06b_shaped
 from transformers import Qwen3ForCausalLM
 
 import mxfx
-from mxfx.backend import PREPARED
+from mxfx.prepared import PREPARED
 
 
 def main() -> None:

@@ -1,29 +1,30 @@
 """The reference quantized linear (activation quant + quant matmul against prepared weights, the ops the
 rewritten graph runs on the reference target) against bf16 F.linear, K = N = 2048, at M = 1 and 128, for
 the online schemes and for a W4A8_DYNAMIC checkpoint linear (int4, group 128; random codes). Ratios from
-one run (best of N, interleaved). Goal from issue 5: <= 2.0x."""
+one run (best of N, interleaved). The goal was <= 2.0x."""
 
 import argparse
 
 import torch
 from timing import best_seconds
 
-import passes
-from mxfx.checkpoint import Int4Weight
-from mxfx.schemes import SCHEMES, STORED_SCHEMES
+from mxfx.checkpoint import TYPES, QuantizedWeight, pack_int4_rows
+from mxfx.schemes import SCHEMES
+from mxfx.stored_weights import STORED_WEIGHTS
+from mxfx.targets import get_target
 
 
-def int4_checkpoint_weight(n: int, k: int, generator) -> torch.Tensor:
-    """A bf16 weight carrying random stored int4 codes, as mxfx.checkpoint.load attaches them."""
+def int4_checkpoint_weight(n: int, k: int, generator) -> tuple[torch.Tensor, QuantizedWeight]:
+    """A bf16 weight with random stored int4 codes, registered as mxfx.checkpoint.load registers them."""
     values = torch.randint(-8, 8, (n, k), generator=generator, dtype=torch.int8)
-    stored = Int4Weight("W4A8_DYNAMIC", {
-        "weight": Int4Weight.pack(values),
+    stored = QuantizedWeight(TYPES["W4A8_DYNAMIC"], {
+        "weight": pack_int4_rows(values),
         "weight_scale": torch.rand(n, 1, generator=generator) * 0.01,
         "weight_scale_second": torch.rand(n, k // 128, generator=generator) + 0.5,
     }, 128)
     weight = stored.dequantize()
-    weight.mxfx_quantized = stored
-    return weight
+    STORED_WEIGHTS.add(weight, stored)
+    return weight, stored
 
 
 def main() -> None:
@@ -32,22 +33,20 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    target = passes.get_target("reference")
+    target = get_target("reference")
     generator = torch.Generator().manual_seed(0)
     weight = (torch.randn(args.n, args.k, generator=generator) * 0.02).bfloat16()
-    int4_weight = int4_checkpoint_weight(args.n, args.k, generator)
-    int4 = STORED_SCHEMES["w4a8_dynamic"].for_weight(int4_weight)
-    columns = [*SCHEMES, "w4a8_dynamic"]
+    int4_weight, stored = int4_checkpoint_weight(args.n, args.k, generator)
+    schemes = {**{name: (scheme, weight) for name, scheme in SCHEMES.items()}, "w4a8_dynamic": (stored.scheme, int4_weight)}
+    columns = list(schemes)
     print(f"K={args.k} N={args.n}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'':12s} {'M':>4s} {'bf16 ms':>9s} " + " ".join(f"{name:>18s}" for name in columns))
     for m in (1, 128):
         x = torch.randn(m, args.k, generator=generator).bfloat16()
         candidates = {"bf16": lambda: torch.nn.functional.linear(x, weight)}
-        for name, scheme in SCHEMES.items():
-            prepared = passes.prepare_weight(scheme, target, weight, None, x.dtype)
-            candidates[name] = lambda s=scheme, p=prepared: s.matmul(target, s.quantize_activation(target, x), p, 15)
-        prepared = passes.prepare_weight(int4, target, int4_weight, None, x.dtype)
-        candidates["w4a8_dynamic"] = lambda p=prepared: int4.matmul(target, int4.quantize_activation(target, x), p, 15)
+        for name, (scheme, w) in schemes.items():
+            prepared = scheme.prepare(target, w, None, x.dtype)
+            candidates[name] = lambda s=scheme, p=prepared: s.linear(target, x, p)
         seconds = {name: min(best_seconds(fn, args.repeats) for _ in range(2)) for name, fn in candidates.items()}
         cells = " ".join(f"{seconds[n] * 1e3:8.2f} ms {seconds[n] / seconds['bf16']:5.2f}x" for n in columns)
         print(f"{'linear':12s} {m:4d} {seconds['bf16'] * 1e3:9.3f} {cells}")

@@ -2,7 +2,7 @@
 Tensor.copy_ bandwidth measured in the same run (best of N, the candidates interleaved so that a noisy
 neighbour hits all of them alike). Each quantizer runs on both implementations (native C kernels and the
 torch code, see mxfx.formats.native); their outputs are checked byte for byte before any number is
-printed. Goal from issue 3: ratio >= 0.25."""
+printed. Goal: ratio >= 0.25."""
 
 import argparse
 

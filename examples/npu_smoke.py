@@ -17,10 +17,10 @@ import torch
 
 import mxfx
 from mxfx import evaluation, textdata
-from mxfx.backend import torchair_inner
+from mxfx.dynamo_backend import torchair_inner
 from mxfx.ops import npu as npu_support
 from mxfx.schemes import SCHEMES
-from passes import get_target
+from mxfx.targets import get_target
 
 
 def _inputs():
@@ -52,9 +52,8 @@ def check_kernels() -> None:
     for name, scheme in SCHEMES.items():
         outputs = []
         for target, (xt, wt) in ((npu, (x.npu(), w.npu())), (reference, (x, w))):
-            act = scheme.quantize_activation(target, xt)
-            prepared = scheme.prepare_weight(target, wt, None)
-            outputs.append((act, scheme.matmul(target, act, prepared, 15)))
+            prepared = scheme.prepare(target, wt, None, xt.dtype)
+            outputs.append((scheme.quantize_activation(target, xt, prepared), scheme.linear(target, xt, prepared)))
         (act_npu, y_npu), (act_ref, y_ref) = outputs
         for i, (a, b) in enumerate(zip(act_npu, act_ref)):
             _same(f"{name} activation quant output {i}", a, b)

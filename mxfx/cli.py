@@ -108,9 +108,11 @@ def _plot(result: "evaluation.Evaluation", path: str) -> None:
 
 def _load(args):
     """The model folder; a quantized checkpoint is compiled with its own scheme, whatever --scheme says."""
+    from .checkpoint import stored_weights
+
     model = evaluation.load_model(args.model)
-    if hasattr(model, "mxfx_checkpoint_scheme"):
-        args.scheme = [model.mxfx_checkpoint_scheme]
+    if stored_weights(model):
+        args.scheme = ["modelslim"]
     return model
 
 
@@ -128,7 +130,7 @@ def _evaluate_folder(args, default_prompt: str | None) -> int:
     result = evaluation.evaluate(model, stream, args.scheme, seq=args.seq, max_tokens=args.max_tokens,
                                  prompt=tokens.encode(prompt) if prompt else None, end=tokens.end,
                                  new_tokens=args.new_tokens)
-    if hasattr(model, "mxfx_checkpoint_scheme"):
+    if args.scheme == ["modelslim"]:
         print("a quantized checkpoint: its \"bf16\" is the stored weights dequantized to bf16 (the original "
               "weights are not in it), so the comparison isolates the quantized matmuls and activations\n")
     _print_evaluation(result, tokens, prompt, getattr(args, "plot", None))
@@ -140,7 +142,7 @@ class _Captured(Exception):
 
 
 def _inspect(args) -> int:
-    from .backend import backend
+    from .dynamo_backend import backend
 
     model = _load(args)
     for scheme in args.scheme:

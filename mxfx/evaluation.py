@@ -10,11 +10,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import passes
 from mxfx import textdata
-from mxfx.backend import PREPARED, backend
+from mxfx.dynamo_backend import backend
 from mxfx.metrics import sqnr_db
+from mxfx.prepared import PREPARED, PreparedWeights
 from mxfx.schemes import get_scheme
+from mxfx.targets import get_target
+from passes import RewriteReport
 
 SHIPPED_MODEL = Path(__file__).parent / "data" / "tiny-qwen3-pydoc"
 
@@ -98,18 +100,18 @@ def layer_inputs(model, batch: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def layer_sqnr(model, inputs: dict[str, torch.Tensor], scheme: str, names: list[str]) -> dict[str, float]:
+def layer_sqnr(model, inputs: dict[str, torch.Tensor], scheme: str, names: list[str],
+               cache: PreparedWeights = PREPARED) -> dict[str, float]:
     """Per named nn.Linear: SQNR (dB) of the quantized layer's output against the bf16 layer's, both fed
     the bf16 model's own input to that layer (`layer_inputs`); a name that is no nn.Linear gets none."""
-    configured, target = get_scheme(scheme), passes.get_target("reference")
+    selector, target = get_scheme(scheme), get_target("reference")
     result = {}
     for name in filter(inputs.__contains__, names):
         layer, x = model.get_submodule(name), inputs[name]
-        scheme = configured.for_weight(layer.weight)  # a checkpoint's linears each have their own
-        prepared = PREPARED.prepare(scheme, target, layer.weight, layer.bias, x.dtype)
-        x2d = x.reshape(-1, x.shape[-1])
-        quantized = scheme.matmul(target, scheme.quantize_activation(target, x2d), prepared, 15)
-        result[name] = sqnr_db(torch.nn.functional.linear(x2d, layer.weight, layer.bias), quantized)
+        chosen = selector.scheme_for(layer.weight)  # a checkpoint's linears each have their own
+        prepared = cache.prepare(chosen, target, layer.weight, layer.bias, x.dtype)
+        quantized = chosen.linear(target, x, prepared)
+        result[name] = sqnr_db(torch.nn.functional.linear(x, layer.weight, layer.bias), quantized)
     return result
 
 
@@ -132,7 +134,7 @@ class SchemeResult:
     top1_agreement: float  # with the bf16 model's next-token choice
     compile_s: float
     run_s: float
-    report: "passes.RewriteReport"
+    report: RewriteReport
     layer_sqnr: dict[str, float] = field(default_factory=dict)
     continuation: list[int] = field(default_factory=list)
 

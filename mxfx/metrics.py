@@ -16,7 +16,3 @@ def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     error = reference - approximation.double()
     return (10 * torch.log10(reference.pow(2).sum() / error.pow(2).sum())).item()
 
-
-def version(t: torch.Tensor) -> int:
-    """A tensor's version counter; inference tensors have none (they cannot be changed in place)."""
-    return 0 if t.is_inference() else t._version

@@ -4,7 +4,10 @@ import weakref
 
 import torch
 
-from mxfx.metrics import version
+
+def version(t: torch.Tensor) -> int:
+    """A tensor's version counter; inference tensors have none (they cannot be changed in place)."""
+    return 0 if t.is_inference() else t._version
 
 
 class TensorCache:

@@ -1,27 +1,32 @@
-"""FX graph passes (GraphModule in, GraphModule out) that rewrite linears into MX-quantized subgraphs.
+"""FX graph passes that rewrite linears into MX-quantized subgraphs. Each rewrites a GraphModule in place
+and returns a report (passes.report); passes.pipeline runs them in order.
 
-They know FX graphs and the scheme interface (mxfx.schemes), not Dynamo, torchair or a device: the ops
-a rewrite emits come from a target table (passes.targets)."""
+They know FX graphs, the schemes (mxfx.schemes) and the target table (mxfx.targets), not Dynamo,
+torchair or a device: the ops a rewrite emits come from the target."""
 
 from .find_linears import LinearSite, find_linears
-from .quantize_linears import (
-    CONSTANT_PREFIX, DEFAULT_EXCLUDE, RewriteError, fqn_excluded, prepare_weight, quantize_linears,
-)
-from .report import LinearReport, RewriteReport
-from .targets import TARGETS, Target, get_target
+from .lift_constants import lift_constants
+from .pipeline import DEFAULT_PASSES, GraphPass, PassContext, rewrite_linears, run_passes
+from .quantize_linears import CONSTANT_PREFIX, RewriteError, mxfx_tag, prepare_weight, quantize_linears
+from .report import LiftReport, LinearReport, PassReport, PipelineReport, RewriteReport
 
 __all__ = [
     "CONSTANT_PREFIX",
-    "DEFAULT_EXCLUDE",
+    "DEFAULT_PASSES",
+    "GraphPass",
+    "LiftReport",
     "LinearReport",
     "LinearSite",
+    "PassContext",
+    "PassReport",
+    "PipelineReport",
     "RewriteError",
     "RewriteReport",
-    "TARGETS",
-    "Target",
     "find_linears",
-    "fqn_excluded",
-    "get_target",
+    "lift_constants",
+    "mxfx_tag",
     "prepare_weight",
     "quantize_linears",
+    "rewrite_linears",
+    "run_passes",
 ]

@@ -1,6 +1,21 @@
-"""RewriteReport: what a rewrite did to each linear, and what it saved."""
+"""What a pass did to a graph. Every pass returns a PassReport: what it changed, and what it skipped
+with a typed reason (mxfx.selection.SkipReason for linears), never a message to parse."""
 
 from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from mxfx.selection import Skip, SkipReason
+
+
+@dataclass
+class PassReport:
+    pass_name: ClassVar[str]
+
+    def summary(self) -> str:
+        """One line for logs and the pipeline report."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -9,14 +24,25 @@ class LinearReport:
     k: int | None
     n: int | None
     outcome: str  # "rewritten" or "skipped"
-    reason: str = ""
+    skip: Skip | None = None
     bytes_before: int = 0
     bytes_after: int = 0
-    scheme: str = ""  # the scheme that served (or would have served) it: per linear for checkpoints
+    scheme: str = ""  # the label of the scheme that served (or would have served) it: per linear for checkpoints
+
+    @property
+    def reason(self) -> str:
+        return "" if self.skip is None else self.skip.detail
+
+    @property
+    def skip_reason(self) -> SkipReason | None:
+        return None if self.skip is None else self.skip.reason
 
 
 @dataclass
-class RewriteReport:
+class RewriteReport(PassReport):
+    """quantize_linears: each linear, rewritten or skipped, and the weight bytes it saved."""
+
+    pass_name: ClassVar[str] = "quantize_linears"
     scheme: str
     target: str
     linears: list[LinearReport] = field(default_factory=list)
@@ -38,6 +64,11 @@ class RewriteReport:
     def bytes_after(self) -> int:
         return sum(linear.bytes_after for linear in self.rewritten)
 
+    def summary(self) -> str:
+        ratio = f" ({self.bytes_after / self.bytes_before:.4f}x)" if self.bytes_before else ""
+        return (f"{len(self.rewritten)} rewritten, {len(self.skipped)} skipped, {self.activation_quants} activation "
+                f"quantizations; weight bytes {self.bytes_before:,} -> {self.bytes_after:,}{ratio}")
+
     def __str__(self) -> str:
         header = ("linear", "K", "N", "outcome", "bytes before", "bytes after", "reason")
         rows = [
@@ -50,9 +81,30 @@ class RewriteReport:
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         lines = [f"mxfx rewrite: scheme {self.scheme}, target {self.target}"]
         lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
-        ratio = f" ({self.bytes_after / self.bytes_before:.4f}x)" if self.bytes_before else ""
-        lines.append(
-            f"{len(self.rewritten)} rewritten, {len(self.skipped)} skipped, {self.activation_quants} activation "
-            f"quantizations; weight bytes {self.bytes_before:,} -> {self.bytes_after:,}{ratio}"
-        )
+        lines.append(self.summary())
         return "\n".join(lines)
+
+
+@dataclass
+class LiftReport(PassReport):
+    """lift_constants: the prepared constants that became graph inputs, in input order."""
+
+    pass_name: ClassVar[str] = "lift_constants"
+    names: list[str] = field(default_factory=list)
+    constants: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    def summary(self) -> str:
+        return f"{len(self.constants)} prepared constants lifted to graph inputs"
+
+
+@dataclass
+class PipelineReport:
+    """Every pass's report for one graph, in pipeline order."""
+
+    passes: list[PassReport] = field(default_factory=list)
+
+    def get(self, kind: type) -> list:
+        return [report for report in self.passes if isinstance(report, kind)]
+
+    def __str__(self) -> str:
+        return "\n".join(f"{report.pass_name}: {report.summary()}" for report in self.passes)

@@ -4,8 +4,9 @@ A checkpoint is a Hugging Face folder (config.json, *.safetensors, optionally sh
 model.safetensors.index.json) plus quant_model_description.json, which maps every tensor name to a type
 (stored.py has the types and their layouts) or FLOAT (kept as it is: norms, embeddings, lm_head,
 biases). Loading builds the model with each quantized linear's weight dequantized to bf16 (so the model
-also runs eagerly) and its stored tensors attached to that weight; compiling with
-`mxfx.backend(scheme="modelslim")` then runs the stored tensors, never re-quantizing.
+also runs eagerly) and adds its stored tensors to mxfx.stored_weights.STORED_WEIGHTS under that weight;
+compiling with `mxfx.backend()` (or scheme="modelslim") then runs the stored tensors, never
+re-quantizing.
 """
 
 import json
@@ -16,7 +17,9 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .stored import LAYOUTS, NOT_YET, OPTIONAL, CheckpointError, read_linear, suffixes
+from mxfx.stored_weights import STORED_WEIGHTS
+
+from .stored import NOT_YET, TYPES, CheckpointError, QuantizedWeight, read_linear
 
 DESCRIPTION = "quant_model_description.json"
 INDEX = "model.safetensors.index.json"
@@ -84,8 +87,8 @@ def read_description(folder: Path) -> tuple[dict[str, str], dict]:
     for name, kind in types.items():
         if kind in NOT_YET:
             raise CheckpointError(f"{path}: tensor {name} is {kind} ({NOT_YET[kind]}), which mxfx does not support yet")
-        if kind != FLOAT and kind not in LAYOUTS:
-            raise CheckpointError(f"{path}: tensor {name} has unknown type {kind!r}; known: {', '.join([FLOAT, *LAYOUTS])}")
+        if kind != FLOAT and kind not in TYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unknown type {kind!r}; known: {', '.join([FLOAT, *TYPES])}")
     return types, {key: description[key] for key in HEADER_KEYS if key in description}
 
 
@@ -99,14 +102,14 @@ def _plan(description: dict[str, str], tensors: _Tensors) -> tuple[list[str], di
         if kind == FLOAT:
             floats.append(name)
         elif name.endswith(".weight"):
-            prefix = name.removesuffix(".weight")
+            prefix, record = name.removesuffix(".weight"), TYPES[kind]
             quantized[prefix] = kind
-            for suffix in LAYOUTS[kind]:
+            for suffix in record.required:
                 if f"{prefix}.{suffix}" not in tensors:
                     raise CheckpointError(f"{tensors.folder}: missing tensor {prefix}.{suffix}: {kind} needs "
-                                          f"{', '.join(LAYOUTS[kind])}")
-            present = {s for s in OPTIONAL.get(kind, ()) if f"{prefix}.{s}" in tensors}
-            used |= {f"{prefix}.{suffix}" for suffix in suffixes(kind, present)}
+                                          f"{', '.join(record.required)}")
+            present = {s for s in record.optional if f"{prefix}.{s}" in tensors}
+            used |= {f"{prefix}.{suffix}" for suffix in record.suffixes(present)}
     for name in used:
         owner = name.rpartition(".")[0] + ".weight"
         if description.get(name, description[owner]) != description[owner]:
@@ -158,7 +161,8 @@ def _check_coverage(model, floats: list[str], quantized: dict[str, str], tied: b
 
 
 def load(folder: str | Path) -> torch.nn.Module:
-    """A quantized checkpoint folder as a bf16 model whose quantized linears carry their stored tensors.
+    """A quantized checkpoint folder as a bf16 model whose quantized linears' weights have their stored
+    tensors in STORED_WEIGHTS (`stored_weights(model)` lists them).
 
     Names, types and the tensors' presence are checked first; then the tensors are read one linear at
     a time, so the peak is the model's bf16 weights plus its stored codes plus one linear.
@@ -180,13 +184,18 @@ def load(folder: str | Path) -> torch.nn.Module:
             _set_parameter(model, name, tensors[name], tensors.path(name).name)
         for prefix, kind in tqdm(quantized.items(), desc="mxfx load (quantized)", unit="linear", disable=None):
             name = f"{prefix}.weight"
-            stored = read_linear(prefix, kind, tensors, model.get_parameter(name).shape, header.get("group_size"))
+            stored = read_linear(prefix, TYPES[kind], tensors, model.get_parameter(name).shape, header.get("group_size"))
             _set_parameter(model, name, stored.dequantize(), tensors.path(name).name)
-            model.get_parameter(name).mxfx_quantized = stored
+            STORED_WEIGHTS.add(model.get_parameter(name), stored)
     if tied:
         model.tie_weights()
-    model.mxfx_checkpoint_scheme = "modelslim"  # what `mxfx eval` / `inspect` compile it with
     return model
+
+
+def stored_weights(model: torch.nn.Module) -> dict[str, QuantizedWeight]:
+    """Module FQN -> stored tensors of every linear of `model` whose weight came from a checkpoint."""
+    return {name.removesuffix(".weight"): stored for name, parameter in model.named_parameters()
+            if (stored := STORED_WEIGHTS.get(parameter)) is not None}
 
 
 def scheme_of(folder: str | Path) -> str:

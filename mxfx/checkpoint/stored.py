@@ -1,5 +1,7 @@
-"""What a checkpoint stores per quantized linear `<p>`, by type (the values of quant_model_description.json),
-checked against the model's [N, K] weight as it is read, and how it runs.
+"""What a checkpoint stores per quantized linear `<p>`, by type (the values of quant_model_description.json):
+one record per type says which tensors it has, how they are checked against the model's [N, K]
+weight, how they become the codes a scheme's quantize_weight returns (and back, for the types mxfx
+writes), and which scheme runs them.
 
 | type | `<p>.weight` | scales | runs as |
 |---|---|---|---|
@@ -20,12 +22,16 @@ and not 0.
 """
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-from mxfx.formats import dequantize_dual_level, dequantize_mx, pack_int4, to_paired_scales, unpack_int4
+from mxfx.formats import (
+    dequantize_dual_level, dequantize_mx, from_paired_scales, pack_int4, to_paired_scales, unpack_int4,
+)
 from mxfx.ops.weight_quant import dequantized_weight
+from mxfx.schemes import MXFP8, DualLevelMXFP4, Int4WeightOnly, MXFP4W4A8, Scheme, Tensors
 
 
 class CheckpointError(ValueError):
@@ -34,150 +40,234 @@ class CheckpointError(ValueError):
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 NUMBERS = FLOATS + (torch.int8, torch.int32, torch.int64)
-# type -> required tensor suffix -> allowed dtypes
-LAYOUTS = {
-    "W8A8_MXFP8": {"weight": (torch.float8_e4m3fn,), "weight_scale": (torch.uint8,)},
-    "W4A8_MXFP": {"weight": (torch.uint8, torch.float8_e4m3fn), "weight_scale": (torch.uint8,)},
-    "W4A4_MXFP4_DUALSCALE": {"weight": (torch.uint8,), "weight_scale": (torch.uint8,), "weight_dual_scale": (torch.float32,)},
-    "W4A8_DYNAMIC": {"weight": (torch.int8,), "weight_scale": FLOATS, "weight_offset": NUMBERS},
-}
-OPTIONAL = {"W4A8_DYNAMIC": {"weight_scale_second": FLOATS, "weight_offset_second": NUMBERS, "scale_bias": (torch.float32,)}}
+Fail = Callable[[str, str], None]  # fail(suffix, problem) raises a CheckpointError naming file and tensor
 # msmodelslim types mxfx knows of but cannot run yet
 NOT_YET = {"W4A4_MXFP4": "MXFP4 activations", "W4A4_MXFP4_SVD": "the SVD variant"}
 
 
-def suffixes(kind: str, present) -> list[str]:
-    """The tensors a linear of this type stores: the required ones and the optional ones `present` has."""
-    return [*LAYOUTS[kind], *(s for s in OPTIONAL.get(kind, ()) if s in present)]
+@dataclass(frozen=True, eq=False)
+class StoredType:
+    """One stored type. required/optional: tensor suffix -> allowed dtypes."""
+
+    name: str
+    required: dict[str, tuple[torch.dtype, ...]]
+    optional: dict[str, tuple[torch.dtype, ...]] = field(default_factory=dict)
+    written_for: str | None = None  # the online scheme mxfx writes as this type
+
+    @property
+    def allowed(self) -> dict[str, tuple[torch.dtype, ...]]:
+        return self.required | self.optional
+
+    def suffixes(self, present) -> list[str]:
+        """The tensors a linear of this type stores: the required ones and the optional ones `present` has."""
+        return [*self.required, *(s for s in self.optional if s in present)]
+
+    def check(self, stored: Tensors, n: int, k: int, described_group: int | None, fail: Fail) -> "QuantizedWeight":
+        """The linear's tensors checked against its [N, K] weight."""
+        raise NotImplementedError
+
+    def scheme(self, weight: "QuantizedWeight") -> Scheme:
+        raise NotImplementedError
+
+    def codes(self, weight: "QuantizedWeight", device: torch.device) -> Tensors:
+        """The tensors as the scheme's quantize_weight returns them (mxfx.schemes)."""
+        raise NotImplementedError
+
+    def dequantize(self, weight: "QuantizedWeight") -> torch.Tensor:
+        """The weight [N, K] in bf16, as the model holds it."""
+        raise NotImplementedError
+
+    def from_codes(self, codes: Tensors, k: int) -> Tensors:
+        """The inverse of codes: what the scheme's quantizer returned, in this type's layout."""
+        raise NotImplementedError(f"mxfx does not write {self.name}")
+
+
+def _scale_bytes(paired: torch.Tensor, k: int) -> torch.Tensor:
+    return from_paired_scales(paired, math.ceil(k / 32)).view(torch.uint8)
+
+
+def _check_shapes(stored: Tensors, expected: dict[str, tuple], n: int, k: int, fail: Fail) -> None:
+    for suffix, want in expected.items():
+        if suffix in stored and tuple(stored[suffix].shape) != want:
+            fail(suffix, f"has shape {list(stored[suffix].shape)}, expected {list(want)} for a [{n}, {k}] weight")
+
+
+@dataclass(frozen=True, eq=False)
+class MXType(StoredType):
+    """Single-level MX: E4M3 or packed FP4 codes with E8M0 scales per 32 (an E4M3 container of FP4
+    values, from early W4A8_MXFP exports, is exact as E4M3 and runs as mxfp8)."""
+
+    def check(self, stored, n, k, described_group, fail):
+        weight = stored["weight"]
+        stored_k = weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1)
+        if weight.dim() != 2 or (weight.shape[0], stored_k) != (n, k):
+            fail("weight", f"has shape {list(weight.shape)}, which is not a {self.name} [{n}, {k}] weight")
+        _check_shapes(stored, {"weight_scale": (n, math.ceil(k / 32))}, n, k, fail)
+        return QuantizedWeight(self, stored)
+
+    def scheme(self, weight):
+        return MXFP4W4A8(stored=True) if weight.tensors["weight"].dtype == torch.uint8 else MXFP8(stored=True)
+
+    def codes(self, weight, device):
+        t = weight.tensors
+        return {"q": t["weight"].to(device), "scale": to_paired_scales(t["weight_scale"].to(device))}
+
+    def dequantize(self, weight):
+        t = weight.tensors
+        fmt = "fp4_e2m1" if t["weight"].dtype == torch.uint8 else "fp8_e4m3"
+        return dequantize_mx(t["weight"], t["weight_scale"], fmt).to(torch.bfloat16)
+
+    def from_codes(self, codes, k):
+        return {"weight": codes["q"], "weight_scale": _scale_bytes(codes["scale"], k)}
+
+
+@dataclass(frozen=True, eq=False)
+class DualLevelType(MXType):
+    """mxfx's dual-level MXFP4: FP4 codes, E8M0 level-1 scales per 32, fp32 level-0 scales per 512."""
+
+    def check(self, stored, n, k, described_group, fail):
+        weight = super().check(stored, n, k, described_group, fail)
+        _check_shapes(stored, {"weight_dual_scale": (n, math.ceil(k / 512), 1)}, n, k, fail)
+        return weight
+
+    def scheme(self, weight):
+        return DualLevelMXFP4(stored=True)
+
+    def codes(self, weight, device):
+        t = weight.tensors
+        return {"q": t["weight"].to(device), "level0": t["weight_dual_scale"].flatten(-2).to(device),
+                "level1": to_paired_scales(t["weight_scale"].to(device))}
+
+    def dequantize(self, weight):
+        t = weight.tensors
+        return dequantize_dual_level(t["weight"], t["weight_dual_scale"].flatten(-2), t["weight_scale"]).to(torch.bfloat16)
+
+    def from_codes(self, codes, k):
+        return {"weight": codes["q"], "weight_scale": _scale_bytes(codes["level1"], k),
+                "weight_dual_scale": codes["level0"].unsqueeze(-1)}
+
+
+def pack_int4_rows(values: torch.Tensor) -> torch.Tensor:
+    """int [N, K] in [-8, 7] -> the stored W4A8_DYNAMIC `weight`, int8 [N/2, K] (rows 2j, 2j+1 in one byte)."""
+    return pack_int4(values.t()).t().contiguous().view(torch.int8)
+
+
+@dataclass(frozen=True, eq=False)
+class Int4Type(StoredType):
+    """msmodelslim's W4A8_DYNAMIC: int4 packed two per byte along N, int8 [N/2, K] (one-per-byte exports
+    are packed when read); `weight_scale` [N, 1]; per group, `weight_scale_second` [N, K/group]."""
+
+    def check(self, stored, n, k, described_group, fail):
+        weight = stored["weight"]
+        if n % 8:
+            fail("weight", f"belongs to a linear with N={n} outputs; npu_weight_quant_batchmatmul packs int4 8 per "
+                           "int32 along N, so N must be a multiple of 8")
+        if tuple(weight.shape) == (n, k):  # one value per byte: packed here, as msmodelslim's 1.0.0 exports are
+            if weight.min() < -8 or weight.max() > 7:
+                fail("weight", f"holds values in [{weight.min().item()}, {weight.max().item()}]; int4 is [-8, 7]")
+            weight = pack_int4_rows(weight)
+        elif tuple(weight.shape) != (n // 2, k) or n % 2:
+            fail("weight", f"has shape {list(weight.shape)}; W4A8_DYNAMIC stores a [{n}, {k}] weight as [{n}, {k}] "
+                           f"(one int4 per byte) or [{n // 2}, {k}] (two per byte)")
+        if "weight_offset_second" in stored and "weight_scale_second" not in stored:
+            fail("weight_offset_second", "is stored without weight_scale_second")
+        groups = stored["weight_scale_second"].shape[-1] if "weight_scale_second" in stored else 1
+        _check_shapes(stored, {"weight_scale": (n, 1), "weight_offset": (n, 1), "weight_scale_second": (n, groups),
+                               "weight_offset_second": (n, groups)}, n, k, fail)
+        for suffix in ("weight_offset", "weight_offset_second"):
+            if suffix in stored and stored[suffix].any():
+                fail(suffix, "is not zero: asymmetric int4 is not supported (msmodelslim writes symmetric weights "
+                             "and vllm-ascend ignores offsets, so the result would depend on who runs it)")
+        if "scale_bias" in stored and stored["scale_bias"].shape[0] != n:
+            fail("scale_bias", f"has shape {list(stored['scale_bias'].shape)}; its first dim must be N={n}")
+        kept = {suffix: stored[suffix] for suffix in ("weight_scale", "weight_scale_second") if suffix in stored}
+        if groups == 1:  # one scale per channel (a single group spanning K is the same thing)
+            return QuantizedWeight(self, {"weight": weight, **kept})
+        group = k // groups if groups and k % groups == 0 else 0
+        if not group or group % 32 or described_group not in (None, 0, group):
+            size = f"{k / groups:g}" if groups else "none"
+            fail("weight_scale_second", f"has {groups} groups for K={k}, a group size of {size}; "
+                                        "npu_weight_quant_batchmatmul takes a multiple of 32 that divides K, and the "
+                                        f"description says {described_group}")
+        return QuantizedWeight(self, {"weight": weight, **kept}, group)
+
+    def scheme(self, weight):
+        return Int4WeightOnly(group_size=weight.group_size)
+
+    @staticmethod
+    def values(weight: "QuantizedWeight") -> torch.Tensor:
+        """int8 [N, K] in [-8, 7]: the inverse of pack_int4_rows."""
+        return unpack_int4(weight.tensors["weight"].t()).t()
+
+    @staticmethod
+    def scale(weight: "QuantizedWeight") -> torch.Tensor:
+        """The antiquant scale in fp32, [N] or [N, K/group]: weight_scale * weight_scale_second, as
+        vllm-ascend multiplies them (the op then takes it in the activation's dtype)."""
+        scale = weight.tensors["weight_scale"].float().reshape(-1, 1)
+        if "weight_scale_second" in weight.tensors:
+            scale = scale * weight.tensors["weight_scale_second"].float()
+        return scale if weight.group_size else scale.flatten()
+
+    def codes(self, weight, device):
+        """int8 values [N, K] and the fp32 scale laid out for the op: [N] or [K/group, N]."""
+        scale = self.scale(weight)
+        return {"q": self.values(weight).to(device),
+                "scale": (scale.t().contiguous() if weight.group_size else scale).to(device)}
+
+    def dequantize(self, weight):
+        """Exactly the bf16 weight the device dequantizes for bf16 activations."""
+        return dequantized_weight(self.values(weight), self.scale(weight).bfloat16(), None, weight.group_size,
+                                  torch.bfloat16)
+
+
+_SCALE = {"weight_scale": (torch.uint8,)}
+TYPES: dict[str, StoredType] = {t.name: t for t in (
+    MXType("W8A8_MXFP8", {"weight": (torch.float8_e4m3fn,), **_SCALE}, written_for="mxfp8"),
+    MXType("W4A8_MXFP", {"weight": (torch.uint8, torch.float8_e4m3fn), **_SCALE}, written_for="mxfp4_w4a8"),
+    DualLevelType("W4A4_MXFP4_DUALSCALE", {"weight": (torch.uint8,), **_SCALE, "weight_dual_scale": (torch.float32,)},
+                  written_for="mxfp4_dual"),
+    Int4Type("W4A8_DYNAMIC", {"weight": (torch.int8,), "weight_scale": FLOATS, "weight_offset": NUMBERS},
+             {"weight_scale_second": FLOATS, "weight_offset_second": NUMBERS, "scale_bias": (torch.float32,)}),
+)}
+WRITTEN: dict[str, StoredType] = {t.written_for: t for t in TYPES.values() if t.written_for}  # scheme name -> type
 
 
 @dataclass
 class QuantizedWeight:
-    """A linear's stored MX tensors, attached to its (dequantized) weight as `weight.mxfx_quantized`."""
+    """A linear's stored tensors and the record of their type (mxfx.stored_weights.StoredCodes)."""
 
-    type: str
-    tensors: dict[str, torch.Tensor]
+    kind: StoredType
+    tensors: Tensors
+    group_size: int = 0  # int4: K rows per antiquant scale; 0: one scale per output channel
 
     @property
-    def scheme(self) -> str:
-        """The mxfx.schemes.STORED_SCHEMES entry that runs these tensors."""
-        if self.type == "W4A8_MXFP":  # packed FP4, or FP4 values in an E4M3 container (run as MXFP8)
-            return "mxfp4_w4a8" if self.tensors["weight"].dtype == torch.uint8 else "mxfp8"
-        return {"W8A8_MXFP8": "mxfp8", "W4A4_MXFP4_DUALSCALE": "mxfp4_dual"}[self.type]
+    def type(self) -> str:
+        return self.kind.name
+
+    @property
+    def scheme(self) -> Scheme:
+        return self.kind.scheme(self)
+
+    def codes(self, device: torch.device) -> Tensors:
+        return self.kind.codes(self, device)
 
     def dequantize(self) -> torch.Tensor:
-        """The weight [N, K] in bf16, as the model holds it."""
-        t = self.tensors
-        if self.scheme == "mxfp4_dual":
-            weight = dequantize_dual_level(t["weight"], t["weight_dual_scale"].flatten(-2), t["weight_scale"])
-        else:  # FP4 values in an E4M3 container (early W4A8_MXFP exports) are exact as E4M3
-            fmt = "fp4_e2m1" if self.scheme == "mxfp4_w4a8" else "fp8_e4m3"
-            weight = dequantize_mx(t["weight"], t["weight_scale"], fmt)
-        return weight.to(torch.bfloat16)
-
-    def codes(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """The tensors as the scheme's quantize_weight returns them (mxfx.schemes)."""
-        t = {name: tensor.to(device) for name, tensor in self.tensors.items()}
-        scale = to_paired_scales(t["weight_scale"])
-        if self.scheme == "mxfp4_dual":
-            return {"q": t["weight"], "level0": t["weight_dual_scale"].flatten(-2), "level1": scale}
-        return {"q": t["weight"], "scale": scale}
+        return self.kind.dequantize(self)
 
 
-@dataclass
-class Int4Weight(QuantizedWeight):
-    """A W4A8_DYNAMIC linear: `weight` int4 packed two per byte along N, int8 [N/2, K] (one-per-byte
-    exports are packed when read); `weight_scale` [N, 1]; per group, `weight_scale_second` [N, K/group]."""
-
-    group_size: int = 0  # K rows per antiquant scale; 0: one scale per output channel
-    scheme = "w4a8_dynamic"
-
-    @staticmethod
-    def pack(values: torch.Tensor) -> torch.Tensor:
-        """int [N, K] in [-8, 7] -> the stored `weight`, int8 [N/2, K] (rows 2j, 2j+1 in one byte)."""
-        return pack_int4(values.t()).t().contiguous().view(torch.int8)
-
-    def values(self) -> torch.Tensor:
-        """int8 [N, K] in [-8, 7]: the inverse of pack."""
-        return unpack_int4(self.tensors["weight"].t()).t()
-
-    def scale(self) -> torch.Tensor:
-        """The antiquant scale in fp32, [N] or [N, K/group]: weight_scale * weight_scale_second, as
-        vllm-ascend multiplies them (the op then takes it in the activation's dtype)."""
-        scale = self.tensors["weight_scale"].float().reshape(-1, 1)
-        if "weight_scale_second" in self.tensors:
-            scale = scale * self.tensors["weight_scale_second"].float()
-        return scale if self.group_size else scale.flatten()
-
-    def dequantize(self) -> torch.Tensor:
-        """The weight [N, K] in bf16 exactly as the device dequantizes it for bf16 activations."""
-        return dequantized_weight(self.values(), self.scale().bfloat16(), None, self.group_size, torch.bfloat16)
-
-    def codes(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """int8 values [N, K] and the fp32 scale laid out for the op: [N] or [K/group, N]."""
-        scale = self.scale()
-        return {"q": self.values().to(device), "scale": (scale.t().contiguous() if self.group_size else scale).to(device)}
-
-
-def read_linear(prefix: str, kind: str, tensors, shape: torch.Size, group_size: int | None) -> QuantizedWeight:
+def read_linear(prefix: str, kind: StoredType, tensors, shape: torch.Size, group_size: int | None) -> QuantizedWeight:
     """The stored tensors of the linear `prefix` (a [N, K] weight in the model), checked; `tensors` reads
     a tensor by name and names its file (read._Tensors); `group_size` is the description's, if any."""
-    stored, allowed = {}, LAYOUTS[kind] | OPTIONAL.get(kind, {})
-    for suffix in suffixes(kind, {s for s in allowed if f"{prefix}.{s}" in tensors}):
+    stored, allowed = {}, kind.allowed
+    for suffix in kind.suffixes({s for s in allowed if f"{prefix}.{s}" in tensors}):
         name = f"{prefix}.{suffix}"
         stored[suffix] = tensor = tensors[name]
         if tensor.dtype not in allowed[suffix]:
-            raise CheckpointError(f"{tensors.path(name).name}: {name} is {tensor.dtype}; {kind} stores it as "
+            raise CheckpointError(f"{tensors.path(name).name}: {name} is {tensor.dtype}; {kind.name} stores it as "
                                   f"{' or '.join(map(str, allowed[suffix]))}")
 
     def fail(suffix, problem):
         raise CheckpointError(f"{tensors.path(f'{prefix}.{suffix}').name}: {prefix}.{suffix} {problem}")
 
     n, k = shape
-    if kind == "W4A8_DYNAMIC":
-        return _read_int4(stored, n, k, group_size, fail)
-    weight = stored["weight"]
-    stored_k = weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1)
-    if weight.dim() != 2 or (weight.shape[0], stored_k) != (n, k):
-        fail("weight", f"has shape {list(weight.shape)}, which is not a {kind} [{n}, {k}] weight")
-    expected = {"weight_scale": (n, math.ceil(k / 32)), "weight_dual_scale": (n, math.ceil(k / 512), 1)}
-    for suffix, want in expected.items():
-        if suffix in stored and tuple(stored[suffix].shape) != want:
-            fail(suffix, f"has shape {list(stored[suffix].shape)}, expected {list(want)} for a [{n}, {k}] weight")
-    return QuantizedWeight(kind, stored)
-
-
-def _read_int4(stored: dict, n: int, k: int, described_group: int | None, fail) -> Int4Weight:
-    weight = stored["weight"]
-    if n % 8:
-        fail("weight", f"belongs to a linear with N={n} outputs; npu_weight_quant_batchmatmul packs int4 8 per "
-                       "int32 along N, so N must be a multiple of 8")
-    if tuple(weight.shape) == (n, k):  # one value per byte: packed here, as msmodelslim's 1.0.0 exports are
-        if weight.min() < -8 or weight.max() > 7:
-            fail("weight", f"holds values in [{weight.min().item()}, {weight.max().item()}]; int4 is [-8, 7]")
-        weight = Int4Weight.pack(weight)
-    elif tuple(weight.shape) != (n // 2, k) or n % 2:
-        fail("weight", f"has shape {list(weight.shape)}; W4A8_DYNAMIC stores a [{n}, {k}] weight as [{n}, {k}] "
-                       f"(one int4 per byte) or [{n // 2}, {k}] (two per byte)")
-    if "weight_offset_second" in stored and "weight_scale_second" not in stored:
-        fail("weight_offset_second", "is stored without weight_scale_second")
-    groups = stored["weight_scale_second"].shape[-1] if "weight_scale_second" in stored else 1
-    for suffix, want in (("weight_scale", (n, 1)), ("weight_offset", (n, 1)),
-                         ("weight_scale_second", (n, groups)), ("weight_offset_second", (n, groups))):
-        if suffix in stored and tuple(stored[suffix].shape) != want:
-            fail(suffix, f"has shape {list(stored[suffix].shape)}, expected {list(want)} for a [{n}, {k}] weight")
-        if suffix.startswith("weight_offset") and suffix in stored and stored[suffix].any():
-            fail(suffix, "is not zero: asymmetric int4 is not supported (msmodelslim writes symmetric weights "
-                         "and vllm-ascend ignores offsets, so the result would depend on who runs it)")
-    if "scale_bias" in stored and stored["scale_bias"].shape[0] != n:
-        fail("scale_bias", f"has shape {list(stored['scale_bias'].shape)}; its first dim must be N={n}")
-    kept = {suffix: stored[suffix] for suffix in ("weight_scale", "weight_scale_second") if suffix in stored}
-    if groups == 1:  # one scale per channel (a single group spanning K is the same thing)
-        return Int4Weight("W4A8_DYNAMIC", {"weight": weight, **kept})
-    group = k // groups if groups and k % groups == 0 else 0
-    if not group or group % 32 or described_group not in (None, 0, group):
-        size = f"{k / groups:g}" if groups else "none"
-        fail("weight_scale_second", f"has {groups} groups for K={k}, a group size of {size}; "
-                                    "npu_weight_quant_batchmatmul takes a multiple of 32 that divides K, and the "
-                                    f"description says {described_group}")
-    return Int4Weight("W4A8_DYNAMIC", {"weight": weight, **kept}, group)
+    return kind.check(stored, n, k, group_size, fail)

@@ -3,7 +3,6 @@ msmodelslim's layout (mxfp8 -> W8A8_MXFP8, mxfp4_w4a8 -> packed W4A8_MXFP) or mx
 (mxfp4_dual -> W4A4_MXFP4_DUALSCALE), so quantization is done once (stored.py has the layouts)."""
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -14,23 +13,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from mxfx.formats import from_paired_scales
+from mxfx.schemes import get_scheme
+from mxfx.selection import Selection
+from mxfx.targets import get_target
 
 from .read import DESCRIPTION, FLOAT, INDEX, safetensors_files
-from .stored import CheckpointError
+from .stored import WRITTEN, CheckpointError
 
-WRITTEN_TYPES = {"mxfp8": "W8A8_MXFP8", "mxfp4_w4a8": "W4A8_MXFP", "mxfp4_dual": "W4A4_MXFP4_DUALSCALE"}
-
-
-def _stored(scheme, target, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The weight quantized by the scheme's own quantizer, in the checkpoint layout: the inverse of
-    QuantizedWeight.codes, so a written checkpoint runs exactly what the scheme would."""
-    codes = scheme.quantize_weight(target, weight)
-    blocks = math.ceil(weight.shape[-1] / 32)
-    if "level0" in codes:
-        return {"weight": codes["q"], "weight_scale": from_paired_scales(codes["level1"], blocks).view(torch.uint8),
-                "weight_dual_scale": codes["level0"].unsqueeze(-1)}
-    return {"weight": codes["q"], "weight_scale": from_paired_scales(codes["scale"], blocks).view(torch.uint8)}
+WRITTEN_TYPES = {scheme: kind.name for scheme, kind in WRITTEN.items()}  # scheme name -> the type written
 
 
 def _linear_weights(config) -> dict[str, int]:
@@ -45,15 +35,12 @@ def _linear_weights(config) -> dict[str, int]:
 def quantize(model_dir: str | Path, scheme: str, out: str | Path, exclude=None, shard_bytes: int = 256 << 20) -> Path:
     """Quantize a bf16 Hugging Face folder's linears into a checkpoint folder `out`, tensor by tensor.
 
-    Linears the scheme cannot serve (K rule) or that match `exclude` (default: lm_head, embeddings) stay
-    FLOAT. Tensors are read one at a time and written in shards of about `shard_bytes`, so memory stays
+    Linears the scheme cannot serve (K rule), lm_head, embeddings and those matching `exclude` (fnmatch
+    patterns on module FQNs) stay FLOAT. Tensors are read one at a time and written in shards of about `shard_bytes`, so memory stays
     near one shard plus one tensor. The folder is written under a temporary name and renamed when
     complete: an interrupted run leaves no folder that looks like a checkpoint.
     """
     from transformers import AutoConfig
-
-    import passes
-    from mxfx.schemes import get_scheme
 
     model_dir, out = Path(model_dir), Path(out)
     if scheme not in WRITTEN_TYPES:
@@ -62,10 +49,10 @@ def quantize(model_dir: str | Path, scheme: str, out: str | Path, exclude=None, 
         raise CheckpointError(f"{model_dir} has no config.json")
     if out.exists():
         raise CheckpointError(f"{out} already exists")
-    exclude = passes.DEFAULT_EXCLUDE if exclude is None else tuple(exclude)
+    select = Selection.of(exclude=exclude)
     linears = _linear_weights(AutoConfig.from_pretrained(model_dir, local_files_only=True))
-    rule, reference = get_scheme(scheme), passes.get_target("reference")
-    description = {"model_quant_type": WRITTEN_TYPES[scheme], "version": "1.0.0", "group_size": 32}
+    online, kind, reference = get_scheme(scheme), WRITTEN[scheme], get_target("reference")
+    description = {"model_quant_type": kind.name, "version": "1.0.0", "group_size": 32}
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -85,11 +72,14 @@ def quantize(model_dir: str | Path, scheme: str, out: str | Path, exclude=None, 
                 for name in tqdm(list(f.keys()), desc=f"mxfx quantize {path.name}", unit="tensor", disable=None):
                     tensor = f.get_tensor(name)
                     prefix = name.removesuffix(".weight")
-                    eligible = (name in linears and rule.skip_reason(linears[name]) is None
-                                and passes.fqn_excluded(prefix, None, exclude) is None)
-                    written = {f"{prefix}.{k}": v for k, v in _stored(rule, reference, tensor).items()} if eligible else {name: tensor}
+                    eligible = name in linears and online.skip(linears[name]) is None and select.skip(prefix) is None
+                    if eligible:  # the scheme's own quantizer: a written checkpoint runs exactly what the scheme would
+                        codes = kind.from_codes(online.quantize_weight(reference, tensor), tensor.shape[-1])
+                        written = {f"{prefix}.{suffix}": value for suffix, value in codes.items()}
+                    else:
+                        written = {name: tensor}
                     for key, value in written.items():
-                        description[key] = WRITTEN_TYPES[scheme] if eligible else FLOAT
+                        description[key] = kind.name if eligible else FLOAT
                         shard[key] = value.contiguous()
                         size += value.numel() * value.element_size()
                     if size >= shard_bytes:

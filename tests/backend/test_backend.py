@@ -10,7 +10,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import mxfx
-from mxfx.backend import Backend, PreparedWeights
+from mxfx.dynamo_backend import Backend
+from mxfx.prepared import PreparedWeights
 
 from .. import reference_linear
 from ..models import tiny_qwen3

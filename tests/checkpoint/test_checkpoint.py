@@ -34,7 +34,7 @@ def test_quantize_save_load_compile_round_trip(model_dir, tmp_path, scheme):
     assert description["model.layers.0.self_attn.q_proj.weight"] == checkpoint.WRITTEN_TYPES[scheme]
     assert description["lm_head.weight"] == "FLOAT" and description["model.norm.weight"] == "FLOAT"
     loaded = checkpoint.load(out)
-    stored = loaded.get_parameter("model.layers.1.mlp.down_proj.weight").mxfx_quantized
+    stored = checkpoint.stored_weights(loaded)["model.layers.1.mlp.down_proj"]
     written = load_file(out / "model.safetensors")
     for suffix, tensor in stored.tensors.items():  # read back bit-identically
         assert torch.equal(tensor.view(torch.uint8), written[f"model.layers.1.mlp.down_proj.{suffix}"].view(torch.uint8))

@@ -11,7 +11,8 @@ import torch
 import mxfx
 from mxfx import checkpoint
 from mxfx.checkpoint import CheckpointError
-from mxfx.checkpoint.stored import Int4Weight
+from mxfx.checkpoint import TYPES, QuantizedWeight
+from mxfx.stored_weights import STORED_WEIGHTS
 
 from .. import msmodelslim
 
@@ -65,8 +66,8 @@ def test_int4_checkpoints_run_through_the_weight_quant_matmul(model_dir, tmp_pat
 def test_a_biased_int4_linear_adds_its_bias_in_fp32():
     linear = torch.nn.Linear(256, 64, dtype=torch.bfloat16)
     q, channel, second = msmodelslim.int4_quantize(linear.weight.detach(), 128)
-    linear.weight.mxfx_quantized = Int4Weight("W4A8_DYNAMIC", {"weight": msmodelslim.int4_pack(q), "weight_scale": channel,
-                                                               "weight_scale_second": second}, 128)
+    STORED_WEIGHTS.add(linear.weight, QuantizedWeight(TYPES["W4A8_DYNAMIC"], {
+        "weight": msmodelslim.int4_pack(q), "weight_scale": channel, "weight_scale_second": second}, 128))
     wdq = msmodelslim.int4_golden(q, channel, second, 128)
     x = torch.randn(3, 256).bfloat16()
     torch._dynamo.reset()
@@ -123,4 +124,4 @@ def test_the_group_size_comes_from_the_tensors_when_the_description_has_none(mod
     del description["group_size"]
     (folder / checkpoint.DESCRIPTION).write_text(json.dumps(description))
     model = checkpoint.load(folder)
-    assert model.get_parameter(f"{Q}.weight").mxfx_quantized.group_size == 128
+    assert checkpoint.stored_weights(model)[Q].group_size == 128

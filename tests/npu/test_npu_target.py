@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import mxfx
-from mxfx.backend import Backend, PreparedWeights
+from mxfx.dynamo_backend import Backend
+from mxfx.prepared import PreparedWeights
 from mxfx.ops import npu as npu_support
 
 from .. import npu_standin
@@ -127,7 +128,7 @@ def test_torchair_inner_gets_the_users_config_and_frozen_parameter_constants(mon
 
     monkeypatch.setitem(sys.modules, "torchair", types.SimpleNamespace(CompilerConfig=CompilerConfig,
                                                                        get_npu_backend=get_npu_backend))
-    from mxfx.backend import torchair_inner
+    from mxfx.dynamo_backend import torchair_inner
 
     config = CompilerConfig()
     config.mode = "reduce-overhead"

@@ -14,6 +14,8 @@ import passes
 from passes import quantize_linears
 
 from mxfx.ops.npu import register_dual_level_matmul_fake
+from mxfx.selection import Selection, SkipReason
+from mxfx.targets import Target
 
 from .. import npu_standin, reference_linear
 from .graphs import Block, activation, aot_graph, dynamo_graph, export_graph, module_graph
@@ -122,7 +124,7 @@ def test_npu_target_emits_torch_npu_ops_with_the_same_numerics(scheme):
 
 def test_a_target_without_its_ops_is_an_error_naming_the_linear():
     gm, weights, _ = dynamo_graph(Block(), activation())
-    target = passes.Target("fake-npu", "no_such_namespace", True)
+    target = Target("fake-npu", "no_such_namespace", True)
     with pytest.raises(passes.RewriteError, match=r"linear q \(node linear\): .*no_such_namespace.*not registered"):
         quantize_linears(gm, "mxfp8", target, weights)
 
@@ -159,22 +161,37 @@ class Head(torch.nn.Module):
 
 
 def _skips(report):
-    return {r.fqn: r.reason for r in report.skipped}
+    return {r.fqn: (r.skip_reason, r.reason) for r in report.skipped}
+
+
+def _head_skips(**selection):
+    gm, weights, _ = dynamo_graph(Head(), torch.zeros(1, 4, dtype=torch.long))
+    return _skips(quantize_linears(gm, "mxfp4_dual", "reference", weights, select=Selection.of(**selection)))
 
 
 def test_lm_head_excluded_by_default_and_patterns():
-    gm, weights, _ = dynamo_graph(Head(), torch.zeros(1, 4, dtype=torch.long))
-    report = quantize_linears(gm, "mxfp4_dual", "reference", weights)
-    assert _skips(report) == {"lm_head": "excluded by pattern 'lm_head'"}
-    gm, weights, _ = dynamo_graph(Head(), torch.zeros(1, 4, dtype=torch.long))
-    report = quantize_linears(gm, "mxfp4_dual", "reference", weights, include=["lm_*"], exclude=())
-    assert _skips(report) == {"body": "not matched by include patterns"} and len(report.rewritten) == 1
+    default = (SkipReason.EXCLUDED, "excluded by default pattern 'lm_head'")
+    assert _head_skips() == {"lm_head": default}
+    assert _head_skips(include=["lm_*"], default_exclude=False) == {
+        "body": (SkipReason.NOT_INCLUDED, "not matched by include patterns")}
+
+
+def test_a_pattern_string_is_one_pattern_and_exclude_keeps_the_defaults():
+    """exclude="lm_head" was iterated by character (quantizing lm_head); include="*q_proj" likewise."""
+    assert _head_skips(exclude="lm_head")["lm_head"][0] is SkipReason.EXCLUDED
+    assert _head_skips(include="body") == _head_skips(include=["body"]) == {"lm_head": _head_skips()["lm_head"]}
+    assert set(_head_skips(include="b")) == {"body", "lm_head"}, "'b' is one pattern, matching neither name"
+    both = _head_skips(exclude="body")
+    assert both["body"] == (SkipReason.EXCLUDED, "excluded by pattern 'body'") and "lm_head" in both, "defaults kept"
+    assert _head_skips(exclude="body", default_exclude=False).keys() == {"body"}, "defaults replaced on request"
+    with pytest.raises(TypeError, match="must be strings"):
+        Selection.of(exclude=[1])
 
 
 def test_tied_embedding_weight_is_skipped():
     gm, weights, _ = dynamo_graph(Head(tie=True), torch.zeros(1, 4, dtype=torch.long))
-    report = quantize_linears(gm, "mxfp4_dual", "reference", weights, exclude=())
-    assert _skips(report) == {"lm_head": "weight is tied to an embedding"}
+    report = quantize_linears(gm, "mxfp4_dual", "reference", weights, select=Selection.of(default_exclude=False))
+    assert _skips(report) == {"lm_head": (SkipReason.TIED_EMBEDDING, "weight is tied to an embedding")}
 
 
 @pytest.mark.parametrize(
@@ -185,7 +202,8 @@ def test_tied_embedding_weight_is_skipped():
 def test_k_rules(scheme, k, reason):
     gm, weights, _ = dynamo_graph(torch.nn.Linear(k, 64, dtype=torch.bfloat16), activation((2, k)))
     report = quantize_linears(gm, scheme, "reference", weights)
-    assert [r.reason for r in report.skipped] == [f"{reason} ({scheme})"] and len(list(gm.graph.nodes)) == 5
+    assert [(r.skip_reason, r.reason) for r in report.skipped] == [(SkipReason.K_RULE, f"{reason} ({scheme})")]
+    assert len(list(gm.graph.nodes)) == 5
 
 
 class ComputedWeight(torch.nn.Module):
@@ -200,7 +218,7 @@ class ComputedWeight(torch.nn.Module):
 def test_weight_that_is_not_a_constant():
     gm, weights, _ = dynamo_graph(ComputedWeight(), activation((2, 512)))
     report = quantize_linears(gm, "mxfp8", "reference", weights)
-    assert report.skipped[0].reason == "weight mul is not a constant of the graph"
+    assert _skips(report) == {"mul": (SkipReason.NOT_CONSTANT, "weight mul is not a constant of the graph")}
 
 
 def test_fp32_activation_and_missing_metadata():
@@ -230,16 +248,17 @@ def _hand_graph(weight, bias=None, k_dynamic=False):
 
 
 @pytest.mark.parametrize(
-    "graph, reason",
+    "graph, kind, reason",
     [
-        (lambda: _hand_graph(torch.zeros(64, 512, dtype=torch.int8)), "weight is torch.int8 [64, 512]"),
-        (lambda: _hand_graph(torch.zeros(64, 512, dtype=torch.bfloat16), bias=torch.zeros(1, 64)), "bias shape [1, 64]"),
-        (lambda: _hand_graph(torch.zeros(64, 512, dtype=torch.bfloat16), k_dynamic=True), "dynamic K"),
+        (lambda: _hand_graph(torch.zeros(64, 512, dtype=torch.int8)), SkipReason.WEIGHT_DTYPE, "weight is torch.int8 [64, 512]"),
+        (lambda: _hand_graph(torch.zeros(64, 512, dtype=torch.bfloat16), bias=torch.zeros(1, 64)), SkipReason.BIAS_SHAPE,
+         "bias shape [1, 64]"),
+        (lambda: _hand_graph(torch.zeros(64, 512, dtype=torch.bfloat16), k_dynamic=True), SkipReason.DYNAMIC_K, "dynamic K"),
     ],
 )
-def test_hand_built_skips(graph, reason):
+def test_hand_built_skips(graph, kind, reason):
     report = quantize_linears(graph(), "mxfp8", "reference", None)
-    assert report.skipped[0].reason.startswith(reason)
+    assert report.skipped[0].skip_reason is kind and report.skipped[0].reason.startswith(reason)
 
 
 def test_unknown_scheme_and_target():
@@ -283,4 +302,4 @@ def test_a_nested_lm_head_is_excluded_by_default():
 
     gm, weights, _ = dynamo_graph(Wrapper(), torch.zeros(1, 4, dtype=torch.long))
     report = quantize_linears(gm, "mxfp4_dual", "reference", weights)
-    assert _skips(report) == {"inner.lm_head": "excluded by pattern '*.lm_head'"}
+    assert _skips(report) == {"inner.lm_head": (SkipReason.EXCLUDED, "excluded by default pattern '*.lm_head'")}

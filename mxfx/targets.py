@@ -1,6 +1,7 @@
-"""The target table: which operator namespace a rewrite emits. The passes never look at a device; they
-ask the target for an op by its torch_npu name."""
+"""The target table: which operator namespace a scheme emits, and which target "auto" means on this
+machine. Schemes and passes never look at a device; they ask the target for an op by its torch_npu name."""
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,21 @@ TARGETS = {
 def get_target(target: "str | Target") -> Target:
     if isinstance(target, Target):
         return target
+    if target == "auto":
+        return TARGETS[auto_target()]
     if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+        raise ValueError(f"unknown target {target!r}; choose one of auto, {', '.join(TARGETS)}")
     return TARGETS[target]
+
+
+def auto_target() -> str:
+    """npu when torch_npu imports and an Ascend 950 is present, else the CPU reference (with a warning
+    when an NPU is there but cannot run the MX operators). torch_npu is imported only if installed."""
+    from mxfx.ops import npu as npu_support
+
+    if not npu_support.npu_visible():
+        return "reference"
+    if (problem := npu_support.device_problem()) is not None:
+        warnings.warn(f"mxfx: {problem}; compiling for the CPU reference target instead", stacklevel=4)
+        return "reference"
+    return "npu"

@@ -1,0 +1,56 @@
+"""The pass pipeline a compile runs: an ordered list of graph passes, each `fn(gm, context) -> PassReport`,
+rewriting gm in place. The linear rewrite is the first; a fusion pass goes after it and finds the
+rewrite's nodes by their `node.meta["mxfx"]` tags. The backend ends every pipeline with lift_constants."""
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from mxfx.schemes import Scheme, SchemeSelector
+from mxfx.selection import ALL, Selection
+from mxfx.targets import Target
+
+from .quantize_linears import Prepare, prepare_weight, quantize_linears
+from .report import PassReport, PipelineReport, RewriteReport
+
+log = logging.getLogger("mxfx.passes")
+
+
+@dataclass
+class PassContext:
+    """What one compile gives every pass."""
+
+    scheme: "Scheme | SchemeSelector"
+    target: Target
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # placeholder / get_attr name -> tensor
+    select: Selection = ALL
+    prepare: Prepare = prepare_weight
+    fake_mode: FakeTensorMode | None = None
+
+
+GraphPass = Callable[[fx.GraphModule, PassContext], PassReport]
+
+
+def rewrite_linears(gm: fx.GraphModule, context: PassContext) -> RewriteReport:
+    """quantize_linears with the compile's scheme, target, weights and selection."""
+    return quantize_linears(gm, context.scheme, context.target, context.weights, select=context.select,
+                            prepare=context.prepare)
+
+
+DEFAULT_PASSES: tuple[GraphPass, ...] = (rewrite_linears,)
+
+
+def run_passes(gm: fx.GraphModule, graph_passes: Iterable[GraphPass], context: PassContext) -> PipelineReport:
+    report = PipelineReport()
+    for graph_pass in graph_passes:
+        result = graph_pass(gm, context)
+        if not isinstance(result, PassReport):
+            raise TypeError(f"graph pass {getattr(graph_pass, '__name__', graph_pass)!r} returned {type(result).__name__}, "
+                            "not a PassReport")
+        log.debug("%s: %s", result.pass_name, result.summary())
+        report.passes.append(result)
+    return report
