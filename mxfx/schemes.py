@@ -20,6 +20,7 @@ from mxfx.stored_weights import STORED_WEIGHTS
 from mxfx.targets import Target
 
 Tensors = dict[str, torch.Tensor]
+FP4_ROUND_MODES = ("rint", "round", "floor")  # what the quantizers take for FP4 destinations (FP8: rint)
 
 
 class _Ops:
@@ -64,10 +65,18 @@ class Scheme:
     activation_constants: ClassVar[tuple[str, ...]] = ()  # prepared tensors the activation quantization reads
 
     stored: bool = False
+    weight_round_mode: str = "rint"  # how the online weight quantizer rounds (torch_npu's default: rint)
+    weight_round_modes: ClassVar[tuple[str, ...]] = ("rint",)
+
+    def __post_init__(self) -> None:
+        if self.weight_round_mode not in self.weight_round_modes:
+            raise ValueError(f"scheme {self.name}: weight_round_mode must be one of {self.weight_round_modes}, "
+                             f"got {self.weight_round_mode!r}")
 
     @property
     def label(self) -> str:
-        return f"modelslim/{self.name}" if self.stored else self.name
+        label = f"modelslim/{self.name}" if self.stored else self.name
+        return label if self.weight_round_mode == "rint" else f"{label} (weights round {self.weight_round_mode})"
 
     def scheme_for(self, weight: torch.Tensor) -> "Scheme":
         if not self.stored and (stored := STORED_WEIGHTS.get(weight)) is not None:
@@ -143,9 +152,10 @@ class DualLevelMXFP4(Scheme):
     name: ClassVar[str] = "mxfp4_dual"
     description: ClassVar[str] = "dual-level MXFP4 W4A4 (npu_dual_level_quant_matmul)"
     k_multiple: ClassVar[int] = 512
+    weight_round_modes: ClassVar[tuple[str, ...]] = FP4_ROUND_MODES
 
     def quantize_weight(self, target, weight):
-        q, level0, level1 = target_ops(target).npu_dynamic_dual_level_mx_quant(weight)
+        q, level0, level1 = target_ops(target).npu_dynamic_dual_level_mx_quant(weight, round_mode=self.weight_round_mode)
         return {"q": q, "level0": level0, "level1": level1}
 
     def layout(self, target, codes, bias, dtype):
@@ -185,7 +195,8 @@ class _MXActivation(Scheme):
         return target_ops(target).npu_dynamic_mx_quant(x2d, dst_type=FLOAT8_E4M3FN)
 
     def quantize_weight(self, target, weight):
-        q, scale = target_ops(target).npu_dynamic_mx_quant(weight, dst_type=self.weight_dst_type)
+        q, scale = target_ops(target).npu_dynamic_mx_quant(weight, dst_type=self.weight_dst_type,
+                                                           round_mode=self.weight_round_mode)
         return {"q": q, "scale": scale}
 
     def _quant_matmul(self, target, activation, prepared, dtype, **mode):
@@ -219,6 +230,7 @@ class MXFP4W4A8(_MXActivation):
     name: ClassVar[str] = "mxfp4_w4a8"
     description: ClassVar[str] = "MXFP4 weight x MXFP8 activation (npu_quant_matmul)"
     weight_dst_type: ClassVar[int] = FLOAT4_E2M1FN_X2
+    weight_round_modes: ClassVar[tuple[str, ...]] = FP4_ROUND_MODES
 
     def layout(self, target, codes, bias, dtype):
         q = codes["q"]
