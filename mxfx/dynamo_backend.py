@@ -29,7 +29,14 @@ from mxfx.selection import Selection, SkipReason
 from mxfx.stored_weights import STORED_WEIGHTS
 from mxfx.targets import Target, get_target
 from passes import (
-    DEFAULT_PASSES, GraphPass, PassContext, PipelineReport, RewriteError, RewriteReport, lift_constants, run_passes,
+    DEFAULT_PASSES,
+    GraphPass,
+    PassContext,
+    PipelineReport,
+    RewriteError,
+    RewriteReport,
+    lift_constants,
+    run_passes,
 )
 
 log = logging.getLogger("mxfx.backend")

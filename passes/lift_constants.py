@@ -2,7 +2,6 @@
 into graph inputs after the existing ones, with static fake values, so that a graph compiler such as
 torchair can freeze them. Returns the tensors, in input order, in its report."""
 
-import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mxfx.prepared import PreparedWeights
-from mxfx.schemes import MODELSLIM, MXFP8, SCHEMES, DualLevelMXFP4, MXFP4W4A8, get_scheme
+from mxfx.schemes import MODELSLIM, MXFP4W4A8, MXFP8, SCHEMES, DualLevelMXFP4, get_scheme
 from mxfx.targets import get_target
 
 REFERENCE = get_target("reference")

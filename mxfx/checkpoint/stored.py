@@ -28,10 +28,15 @@ from dataclasses import dataclass, field
 import torch
 
 from mxfx.formats import (
-    dequantize_dual_level, dequantize_mx, from_paired_scales, pack_int4, to_paired_scales, unpack_int4,
+    dequantize_dual_level,
+    dequantize_mx,
+    from_paired_scales,
+    pack_int4,
+    to_paired_scales,
+    unpack_int4,
 )
 from mxfx.ops.weight_quant import dequantized_weight
-from mxfx.schemes import MXFP8, DualLevelMXFP4, Int4WeightOnly, MXFP4W4A8, Scheme, Tensors
+from mxfx.schemes import MXFP4W4A8, MXFP8, DualLevelMXFP4, Int4WeightOnly, Scheme, Tensors
 
 
 class CheckpointError(ValueError):

@@ -8,7 +8,7 @@ import torch
 from . import native
 from ._checks import check_input, check_last_dim_even
 from .blocks import block_abs_max, merge_blocks, split_blocks
-from .e8m0 import E8M0_NAN, e8m0_decode, pow2_reciprocal, shared_scale_bytes, as_e8m0_bytes
+from .e8m0 import E8M0_NAN, as_e8m0_bytes, e8m0_decode, pow2_reciprocal, shared_scale_bytes
 from .elements import (
     E2M1_EMAX,
     E2M1_MAX,

@@ -10,8 +10,7 @@ import torch
 
 import mxfx
 from mxfx import checkpoint
-from mxfx.checkpoint import CheckpointError
-from mxfx.checkpoint import TYPES, QuantizedWeight
+from mxfx.checkpoint import TYPES, CheckpointError, QuantizedWeight
 from mxfx.stored_weights import STORED_WEIGHTS
 
 from .. import msmodelslim

@@ -10,8 +10,14 @@ import torch
 from mxfx.formats import dequantize_dual_level, quantize_dual_level
 
 from .golden import decode_fp4_packed, dual_level_dequantize_golden, dual_level_golden
-from .test_mx import FP4_TIES, FP4_TIES_EXPECTED, _half_step, assert_bits_equal, assert_bytes_equal
-from .test_mx import kernels  # noqa: F401  (autouse: every test runs on the torch code and the native kernels)
+from .test_mx import (
+    FP4_TIES,
+    FP4_TIES_EXPECTED,
+    _half_step,
+    assert_bits_equal,
+    assert_bytes_equal,
+    kernels,  # noqa: F401  (autouse: every test runs on the torch code and the native kernels)
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ROUND_MODES = ["rint", "round", "floor"]

@@ -10,8 +10,8 @@ import torch
 
 import mxfx
 from mxfx.dynamo_backend import Backend
-from mxfx.prepared import PreparedWeights
 from mxfx.ops import npu as npu_support
+from mxfx.prepared import PreparedWeights
 
 from .. import npu_standin
 from ..models import tiny_qwen3

@@ -10,8 +10,8 @@ import torch
 
 import mxfx
 import passes
-from passes import PassContext, PassReport, lift_constants, mxfx_tag, quantize_linears, run_passes
 from mxfx.targets import get_target
+from passes import PassContext, PassReport, lift_constants, mxfx_tag, quantize_linears, run_passes
 
 from ..models import tiny_qwen3
 from .graphs import Block, activation, dynamo_graph

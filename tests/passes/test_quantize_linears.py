@@ -11,11 +11,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 import passes
-from passes import quantize_linears
-
 from mxfx.ops.npu import register_dual_level_matmul_fake
 from mxfx.selection import Selection, SkipReason
 from mxfx.targets import Target
+from passes import quantize_linears
 
 from .. import npu_standin, reference_linear
 from .graphs import Block, activation, aot_graph, dynamo_graph, export_graph, module_graph
