@@ -7,10 +7,11 @@ import weakref
 
 import pytest
 import torch
+from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
 
 import mxfx
-from mxfx.dynamo_backend import Backend
+from mxfx.dynamo_backend import Backend, MXFXCompileError
 from mxfx.prepared import PreparedWeights
 
 from .. import reference_linear
@@ -139,12 +140,21 @@ def test_nan_and_inf_inputs_behave_as_the_kernels_do():
         assert torch.isfinite(got[1, :2]).all(), "rows without inf/NaN stay finite"
 
 
-def test_a_graph_mxfx_cannot_handle_raises_under_fullgraph():
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_a_graph_mxfx_cannot_handle_raises_with_or_without_fullgraph(fullgraph):
+    """As the README says: torch 2.13 raises a backend's error either way (no silent graph break)."""
     model = tiny_qwen3(layers=1)
     be = mxfx.backend("mxfp4_dual", target="npu")  # torch_npu is not installed here
-    with pytest.warns(UserWarning, match="needs torch_npu"), pytest.raises(Exception, match="needs torch_npu"):
+    with pytest.warns(UserWarning, match="needs torch_npu"), pytest.raises(BackendCompilerFailed) as failure:
         with torch.no_grad():
-            torch.compile(model, backend=be, fullgraph=True)(_ids())
+            torch.compile(model, backend=be, fullgraph=fullgraph)(_ids())
+    assert isinstance(failure.value.inner_exception, MXFXCompileError) and "needs torch_npu" in str(failure.value)
+
+
+def test_the_backend_has_a_readable_name():
+    assert repr(mxfx.backend("mxfp8", target="reference")) == (
+        "mxfx.backend(scheme='mxfp8', target='reference', inner='eager')")
+    assert repr(mxfx.mxfx_backend) == "mxfx.backend(scheme='mxfp4_dual', target='auto', inner='eager')"
 
 
 def test_fallback_eager_warns_and_runs_unquantized():
@@ -164,6 +174,10 @@ def test_bad_arguments():
         mxfx.backend(fallback="yes")
     with pytest.raises(ValueError, match="inner"):
         mxfx.backend(inner="tvm")
+    with pytest.raises(TypeError, match="report must be a callable"):
+        mxfx.backend(report="print")
+    with pytest.raises(ImportError, match="inner='torchair' needs torchair"):
+        mxfx.backend(inner="torchair")
 
 
 def test_backend_by_name_and_report_callback():
