@@ -4,6 +4,9 @@ Every comparison is on raw bytes (floats viewed as int32 / uint8), so -0 vs +0 a
 Skipped only when the kernels cannot be built (no C compiler).
 """
 
+import subprocess
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -202,8 +205,6 @@ def test_mode_selection(monkeypatch):
 def test_rows_split_across_threads_and_concurrent_callers(monkeypatch):
     """Small tensors split into row ranges on the pool (the threshold lowered), from several threads at
     once while another thread changes torch's thread count: same bytes as the torch code."""
-    import threading
-
     from mxfx.formats import native as native_module
 
     monkeypatch.setattr(native_module, "_MIN_PARALLEL_ELEMENTS", 64)
@@ -232,3 +233,47 @@ def test_rows_split_across_threads_and_concurrent_callers(monkeypatch):
     assert not errors and len(results) == 60
     for result in results:
         assert_same(result, expected)
+
+
+# ---------------------------------------------------------------------------------------- stack
+
+STACK_BUDGET = 16 * 1024
+
+
+def test_stack_frames_within_budget(tmp_path):
+    """The kernels run on pool threads, whose stacks may be small (musl: 128 KiB): every function's frame,
+    built with the project's flags, stays under STACK_BUDGET. (No compiler: skipped with the module.)"""
+    built = subprocess.run([native._compiler(), *native._FLAGS, "-fstack-usage", "-o", "kernels.so", str(native._SOURCE)],
+                           cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert built.returncode == 0, built.stderr
+    frames = {}
+    for su in tmp_path.glob("*.su"):
+        for line in su.read_text().splitlines():
+            where, size, kind = line.rsplit("\t", 2)
+            frames[where.rsplit(":", 1)[-1]] = (int(size), kind)
+    assert "mx_quant_bf16" in frames and "dual_level_quant_fp16" in frames, frames
+    over = {name: f for name, f in frames.items() if f[0] > STACK_BUDGET or f[1] == "dynamic"}
+    assert not over, f"stack frames over {STACK_BUDGET} bytes (or unbounded): {over}"
+
+
+def test_small_thread_stack():
+    """Every quantizer, with group tails and ragged rows, on a thread with a 128 KiB stack (musl's default;
+    the kernels' 178 KiB frames once overflowed it and crashed the process)."""
+    errors = []
+
+    def worker():
+        try:
+            for dtype in DTYPES:
+                check_all(_randn((3, 1000), dtype, 0, seed=11), block_sizes=(32, 1024))
+                check_all(_randn((4, 1056), dtype, 0, seed=12), block_sizes=(96, 1024))
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    previous = threading.stack_size(128 * 1024)
+    try:
+        thread = threading.Thread(target=worker)
+        thread.start()
+    finally:
+        threading.stack_size(previous)
+    thread.join()
+    assert not errors, errors

@@ -30,7 +30,8 @@ import torch
 
 MODES = ("auto", "torch", "native")
 _SOURCE = Path(__file__).with_name("mx_kernels.c")
-_FLAGS = ["-std=c99", "-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]
+# warnings are errors: the build in a fresh cache (CI's first use) then rejects them
+_FLAGS = ["-std=c99", "-O3", "-march=native", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC"]
 _ABI_VERSION = 1
 # below this many elements one call on the caller's thread beats handing work to the pool
 _MIN_PARALLEL_ELEMENTS = 1 << 18

@@ -5,8 +5,9 @@
  * (every fp32 operation here must be the IEEE one torch performs: real divisions, no FMA contraction,
  * subnormals kept).
  *
- * A short last block (k not a multiple of the block) is zero padded in a local buffer, as
- * blocks.split_blocks does, and only the valid outputs are written.
+ * A short last block (k not a multiple of the block) counts as zero padded, as blocks.split_blocks
+ * does, and only its valid outputs are written. The kernels run on pool threads, whose stacks may be
+ * small (musl: 128 KiB): no large local buffers.
  */
 #include <stdint.h>
 #include <string.h>
@@ -179,6 +180,16 @@ INLINE uint32_t scale_byte(uint32_t m, int f16, int fmt, int alg) {
     return m >= inf_bits(f16) ? 0xFFu : byte;
 }
 
+/* The scale byte of a block from its abs-max bits, with the multiplier and AND mask its elements are
+   encoded with: an inf/NaN block scales every element to NaN, which encodes as 0, so keep = 0. */
+INLINE uint8_t block_scale(uint32_t m, int f16, int fmt, int alg, float *recip, uint32_t *keep) {
+    uint32_t byte = scale_byte(m, f16, fmt, alg);
+    *keep = byte == 0xFFu ? 0u : 0xFFu;
+    uint32_t zero = (byte == 0xFFu) | ((alg == ALG_FLOOR) & (byte == 0));
+    *recip = zero ? 0.0f : pow2_reciprocal(byte);
+    return (uint8_t)byte;
+}
+
 /* GROUP consecutive blocks of bs values (bs a multiple of 32, <= 1024) */
 INLINE void mx_group(const uint16_t *restrict x, int bs, int f16, int fmt, int alg, int rm,
                      uint8_t *restrict q, uint8_t *restrict scale) {
@@ -193,34 +204,44 @@ INLINE void mx_group(const uint16_t *restrict x, int bs, int f16, int fmt, int a
             }
     }
     fold_max16(a, m);
-    for (int g = 0; g < GROUP; g++) {
-        uint32_t byte = scale_byte(m[g], f16, fmt, alg);
-        scale[g] = (uint8_t)byte;
-        /* An inf/NaN block scales every element to NaN, which encodes as 0: keep = 0 zeroes it. */
-        keep[g] = byte == 0xFFu ? 0u : 0xFFu;
-        uint32_t zero = (byte == 0xFFu) | ((alg == ALG_FLOOR) & (byte == 0));
-        recip[g] = zero ? 0.0f : pow2_reciprocal(byte);
-    }
+    for (int g = 0; g < GROUP; g++) scale[g] = block_scale(m[g], f16, fmt, alg, &recip[g], &keep[g]);
     int qb = fmt == FMT_E4M3 ? bs : bs / 2;
     for (int g = 0; g < GROUP; g++)
         for (int j = 0; j < bs / 32; j++)
             encode32(x + g * bs + 32 * j, recip[g], keep[g], f16, fmt, rm, q + g * qb + (fmt == FMT_E4M3 ? 32 : 16) * j);
 }
 
-/* n consecutive complete blocks; the last n % GROUP go through a zero-padded buffer */
+/* One block of n <= bs values (n < bs: a row's ragged last block, whose zero padding changes neither its
+   abs-max nor its valid codes); a last partial 32 values go through a zero-padded 32-value buffer. */
+INLINE void mx_block(const uint16_t *restrict x, int n, int f16, int fmt, int alg, int rm, uint8_t *restrict q,
+                     uint8_t *restrict scale) {
+    int whole = n & ~31, qb = fmt == FMT_E4M3 ? 32 : 16;
+    uint16_t part[32] = {0};
+    memcpy(part, x + whole, (size_t)(n - whole) * 2);
+    uint32_t a[32], m = 0, keep;
+    for (int i = 0; i < 32; i++) a[i] = part[i] & 0x7FFFu;
+    for (int j = 0; j < whole; j += 32)
+        for (int i = 0; i < 32; i++) {
+            uint32_t v = x[j + i] & 0x7FFFu;
+            a[i] = v > a[i] ? v : a[i];
+        }
+    for (int i = 0; i < 32; i++) m = a[i] > m ? a[i] : m;
+    float recip;
+    *scale = block_scale(m, f16, fmt, alg, &recip, &keep);
+    for (int j = 0; j < whole; j += 32) encode32(x + j, recip, keep, f16, fmt, rm, q + qb * (j / 32));
+    if (whole < n) {
+        uint8_t qpart[32];
+        encode32(part, recip, keep, f16, fmt, rm, qpart);
+        memcpy(q + qb * (whole / 32), qpart, (size_t)(fmt == FMT_E4M3 ? n - whole : (n - whole) / 2));
+    }
+}
+
+/* n consecutive complete blocks: GROUP at a time, the last n % GROUP one by one */
 INLINE void mx_blocks(const uint16_t *restrict x, int64_t n, int bs, int f16, int fmt, int alg, int rm,
                       uint8_t *restrict q, uint8_t *restrict scale) {
     int64_t qb = fmt == FMT_E4M3 ? bs : bs / 2, g = 0;
     for (; g + GROUP <= n; g += GROUP) mx_group(x + g * bs, bs, f16, fmt, alg, rm, q + g * qb, scale + g);
-    if (g < n) {
-        uint16_t buf[GROUP * 1024];
-        uint8_t qbuf[GROUP * 1024], sbuf[GROUP];
-        memset(buf, 0, (size_t)GROUP * bs * 2);
-        memcpy(buf, x + g * bs, (size_t)(n - g) * bs * 2);
-        mx_group(buf, bs, f16, fmt, alg, rm, qbuf, sbuf);
-        memcpy(q + g * qb, qbuf, (size_t)((n - g) * qb));
-        memcpy(scale + g, sbuf, (size_t)(n - g));
-    }
+    for (; g < n; g++) mx_block(x + g * bs, bs, f16, fmt, alg, rm, q + g * qb, scale + g);
 }
 
 INLINE void mx_rows(const uint16_t *restrict x, int64_t rows, int64_t k, int bs, int f16, int fmt, int alg,
@@ -229,17 +250,13 @@ INLINE void mx_rows(const uint16_t *restrict x, int64_t rows, int64_t k, int bs,
         mx_blocks(x, rows * (k / bs), bs, f16, fmt, alg, rm, q, scale);
         return;
     }
-    int64_t nb = k / bs + 1, full = k / bs, qrow = fmt == FMT_E4M3 ? k : k / 2, rest = k - full * bs;
+    int64_t nb = k / bs + 1, full = k / bs, qrow = fmt == FMT_E4M3 ? k : k / 2;
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *xr = x + r * k;
         uint8_t *qr = q + r * qrow, *sr = scale + r * nb;
         mx_blocks(xr, full, bs, f16, fmt, alg, rm, qr, sr);
-        uint16_t buf[1024];
-        uint8_t qbuf[1024];
-        memset(buf, 0, sizeof buf);
-        memcpy(buf, xr + full * bs, (size_t)rest * 2);
-        mx_blocks(buf, 1, bs, f16, fmt, alg, rm, qbuf, sr + full);
-        memcpy(qr + (fmt == FMT_E4M3 ? full * bs : full * bs / 2), qbuf, (size_t)(fmt == FMT_E4M3 ? rest : rest / 2));
+        mx_block(xr + full * bs, (int)(k - full * bs), f16, fmt, alg, rm,
+                 qr + (fmt == FMT_E4M3 ? full * bs : full * bs / 2), sr + full);
     }
 }
 
