@@ -41,7 +41,7 @@ def _check_block_size(block_size: int) -> None:
         raise ValueError(f"block_size must be a multiple of 32 in [32, 1024] (aclnn rule), got {block_size!r}")
 
 
-def _check_scale_args(fmt: str, block_size: int, scale_alg: str, dst_type_max: float, max_low_bound: float) -> None:
+def check_scale_args(fmt: str, block_size: int, scale_alg: str, dst_type_max: float, max_low_bound: float) -> None:
     """aclnnDynamicMxQuantV3's rules (ops-nn dynamic_mx_quant_tiling_arch35.cpp, aclnnDynamicMxQuantV3.md)."""
     if scale_alg == "rceil" and fmt == "fp4_e2m1":
         raise ValueError("scale_alg='rceil' is only defined for FP8 (the Ascend kernel rejects it for FP4)")
@@ -93,7 +93,7 @@ def quantize_mx(
         check_last_dim_even(x, "quantize_mx(fp4_e2m1)")
     elif round_mode != "rint":
         raise ValueError(f"FP8 MX quantization supports only round_mode='rint', got {round_mode!r}")
-    _check_scale_args(fmt, block_size, scale_alg, dst_type_max, max_low_bound)
+    check_scale_args(fmt, block_size, scale_alg, dst_type_max, max_low_bound)
     # the C kernels implement the three plain rules; the others take the torch code
     if dst_type_max == max_low_bound == 0.0 and scale_alg != "dyn_range":
         if (result := native.try_quantize_mx(x, fmt, block_size, scale_alg, round_mode)) is not None:
