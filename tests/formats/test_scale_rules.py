@@ -107,3 +107,12 @@ def test_max_low_bound_literal():
 def test_refusals(kwargs, match):
     with pytest.raises(ValueError, match=match):
         quantize_mx(torch.ones(2, 64), **kwargs)
+
+
+@pytest.mark.parametrize("fmt, emax", [("fp8_e4m3", 8), ("fp4_e2m1", 2)])
+def test_fp32_max_takes_the_exponent_field_not_a_float32_log2(fmt, emax):
+    """The ops-nn golden's float32 log2 rounds up to 128 here; the kernel's exponent field is 254."""
+    amax = np.array([0x7F7FFFE0], np.uint32).view(np.float32)
+    assert np.floor(np.log2(amax))[0] == 128, "the golden's computation, for the record"
+    s = quantize_mx(torch.full((32,), float(amax[0])), fmt)[1].view(torch.uint8)
+    assert s[0] == 254 - emax
