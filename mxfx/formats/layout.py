@@ -34,24 +34,26 @@ def nz_c0(dtype: torch.dtype) -> int:
     return NZ_C0_BYTES // dtype.itemsize
 
 
-def nd_to_nz(a: torch.Tensor) -> torch.Tensor:
+def nd_to_nz(a: torch.Tensor, c0: int | None = None) -> torch.Tensor:
     """FRACTAL_NZ of [..., R, C]: [..., ceil(C/c0), ceil(R/16), 16, c0], zero padded.
 
     nz[..., c1, r1, r0, i] = a[..., 16*r1 + r0, c0*c1 + i]; the ops-nn goldens' layout of format 29.
+    c0 defaults to 32 bytes of a's dtype; packed FP4 cast with an FP8 customize_dtype takes c0 = 32 FP4
+    elements, i.e. c0=16 on its uint8 bytes (aclnnNpuFormatCast: C0 = 32B / size of additionalDtype).
     """
     if a.dim() < 2:
         raise ValueError(f"nd_to_nz needs a tensor of rank >= 2, got shape {list(a.shape)}")
     rows, cols = a.shape[-2:]
-    c0 = nz_c0(a.dtype)
+    c0 = c0 or nz_c0(a.dtype)
     r1, c1 = math.ceil(rows / NZ_ROWS), math.ceil(cols / c0)
     padded = torch.nn.functional.pad(a, (0, c1 * c0 - cols, 0, r1 * NZ_ROWS - rows))
     tiles = padded.reshape(*a.shape[:-2], r1, NZ_ROWS, c1, c0)
     return tiles.movedim(-2, -4).contiguous()
 
 
-def nz_to_nd(nz: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+def nz_to_nd(nz: torch.Tensor, rows: int, cols: int, c0: int | None = None) -> torch.Tensor:
     """Inverse of nd_to_nz: [..., C1, R1, 16, c0] -> [..., rows, cols] (the padding is dropped)."""
-    c0 = nz_c0(nz.dtype)
+    c0 = c0 or nz_c0(nz.dtype)
     expected = (math.ceil(cols / c0), math.ceil(rows / NZ_ROWS), NZ_ROWS, c0)
     if nz.dim() < 4 or tuple(nz.shape[-4:]) != expected:
         raise ValueError(f"NZ tensor for [{rows}, {cols}] {nz.dtype} must end in {list(expected)}, got {list(nz.shape)}")

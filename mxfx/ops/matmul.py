@@ -6,13 +6,15 @@ then a single cast to the output dtype (ops-nn golden, notes/npu_ops.md ยง3.1, ย
 additions inside a group is the BLAS's: the NPU's own order is not documented."""
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from mxfx.formats import dequantize_mx, from_paired_scales, nz_to_nd
 from mxfx.tensor_cache import TensorCache
 
-from .dtypes import FLOAT4_E2M1FN_X2, FLOAT8_E8M0FNU, from_scalar_type
+from .dtypes import from_scalar_type, tensor_dtype
+from .format_cast import FP4_NZ_C0_BYTES
 
 torch.library.define(
     "mxfx::npu_dual_level_quant_matmul",
@@ -95,38 +97,115 @@ def _dual_level_quant_matmul_fake(x1, x2, x1_level0_scale, x2_level0_scale, x1_l
     return x1.new_empty((m, n), dtype=from_scalar_type(output_dtype))
 
 
-def _quant_matmul_mode(x1, x2, scale, offset, pertoken_scale, output_dtype, x1_dtype, x2_dtype,
-                       pertoken_scale_dtype, scale_dtype, group_sizes, y_scale) -> str:
-    """The weight's element format for the two MX modes the reference implements, else a ValueError."""
+_ELEMENTS = {"float8_e4m3fn": "fp8_e4m3", "float4_e2m1fn_x2": "fp4_e2m1"}
+# (x1, x2) element formats of aclnnQuantMatmulV5's MX modes: full quant FP8 x FP8 and FP4 x FP4 (group
+# sizes [1, 1, 32]), fake quant FP8 x FP4 (documented as [0, 0, 32] or [1, 1, 32])
+_MX_MODES = (("fp8_e4m3", "fp8_e4m3"), ("fp4_e2m1", "fp4_e2m1"), ("fp8_e4m3", "fp4_e2m1"))
+_STORAGE = {"fp8_e4m3": (torch.float8_e4m3fn,), "fp4_e2m1": (torch.uint8, torch.int8, torch.float4_e2m1fn_x2)}
+OP = "npu_quant_matmul (MX)"
+
+
+class _MXCall(NamedTuple):
+    fmt1: str
+    fmt2: str
+    m: int
+    k: int
+    n: int
+    nz: bool  # x2 is the emulated FRACTAL_NZ of packed FP4 (npu_format_cast with input_dtype FP4)
+
+
+def _operand_format(t, code, arg) -> str:
+    fmt = _ELEMENTS[tensor_dtype(t, code, arg, OP, tuple(_ELEMENTS))]
+    if t.dtype not in _STORAGE[fmt]:
+        raise ValueError(f"{OP}: {arg} says {fmt} but the tensor is {t.dtype}; expected one of {_STORAGE[fmt]}")
+    return fmt
+
+
+def _group_sizes(group_sizes, pertoken_scale, scale, m, k, n) -> None:
+    """Omitted group_sizes reach aclnn as groupSize 0 (op-plugin QuantMatmulKernelNpuOpApi.cpp), and
+    aclnnQuantMatmulV5 infers every 0 from the shapes (groupSizeM = m / scaleM, ...): with MX scales
+    that is [1, 1, 32], the one MX group size."""
+    sizes = tuple(group_sizes) if group_sizes is not None else (0, 0, 0)
+    if len(sizes) != 3:
+        raise ValueError(f"{OP}: group_sizes must have three elements [m, n, k], got {list(sizes)}")
+    inferred = (m // pertoken_scale.shape[0], n // scale.shape[1], k // (2 * scale.shape[0]) if k % 64 == 0 else 32)
+    effective = tuple(s or i for s, i in zip(sizes, inferred))
+    if effective != (1, 1, 32):
+        raise ValueError(f"{OP}: group_sizes {list(sizes)} give {list(effective)} for these shapes; the MX modes "
+                         "take [1, 1, 32] (zeros, or group_sizes omitted, are inferred from the scale shapes)")
+
+
+def _quant_matmul_call(x1, x2, scale, offset, pertoken_scale, output_dtype, x1_dtype, x2_dtype,
+                       pertoken_scale_dtype, scale_dtype, group_sizes, y_scale) -> _MXCall:
+    """The MX mode of a call (element formats from the dtype arguments or the tensors, as torch_npu
+    reads them), or a ValueError naming the argument."""
     if offset is not None or y_scale is not None:
-        raise ValueError("npu_quant_matmul (MX): offset and y_scale are not used by the MX modes")
-    if pertoken_scale is None or scale_dtype != FLOAT8_E8M0FNU or pertoken_scale_dtype != FLOAT8_E8M0FNU:
-        raise ValueError("npu_quant_matmul (MX): needs pertoken_scale and scale_dtype = pertoken_scale_dtype = 293 (float8_e8m0fnu)")
-    if output_dtype is None:
-        raise ValueError("npu_quant_matmul (MX): output_dtype is required")
-    if x1.dtype != torch.float8_e4m3fn or x1_dtype not in (None, 292):
-        raise ValueError(f"npu_quant_matmul (MX): x1 must be float8_e4m3fn, got {x1.dtype}")
-    modes = {(1, 1, 32): None, (0, 0, 32): FLOAT4_E2M1FN_X2}
-    sizes = tuple(group_sizes or ())
-    if sizes not in modes or x2_dtype != modes[sizes]:
-        raise ValueError(
-            f"npu_quant_matmul (MX): supported are group_sizes [1,1,32] (FP8 x FP8) and [0,0,32] with "
-            f"x2_dtype=296 (FP8 x FP4); got group_sizes={list(sizes)}, x2_dtype={x2_dtype}"
-        )
-    return "fp4_e2m1" if x2_dtype == FLOAT4_E2M1FN_X2 else "fp8_e4m3"
+        raise ValueError(f"{OP}: offset and y_scale are not used by the MX modes")
+    if pertoken_scale is None:
+        raise ValueError(f"{OP}: needs pertoken_scale (the x1 E8M0 scale)")
+    tensor_dtype(scale, scale_dtype, "scale_dtype", OP, ("float8_e8m0fnu",))
+    tensor_dtype(pertoken_scale, pertoken_scale_dtype, "pertoken_scale_dtype", OP, ("float8_e8m0fnu",))
+    if output_dtype is None:  # torch_npu's default is int8, which no MX mode produces
+        raise ValueError(f"{OP}: output_dtype is required (bf16, fp16 or fp32)")
+    from_scalar_type(output_dtype, "output_dtype", OP)
+    fmt1, fmt2 = _operand_format(x1, x1_dtype, "x1_dtype"), _operand_format(x2, x2_dtype, "x2_dtype")
+    if (fmt1, fmt2) not in _MX_MODES:
+        raise ValueError(f"{OP}: x1 {fmt1} with x2 {fmt2} is not an MX mode; supported: {list(_MX_MODES)}")
+    if x1.dim() != 2:
+        raise ValueError(f"{OP}: x1 must be 2-D [M, K] (FP4: [M, K/2] bytes), got {list(x1.shape)}")
+    m, k = x1.shape[0], x1.shape[1] * (2 if fmt1 == "fp4_e2m1" else 1)
+    if scale.dim() != 3 or scale.shape[0] != math.ceil(k / 64) or scale.shape[2] != 2:
+        raise ValueError(f"{OP}: scale must be the [ceil(K/64), N, 2] view of the weight's [N, ceil(K/64), 2] "
+                         f"E8M0 pairs (K={k}), got {list(scale.shape)}")
+    n = scale.shape[1]
+    if tuple(pertoken_scale.shape) != (m, math.ceil(k / 64), 2):
+        raise ValueError(f"{OP}: pertoken_scale must have shape {[m, math.ceil(k / 64), 2]}, got {list(pertoken_scale.shape)}")
+    nz = x2.dim() == 4
+    if nz:
+        nz_shape = (math.ceil(k / 32), math.ceil(n / 16), 16, FP4_NZ_C0_BYTES)
+        if fmt2 != "fp4_e2m1" or tuple(x2.shape) != nz_shape:
+            raise ValueError(f"{OP}: a 4-D x2 is read as the emulated FRACTAL_NZ of packed FP4 [N, K/2] (npu_format_cast "
+                             f"with input_dtype=float4_e2m1fn_x2): shape {list(nz_shape)}, got {fmt2} {list(x2.shape)}")
+    else:
+        weight_shape = (k // 2, n) if fmt2 == "fp4_e2m1" else (k, n)
+        if tuple(x2.shape) != weight_shape:
+            raise ValueError(f"{OP}: x2 must be the {list(weight_shape)} view of the weight, got {list(x2.shape)}")
+        if fmt2 == "fp4_e2m1" and not x2.t().is_contiguous():
+            raise ValueError(f"{OP}: packed FP4 x2 must be the transposed view of [N, K/2] bytes (x2.t() contiguous)")
+    _group_sizes(group_sizes, pertoken_scale, scale, m, k, n)
+    return _MXCall(fmt1, fmt2, m, k, n, nz)
+
+
+def _weight_bytes(x2, call: _MXCall) -> torch.Tensor:
+    """The weight as ND [N, K] (FP8) or [N, K/2] packed FP4 bytes, from whichever layout x2 has."""
+    if not call.nz:
+        return x2.t()
+    storage = x2 if x2.is_contiguous() else x2.transpose(-1, -2)  # the peers transpose the NZ weight
+    if not storage.is_contiguous():
+        raise ValueError(f"{OP}: the NZ x2 must be the cast's tensor or its .transpose(-1, -2)")
+    return nz_to_nd(storage.view(torch.uint8), call.n, call.k // 2, c0=FP4_NZ_C0_BYTES)
+
+
+def _packed(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype in (torch.float4_e2m1fn_x2, torch.int8) else t
 
 
 @torch.library.register_kernel("mxfx::npu_quant_matmul", ("cpu", "cuda"))
 def _quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None, x1_dtype=None,
                   x2_dtype=None, pertoken_scale_dtype=None, scale_dtype=None, group_sizes=None, y_scale=None):
-    """MX modes: x1 float8_e4m3fn [M, K] with pertoken_scale [M, K/64, 2]; x2 the weight as a [K, N]
-    view of [N, K] (FP8) or a [K/2, N] view of packed FP4 [N, K/2], with scale the [K/64, N, 2] view
-    of [N, K/64, 2]. Strides are honoured: the transposed views are read, never copied."""
-    fmt = _quant_matmul_mode(x1, x2, scale, offset, pertoken_scale, output_dtype, x1_dtype, x2_dtype,
-                             pertoken_scale_dtype, scale_dtype, group_sizes, y_scale)
-    k = x1.shape[-1]
-    b = DECODED_WEIGHTS.get((x2, scale), lambda: _mx_operand(x2.t(), scale.transpose(0, 1), fmt, k).t().contiguous())
-    a = _mx_operand(x1, pertoken_scale, "fp8_e4m3", k)
+    """MX modes (aclnnQuantMatmulV5 / WeightNz): x1 float8_e4m3fn [M, K] or packed FP4 [M, K/2] with
+    pertoken_scale [M, K/64, 2]; x2 the weight as a [K, N] view of [N, K] (FP8), a [K/2, N] view of
+    packed FP4 [N, K/2], or that FP4 weight's emulated NZ (as cast, or transposed as the peers do), with
+    scale the [K/64, N, 2] view of [N, K/64, 2]. Dtypes come from x1_dtype/x2_dtype/..._dtype (any
+    spelling torch_npu takes) or, omitted, from the tensors. Strides are honoured, views never copied."""
+    call = _quant_matmul_call(x1, x2, scale, offset, pertoken_scale, output_dtype, x1_dtype, x2_dtype,
+                              pertoken_scale_dtype, scale_dtype, group_sizes, y_scale)
+
+    def decode_weight():
+        return _mx_operand(_packed(_weight_bytes(x2, call)), scale.transpose(0, 1), call.fmt2, call.k).t().contiguous()
+
+    b = DECODED_WEIGHTS.get((x2, scale), decode_weight)
+    a = _mx_operand(_packed(x1), pertoken_scale, call.fmt1, call.k)
     return _finish(a @ b, bias, from_scalar_type(output_dtype))
 
 
@@ -134,6 +213,6 @@ def _quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None,
 def _quant_matmul_fake(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None,
                        x1_dtype=None, x2_dtype=None, pertoken_scale_dtype=None, scale_dtype=None, group_sizes=None,
                        y_scale=None):
-    _quant_matmul_mode(x1, x2, scale, offset, pertoken_scale, output_dtype, x1_dtype, x2_dtype,
-                       pertoken_scale_dtype, scale_dtype, group_sizes, y_scale)
-    return x1.new_empty((x1.shape[0], x2.shape[1]), dtype=from_scalar_type(output_dtype))
+    call = _quant_matmul_call(x1, x2, scale, offset, pertoken_scale, output_dtype, x1_dtype, x2_dtype,
+                              pertoken_scale_dtype, scale_dtype, group_sizes, y_scale)
+    return x1.new_empty((call.m, call.n), dtype=from_scalar_type(output_dtype))

@@ -1,15 +1,20 @@
 """mxfx::npu_dynamic_mx_quant and mxfx::npu_dynamic_dual_level_mx_quant: torch_npu's activation/weight
 quantizers, argument for argument, with mxfx.formats as the CPU kernel and torch_npu's output shapes
-(FP4 as uint8 [..., K/2], E8M0 scales as uint8 pairs [..., ceil(K/64), 2])."""
+(FP4 as uint8 [..., K/2], E8M0 scales as uint8 pairs [..., ceil(K/64), 2]).
+
+dst_type takes what torch_npu takes (torch.float8_e4m3fn, 24, 292; FP4 as torch_npu's 296, see
+dtypes); round_mode defaults to "rint" as torch_npu's does ("round" and "floor" for FP4 only).
+Not emulated, refused by name: other axes than the last, e5m2 / e1m2 / HiFloat8 destinations."""
 
 import torch
 
 from mxfx.formats import quantize_dual_level, quantize_mx, to_paired_scales
+from mxfx.formats.mx import check_scale_args
 
-from .dtypes import FLOAT4_E2M1FN_X2, FLOAT8_E4M3FN
+from .dtypes import FLOAT4_E2M1FN_X2, dtype_arg
 
-_DST_FORMATS = {FLOAT8_E4M3FN: "fp8_e4m3", FLOAT4_E2M1FN_X2: "fp4_e2m1"}
-_SCALE_ALGS = {0: "floor", 1: "rceil"}
+_DST_FORMATS = {"float8_e4m3fn": "fp8_e4m3", "float4_e2m1fn_x2": "fp4_e2m1"}
+_SCALE_ALGS = {0: "floor", 1: "rceil", 2: "dyn_range"}
 
 torch.library.define(
     "mxfx::npu_dynamic_mx_quant",
@@ -22,31 +27,32 @@ torch.library.define(
 )
 
 
-def _check_mx_args(input, axis, dst_type, scale_alg, dst_type_max, max_low_bound):
+def _mx_args(input, axis, dst_type, scale_alg) -> tuple[str, str]:
+    """(element format, scale rule) of a call, or a ValueError naming the argument."""
     if axis not in (-1, input.dim() - 1):
-        raise ValueError(f"npu_dynamic_mx_quant: only the last axis is supported here, got axis={axis}")
-    if dst_type not in _DST_FORMATS:
-        raise ValueError(f"npu_dynamic_mx_quant: dst_type {dst_type} not supported; use 292 (float8_e4m3fn) or 296 (float4_e2m1fn_x2)")
-    if (scale_alg or 0) not in _SCALE_ALGS:
-        raise ValueError(f"npu_dynamic_mx_quant: scale_alg must be 0 or 1, got {scale_alg}")
-    if dst_type_max != 0.0 or max_low_bound != 0.0:
-        raise ValueError("npu_dynamic_mx_quant: dst_type_max and max_low_bound other than 0.0 are not supported")
+        raise ValueError(f"npu_dynamic_mx_quant: only the last axis is emulated, got axis={axis}")
+    fmt = _DST_FORMATS[dtype_arg(dst_type, "dst_type", "npu_dynamic_mx_quant", tuple(_DST_FORMATS))]
+    alg = 0 if scale_alg is None else scale_alg  # torch_npu's None means 0
+    if alg not in _SCALE_ALGS:
+        raise ValueError(f"npu_dynamic_mx_quant: scale_alg must be 0, 1 or 2, got {scale_alg}")
+    return fmt, _SCALE_ALGS[alg]
 
 
 @torch.library.register_kernel("mxfx::npu_dynamic_mx_quant", ("cpu", "cuda"))
 def _dynamic_mx_quant(input, *, axis=-1, round_mode="rint", dst_type=FLOAT4_E2M1FN_X2, block_size=32,
                       scale_alg=0, dst_type_max=0.0, max_low_bound=0.0):
-    _check_mx_args(input, axis, dst_type, scale_alg, dst_type_max, max_low_bound)
-    q, scale = quantize_mx(input, _DST_FORMATS[dst_type], block_size, _SCALE_ALGS[scale_alg or 0], round_mode)
+    fmt, alg = _mx_args(input, axis, dst_type, scale_alg)
+    q, scale = quantize_mx(input, fmt, block_size, alg, round_mode, dst_type_max, max_low_bound)
     return q, to_paired_scales(scale)
 
 
 @torch.library.register_fake("mxfx::npu_dynamic_mx_quant")
 def _dynamic_mx_quant_fake(input, *, axis=-1, round_mode="rint", dst_type=FLOAT4_E2M1FN_X2, block_size=32,
                            scale_alg=0, dst_type_max=0.0, max_low_bound=0.0):
-    _check_mx_args(input, axis, dst_type, scale_alg, dst_type_max, max_low_bound)
+    fmt, alg = _mx_args(input, axis, dst_type, scale_alg)
+    check_scale_args(fmt, block_size, alg, dst_type_max, max_low_bound)
     *lead, k = input.shape
-    if dst_type == FLOAT4_E2M1FN_X2:
+    if fmt == "fp4_e2m1":
         y = input.new_empty((*lead, k // 2), dtype=torch.uint8)
     else:
         y = input.new_empty(input.shape, dtype=torch.float8_e4m3fn)

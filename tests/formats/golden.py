@@ -121,8 +121,34 @@ def e8m0_value(byte):
 # --------------------------------------------------------------------------------- single level (MX)
 
 
-def mx_scale_bytes(amax, fmt, scale_alg):
-    """E8M0 byte from a block abs-max (float64 array holding fp32-representable values or inf/NaN)."""
+def to_bf16_precision(a, input_dtype):
+    """The block max as the A5 scale_alg=2 kernel sees it: bf16 values as they are, fp16 rounded to the
+    nearest bf16 (ties to even), fp32 truncated to bf16 (its low 16 bits dropped)."""
+    a32 = np.asarray(a, dtype=np.float32)
+    if input_dtype == "fp32":
+        return (a32.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32).astype(np.float64)
+    return a32.astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+def rceil_biased(s32, subnormal_up=True):
+    """Biased exponent of fp32 s, plus one unless s is a power of two (subnormal s: past 2**-127 only)."""
+    e = fp32_exponent_field(s32)
+    m = fp32_mantissa_field(s32)
+    up = (e > 0) & (e < 254) & (m > 0)
+    if subnormal_up:
+        up |= (e == 0) & (m > 2**22)
+    return e + up
+
+
+def mx_scale_bytes(amax, fmt, scale_alg, dst_type_max=0.0, max_low_bound=0.0, input_dtype="fp32"):
+    """E8M0 byte from a block abs-max (float64 array holding values of the input dtype, or inf/NaN).
+
+    dyn_range is aclnnDynamicMxQuantV3's scene 3 (scale_alg=2, FP4): for dstTypeMax 0/6/7
+    shared_exp = ceil(log2 amax) - emax when the block max passes dstTypeMax (6 for 0) times
+    2**(floor(log2 amax) - emax), else floor(log2 amax) - emax, on the bf16-precision max; for other
+    dstTypeMax, S = amax / dstTypeMax (an fp32 product with fp32(1/dstTypeMax)) and its exponent is
+    rounded up unless S is a power of two. rceil takes amax = max(amax, maxLowBound) for nonzero blocks.
+    """
     emax, max_normal = FORMATS[fmt]
     amax = np.asarray(amax, dtype=np.float64)
     finite = np.isfinite(amax)
@@ -130,17 +156,24 @@ def mx_scale_bytes(amax, fmt, scale_alg):
     if scale_alg in ("floor", "ocp"):
         byte = np.maximum(floor_log2_biased(a) - emax, 0)
     elif scale_alg == "rceil":
-        s = a.astype(np.float32) * np.float32(1.0 / max_normal)  # fp32 multiply
-        e = fp32_exponent_field(s)
-        m = fp32_mantissa_field(s)
-        up = ((e > 0) & (e < 254) & (m > 0)) | ((e == 0) & (m > 2**22))
-        byte = e + up
+        bounded = np.maximum(a.astype(np.float32), np.float32(max_low_bound))
+        byte = np.where(a == 0, 0, rceil_biased(bounded * np.float32(1.0 / max_normal)))  # fp32 multiply
+    elif scale_alg == "dyn_range" and dst_type_max in (0.0, 6.0, 7.0):
+        limit = 6.0 if dst_type_max in (0.0, 6.0) else 7.0
+        ab = to_bf16_precision(a, input_dtype)
+        biased = floor_log2_biased(ab)
+        floor_scale = np.ldexp(1.0, biased - 127 - emax)
+        byte = np.maximum(biased + (ab > limit * floor_scale) - emax, 0)
+    elif scale_alg == "dyn_range":
+        inv = np.float32(1.0 / np.float64(np.float32(dst_type_max)))
+        byte = np.where(a == 0, 0, rceil_biased(a.astype(np.float32) * inv, subnormal_up=False))
     else:
         raise ValueError(scale_alg)
     return np.where(finite, byte, 255).astype(np.uint8)
 
 
-def mx_quantize_golden(x, fmt, block_size=32, scale_alg="floor", round_mode="rint", input_dtype="fp32"):
+def mx_quantize_golden(x, fmt, block_size=32, scale_alg="floor", round_mode="rint", input_dtype="fp32",
+                       dst_type_max=0.0, max_low_bound=0.0):
     """x: float32 (or float64 holding values of the input dtype) numpy array [..., K].
 
     The kernel multiplies x by 2**(127 - byte) in bf16 for bf16 input and in fp32 otherwise: exact, except
@@ -156,11 +189,11 @@ def mx_quantize_golden(x, fmt, block_size=32, scale_alg="floor", round_mode="rin
     with np.errstate(invalid="ignore"):
         amax = np.max(np.abs(blocks), axis=-1)
     amax = np.where(nonfinite, np.nan, amax)
-    byte = mx_scale_bytes(amax, fmt, scale_alg)
+    byte = mx_scale_bytes(amax, fmt, scale_alg, dst_type_max, max_low_bound, input_dtype)
 
     mult = np.ldexp(1.0, 127 - byte.astype(np.int64))  # exact 2**(127-byte), float64
-    if scale_alg == "floor":
-        mult = np.where(byte == 0, 0.0, mult)  # the Ascend kernel flushes byte-0 blocks
+    if scale_alg == "floor" or (scale_alg == "dyn_range" and dst_type_max in (0.0, 6.0, 7.0)):
+        mult = np.where(byte == 0, 0.0, mult)  # the floor-exponent kernels flush byte-0 blocks
     safe = np.where(nonfinite[..., None], 0.0, blocks)
     v = (safe * mult[..., None]).astype(ml_dtypes.bfloat16 if input_dtype == "bf16" else np.float32)
     v = v.astype(np.float64)

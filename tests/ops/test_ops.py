@@ -52,12 +52,96 @@ def test_mx_quant_shapes_and_opcheck(dst_type, k):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"axis": 0}, "last axis"), ({"dst_type": 291}, "dst_type"), ({"scale_alg": 2}, "scale_alg"),
-     ({"dst_type_max": 1.0}, "dst_type_max")],
+    [({"axis": 0}, "last axis"), ({"dst_type": 291}, "float8_e5m2 is not emulated"),
+     ({"dst_type": 297}, "float4_e1m2fn_x2 is not emulated"), ({"dst_type": 290}, "hifloat8 is not emulated"),
+     ({"dst_type": torch.float4_e2m1fn_x2}, "pass torch_npu's 296"), ({"dst_type": 7}, "dst_type=7"),
+     ({"scale_alg": 3}, "scale_alg"), ({"scale_alg": 2, "dst_type": 292}, "FP4 E2M1"),
+     ({"scale_alg": 2, "dst_type_max": 1.0}, "dst_type_max"), ({"dst_type_max": 7.0}, "dst_type_max"),
+     ({"max_low_bound": 1.0}, "max_low_bound")],
 )
 def test_mx_quant_refuses_what_it_does_not_emulate(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ops.npu_dynamic_mx_quant(_randn(4, 64), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"scale_alg": 2, "dst_type_max": 7.25}, {"scale_alg": 2, "dst_type_max": 6.0},
+                                    {"scale_alg": 1, "max_low_bound": 1e-3, "dst_type": torch.float8_e4m3fn},
+                                    {"round_mode": "round"}, {"scale_alg": None}])
+def test_mx_quant_scale_rules_reach_formats_and_opcheck(kwargs):
+    from mxfx.formats import quantize_mx, to_paired_scales
+
+    x = _randn(4, 64)
+    y, scale = ops.npu_dynamic_mx_quant(x, **kwargs)
+    fmt = "fp8_e4m3" if "dst_type" in kwargs else "fp4_e2m1"
+    algs = {None: "floor", 0: "floor", 1: "rceil", 2: "dyn_range"}
+    q, s = quantize_mx(x, fmt, 32, algs[kwargs.get("scale_alg", 0)], kwargs.get("round_mode", "rint"),
+                       kwargs.get("dst_type_max", 0.0), kwargs.get("max_low_bound", 0.0))
+    assert torch.equal(y.view(torch.uint8), q.view(torch.uint8)) and torch.equal(scale, to_paired_scales(s))
+    torch.library.opcheck(ops.npu_dynamic_mx_quant.default, (x,), kwargs)
+
+
+def test_dtype_codes_are_what_torch_passes_for_a_dtype():
+    """A torch.dtype given to an `int` schema argument arrives as its c10::ScalarType number; the table
+    dtypes.C10_CODES must hold exactly those numbers."""
+    from mxfx.ops.dtypes import C10_CODES, C10_FLOAT4_E2M1FN_X2
+
+    lib = torch.library.Library("mxfx_dtype_probe", "FRAGMENT")
+    lib.define("echo(int code) -> Tensor")
+    lib.impl("echo", lambda code: torch.tensor(code), "CompositeExplicitAutograd")
+    echo = torch.ops.mxfx_dtype_probe.echo
+    for name, code in C10_CODES.items():
+        assert echo(getattr(torch, name)).item() == code, name
+    assert echo(torch.float4_e2m1fn_x2).item() == C10_FLOAT4_E2M1FN_X2
+
+
+@pytest.mark.parametrize("spelling", [torch.float8_e4m3fn, 24, 292])
+def test_mx_quant_dst_type_spellings(spelling):
+    x = _randn(4, 64)
+    y, scale = ops.npu_dynamic_mx_quant(x, dst_type=spelling)
+    ref_y, ref_scale = ops.npu_dynamic_mx_quant(x, dst_type=292)
+    assert y.dtype == torch.float8_e4m3fn and torch.equal(y.view(torch.uint8), ref_y.view(torch.uint8))
+    assert torch.equal(scale, ref_scale)
+    torch.library.opcheck(ops.npu_dynamic_mx_quant.default, (x,), {"dst_type": spelling})
+
+
+def _nz_oracle_fp4(w_bytes: np.ndarray) -> np.ndarray:
+    """FRACTAL_NZ of packed FP4 [N, K/2] with C0 = 32 FP4 elements, written on the elements (numpy only):
+    nz[c1, r1, r0, i] = E[16 r1 + r0, 32 c1 + i], zero padded, then repacked two per byte (low nibble first)."""
+    e = np.stack([w_bytes & 0xF, w_bytes >> 4], axis=-1).reshape(w_bytes.shape[0], -1)
+    n, k = e.shape
+    r1, c1 = -(-n // 16), -(-k // 32)
+    padded = np.zeros((r1 * 16, c1 * 32), np.uint8)
+    padded[:n, :k] = e
+    nz = padded.reshape(r1, 16, c1, 32).transpose(2, 0, 1, 3)
+    return (nz[..., 0::2] | (nz[..., 1::2] << 4)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("n, k", [(48, 64), (40, 96), (17, 32)])
+def test_format_cast_fp4_weight_layout(n, k):
+    w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    nz = ops.npu_format_cast(w, 29, customize_dtype=torch.float8_e4m3fn, input_dtype=296)
+    assert nz.shape == (-(-k // 32), -(-n // 16), 16, 16) and nz.dtype == torch.uint8
+    np.testing.assert_array_equal(nz.numpy(), _nz_oracle_fp4(w.numpy()))
+    for customize in (torch.float8_e4m3fn, 24, 292):
+        torch.library.opcheck(ops.npu_format_cast.default, (w, 29), {"customize_dtype": customize, "input_dtype": 296})
+
+
+@pytest.mark.parametrize("customize", [torch.int8, 1, 258])
+def test_format_cast_customize_dtype_equal_to_own_is_plain_nz(customize):
+    w = torch.randint(-128, 127, (48, 64), dtype=torch.int8)
+    assert torch.equal(ops.npu_format_cast(w, 29, customize_dtype=customize), ops.npu_format_cast(w, 29))
+    torch.library.opcheck(ops.npu_format_cast.default, (w, 29), {"customize_dtype": customize})
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"customize_dtype": torch.bfloat16}, "customize_dtype"), ({"input_dtype": 296}, "customize_dtype"),
+     ({"input_dtype": 292, "customize_dtype": 292}, "input_dtype"),
+     ({"input_dtype": torch.float4_e2m1fn_x2, "customize_dtype": 292}, "296")],
+)
+def test_format_cast_refuses_other_variants(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ops.npu_format_cast(torch.zeros(32, 32, dtype=torch.int8), 29, **kwargs)
 
 
 def test_format_cast_is_emulated_nz():
@@ -134,10 +218,81 @@ def test_quant_matmul_mx_modes_match_golden_and_opcheck(weight_dst_type, fmt):
                           test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
+def _decoded(q, s, fmt, k):
+    return dequantize_mx(q, from_paired_scales(s, -(-k // 32)), fmt).numpy()
+
+
+@pytest.mark.parametrize("weight_dst_type", [292, 296])
+@pytest.mark.parametrize("group_sizes", [None, [0, 0, 0], [1, 1, 32], [0, 0, 32]])
+def test_quant_matmul_group_sizes_omitted_or_inferred(weight_dst_type, group_sizes):
+    args, kwargs, _ = _mx_args(weight_dst_type)
+    expected = ops.npu_quant_matmul(*args, **kwargs)
+    kwargs = {**kwargs, "group_sizes": group_sizes}
+    if group_sizes is None:
+        del kwargs["group_sizes"]
+    assert torch.equal(ops.npu_quant_matmul(*args, **kwargs), expected)
+    torch.library.opcheck(ops.npu_quant_matmul.default, args, kwargs,
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("spellings", [
+    {"scale_dtype": torch.float8_e8m0fnu, "pertoken_scale_dtype": 44, "output_dtype": torch.float32},
+    {"scale_dtype": 293, "pertoken_scale_dtype": torch.float8_e8m0fnu, "output_dtype": 256},
+])
+def test_quant_matmul_dtype_spellings(spellings):
+    args, kwargs, _ = _mx_args(292)
+    assert torch.equal(ops.npu_quant_matmul(*args, **{**kwargs, **spellings}), ops.npu_quant_matmul(*args, **kwargs))
+    # omitted scale dtypes are read from e8m0 tensors, as torch_npu does
+    e8m0 = {"pertoken_scale": kwargs["pertoken_scale"].view(torch.float8_e8m0fnu), "scale_dtype": None,
+            "pertoken_scale_dtype": None}
+    scale = args[2].view(torch.float8_e8m0fnu)
+    assert torch.equal(ops.npu_quant_matmul(args[0], args[1], scale, **{**kwargs, **e8m0}),
+                       ops.npu_quant_matmul(*args, **kwargs))
+    for out, dtype in ((torch.bfloat16, torch.bfloat16), (283, torch.bfloat16), (257, torch.float16), (5, torch.float16)):
+        assert ops.npu_quant_matmul(*args, **{**kwargs, "output_dtype": out}).dtype == dtype
+
+
+def _w4a4_args(m=5, k=128, n=24):
+    """vllm-ascend W4A4_MXFP4: activation npu_dynamic_mx_quant(dst_type=FP4, round_mode='round'), weight
+    [N, K/2] as .transpose(0, 1), its scale [N, K/64, 2] as .transpose(0, 1), x1_dtype = x2_dtype = FP4."""
+    qa, sa = ops.npu_dynamic_mx_quant(_randn(m, k), dst_type=296, round_mode="round")
+    qw, sw = ops.npu_dynamic_mx_quant(_randn(n, k, seed=1), dst_type=296)
+    kwargs = {"pertoken_scale": sa, "scale_dtype": 293, "pertoken_scale_dtype": 293, "output_dtype": 15,
+              "x1_dtype": 296, "x2_dtype": 296, "group_sizes": [1, 1, 32], "bias": _randn(n, seed=2).float()}
+    return (qa, qw.transpose(0, 1), sw.transpose(0, 1)), kwargs, (qa, sa, qw, sw)
+
+
+def test_quant_matmul_w4a4_fp4_activation_matches_golden_and_opcheck():
+    args, kwargs, (qa, sa, qw, sw) = _w4a4_args()
+    got = ops.npu_quant_matmul(*args, **{**kwargs, "output_dtype": 6})
+    expected = _decoded(qa, sa, "fp4_e2m1", 128) @ _decoded(qw, sw, "fp4_e2m1", 128).T + kwargs["bias"].numpy()
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
+    # x1 as a torch.float4_e2m1fn_x2 tensor with x1_dtype omitted reads the same (torch_npu >= 2.8)
+    fp4 = (qa.view(torch.float4_e2m1fn_x2),) + args[1:]
+    assert torch.equal(ops.npu_quant_matmul(*fp4, **{**kwargs, "x1_dtype": None}), ops.npu_quant_matmul(*args, **kwargs))
+    torch.library.opcheck(ops.npu_quant_matmul.default, args, kwargs)
+
+
+def test_quant_matmul_reads_the_nz_fp4_weight():
+    """vllm-ascend W4A8_MXFP: npu_format_cast(w, 29, customize_dtype=float8_e4m3fn, input_dtype=FP4), then
+    .transpose(-1, -2); the reference reads that (and the untransposed cast) as the ND weight."""
+    args, kwargs, (_, _, qw, _) = _mx_args(296)
+    nd = ops.npu_quant_matmul(*args, **kwargs)
+    nz = ops.npu_format_cast(qw, 29, customize_dtype=torch.float8_e4m3fn, input_dtype=296)
+    for x2 in (nz, nz.transpose(-1, -2)):
+        assert torch.equal(ops.npu_quant_matmul(args[0], x2, args[2], **kwargs), nd)
+        torch.library.opcheck(ops.npu_quant_matmul.default, (args[0], x2, args[2]), kwargs,
+                              test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
 @pytest.mark.parametrize(
     "change, match",
-    [({"group_sizes": [1, 1, 64]}, "group_sizes"), ({"scale_dtype": None}, "293"),
-     ({"output_dtype": None}, "output_dtype"), ({"output_dtype": 3}, "output_dtype")],
+    [({"group_sizes": [1, 1, 64]}, "group_sizes"), ({"group_sizes": [1, 32]}, "three elements"),
+     ({"scale_dtype": None}, "scale_dtype omitted"), ({"scale_dtype": 15}, "scale_dtype=15"),
+     ({"pertoken_scale_dtype": torch.float8_e8m0fnu, "scale_dtype": 294}, "scale_dtype=294"),
+     ({"output_dtype": None}, "output_dtype"), ({"output_dtype": 3}, "output_dtype"),
+     ({"x1_dtype": 296}, "x1_dtype says fp4_e2m1"), ({"x2_dtype": 291}, "float8_e5m2 is not emulated"),
+     ({"x1_dtype": torch.float4_e2m1fn_x2}, "pass torch_npu's 296")],
 )
 def test_quant_matmul_refuses_other_modes(change, match):
     args, kwargs, _ = _mx_args(292)
