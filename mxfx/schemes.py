@@ -224,8 +224,9 @@ class MXFP8(_MXActivation):
 
 @dataclass(frozen=True)
 class MXFP4W4A8(_MXActivation):
-    """MXFP4 weight x MXFP8 activation (vllm-ascend W4A8_MXFP): packed FP4 weight as a [K/2, N] view,
-    NZ-cast before the transpose on the NPU; the bias in the activations' dtype, shape [1, N]."""
+    """MXFP4 weight x MXFP8 activation (vllm-ascend W4A8_MXFP): the packed FP4 weight NZ-cast as FP4
+    elements (customize_dtype float8_e4m3fn, input_dtype float4_e2m1fn_x2), then transposed; the bias in
+    the activations' dtype, shape [1, N]."""
 
     name: ClassVar[str] = "mxfp4_w4a8"
     description: ClassVar[str] = "MXFP4 weight x MXFP8 activation (npu_quant_matmul)"
@@ -233,10 +234,8 @@ class MXFP4W4A8(_MXActivation):
     weight_round_modes: ClassVar[tuple[str, ...]] = FP4_ROUND_MODES
 
     def layout(self, target, codes, bias, dtype):
-        q = codes["q"]
-        if target.nz_fp4_quant_matmul_weight:
-            q = target_ops(target).npu_format_cast(q, ACL_FORMAT_FRACTAL_NZ, customize_dtype=FLOAT8_E4M3FN,
-                                                   input_dtype=FLOAT4_E2M1FN_X2)
+        q = target_ops(target).npu_format_cast(codes["q"], ACL_FORMAT_FRACTAL_NZ, customize_dtype=FLOAT8_E4M3FN,
+                                               input_dtype=FLOAT4_E2M1FN_X2)
         prepared = {"weight": q.transpose(-1, -2), "weight_scale": codes["scale"].transpose(0, 1)}
         if bias is not None:
             prepared["bias"] = bias.to(dtype).reshape(1, -1)

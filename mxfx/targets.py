@@ -11,9 +11,6 @@ import torch
 class Target:
     name: str
     namespace: str  # torch.ops.<namespace>.<torch_npu op name>
-    # npu_quant_matmul's FP4 weight is NZ-cast with customize_dtype/input_dtype on the NPU; that
-    # variant's byte order is unverified, so the reference keeps the weight ND (a [K/2, N] view).
-    nz_fp4_quant_matmul_weight: bool
 
     def op(self, name: str) -> torch._ops.OpOverload:
         if self.namespace == "mxfx":
@@ -28,8 +25,8 @@ class Target:
 
 
 TARGETS = {
-    "reference": Target("reference", "mxfx", nz_fp4_quant_matmul_weight=False),
-    "npu": Target("npu", "npu", nz_fp4_quant_matmul_weight=True),
+    "reference": Target("reference", "mxfx"),
+    "npu": Target("npu", "npu"),
 }
 
 

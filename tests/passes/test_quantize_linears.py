@@ -123,7 +123,7 @@ def test_npu_target_emits_torch_npu_ops_with_the_same_numerics(scheme):
 
 def test_a_target_without_its_ops_is_an_error_naming_the_linear():
     gm, weights, _ = dynamo_graph(Block(), activation())
-    target = Target("fake-npu", "no_such_namespace", True)
+    target = Target("fake-npu", "no_such_namespace")
     with pytest.raises(passes.RewriteError, match=r"linear q \(node linear\): .*no_such_namespace.*not registered"):
         quantize_linears(gm, "mxfp8", target, weights)
 
