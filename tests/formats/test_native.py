@@ -243,7 +243,7 @@ STACK_BUDGET = 16 * 1024
 def test_stack_frames_within_budget(tmp_path):
     """The kernels run on pool threads, whose stacks may be small (musl: 128 KiB): every function's frame,
     built with the project's flags, stays under STACK_BUDGET. (No compiler: skipped with the module.)"""
-    built = subprocess.run([native._compiler(), *native._FLAGS, "-fstack-usage", "-o", "kernels.so", str(native._SOURCE)],
+    built = subprocess.run([native._compiler(), *native._FLAGS, "-Werror", "-fstack-usage", "-o", "kernels.so", str(native._SOURCE)],
                            cwd=tmp_path, capture_output=True, text=True, check=False)
     assert built.returncode == 0, built.stderr
     frames = {}
