@@ -228,10 +228,14 @@ def at_least(minimum: int):
     return parse
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written, and each option's default (the examples' parsers use it too)."""
+
+
 def parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = HelpFormatter
     top = argparse.ArgumentParser(prog="mxfx", description="MXFP-quantized linears through torch.compile",
                                   formatter_class=formatter)
     top.add_argument("--version", action="version", version=f"mxfx {__version__}")
