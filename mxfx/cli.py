@@ -53,7 +53,8 @@ def _table(header: tuple, rows: list[tuple]) -> str:
                      for row in [header, *rows])
 
 
-def _print_evaluation(result: "evaluation.Evaluation", tokens: evaluation.Tokenizer, prompt: str, plot: str | None) -> None:
+def _print_evaluation(result: "evaluation.Evaluation", tokens: evaluation.Tokenizer, prompt: str, plot: str | None,
+                      model: str) -> None:
     first = result.results[0].report if result.results else None
     if first is not None:
         print(first, end="\n\n")
@@ -79,7 +80,7 @@ def _print_evaluation(result: "evaluation.Evaluation", tokens: evaluation.Tokeni
         for name, ids in [("bf16", result.bf16_continuation)] + [(r.scheme, r.continuation) for r in result.results]:
             print(f"  {name:11s} {tokens.decode(ids)!r}")
     if plot:
-        _plot(result, plot)
+        _plot(result, plot, model)
 
 
 def _pyplot():
@@ -93,16 +94,29 @@ def _pyplot():
     return plt
 
 
-def _plot(result: "evaluation.Evaluation", path: str) -> None:
+def _plot(result: "evaluation.Evaluation", path: str, model: str) -> None:
+    """Per-layer SQNR per scheme, one panel per block: `model.layers.3.mlp.down_proj` is drawn as
+    `mlp.down_proj` in block 3's panel, so the labels stay readable for any depth."""
     plt = _pyplot()
     names = list(result.results[0].layer_sqnr)
-    figure, axes = plt.subplots(figsize=(max(6, len(names) * 0.3), 4))
-    for r in result.results:
-        axes.plot(range(len(names)), [r.layer_sqnr[n] for n in names], marker="o", label=r.scheme)
-    axes.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    axes.set_ylabel("output SQNR vs bf16 (dB)")
-    axes.legend()
-    figure.tight_layout()
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        block = name.partition(".layers.")[2].partition(".")[0]
+        groups.setdefault(f"block {block}" if block else "other", []).append(name)
+    figure, axes = plt.subplots(1, len(groups), sharey=True, squeeze=False,
+                                figsize=(max(6, 0.35 * len(names) + 1.5), 4.5), layout="constrained")
+    for axis, (group, members) in zip(axes[0], groups.items()):
+        for r in result.results:
+            axis.plot(range(len(members)), [r.layer_sqnr[n] for n in members], marker="o", label=r.scheme)
+        axis.set_xticks(range(len(members)), [n.partition(".layers.")[2].partition(".")[2] or n for n in members],
+                        rotation=60, ha="right", fontsize=8)
+        axis.set_title(group, fontsize=9)
+        axis.grid(True, alpha=0.4)
+    axes[0][0].set_ylabel("output SQNR vs bf16 (dB)")
+    figure.supxlabel("linear layer")
+    figure.suptitle(f"{Path(model).name}: per-layer output SQNR (quantized layer vs bf16, same input)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside right upper", title="scheme")
     figure.savefig(path, dpi=120)
     print(f"\nwrote {path}")
 
@@ -169,7 +183,7 @@ def _evaluate_folder(args) -> int:
     if hasattr(model, "mxfx_checkpoint_scheme"):
         print("a quantized checkpoint: its \"bf16\" is the stored weights dequantized to bf16 (the original "
               "weights are not in it), so the comparison isolates the quantized matmuls and activations\n")
-    _print_evaluation(result, tokens, prompt if prompt_ids else None, getattr(args, "plot", None))
+    _print_evaluation(result, tokens, prompt if prompt_ids else None, getattr(args, "plot", None), args.model)
     return 0
 
 
