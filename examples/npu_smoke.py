@@ -17,6 +17,7 @@ import torch
 
 import mxfx
 from mxfx import evaluation, textdata
+from mxfx.cli import HelpFormatter, at_least
 from mxfx.dynamo_backend import torchair_inner
 from mxfx.ops import npu as npu_support
 from mxfx.schemes import SCHEMES
@@ -100,10 +101,11 @@ def tokens_per_second(step, prompt: torch.Tensor, new_tokens: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(evaluation.SHIPPED_MODEL))
-    parser.add_argument("--mode", default="max-autotune", choices=["max-autotune", "reduce-overhead"])
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model", default=str(evaluation.SHIPPED_MODEL), help="a local Qwen3 folder")
+    parser.add_argument("--mode", default="max-autotune", choices=["max-autotune", "reduce-overhead"],
+                        help="torchair mode: GE graph or captured graph")
+    parser.add_argument("--new-tokens", type=at_least(1), default=32, help="tokens timed per model")
     args = parser.parse_args()
     npu_support.install()  # torch_npu, an Ascend 950, the fake kernel, the GE converter
     torch._dynamo.config.fail_on_recompile_limit_hit = True  # never time an eager fallback

@@ -9,10 +9,12 @@ import torch
 
 import mxfx
 from mxfx import evaluation
+from mxfx.cli import HelpFormatter
+from mxfx.schemes import SCHEMES
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("model", nargs="?", default=str(evaluation.SHIPPED_MODEL))
-parser.add_argument("--scheme", default="mxfp4_dual", choices=["mxfp4_dual", "mxfp4_w4a8", "mxfp8"])
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+parser.add_argument("model", nargs="?", default=str(evaluation.SHIPPED_MODEL), help="a local Qwen3 folder")
+parser.add_argument("--scheme", default="mxfp4_dual", choices=list(SCHEMES))
 args = parser.parse_args()
 
 model = evaluation.load_model(args.model)  # a bf16 transformers Qwen3ForCausalLM

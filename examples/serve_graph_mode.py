@@ -15,6 +15,8 @@ from transformers import StaticCache
 
 import mxfx
 from mxfx import evaluation, textdata
+from mxfx.cli import HelpFormatter, at_least
+from mxfx.schemes import SCHEMES
 
 
 class Server:
@@ -47,14 +49,15 @@ class Server:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(evaluation.SHIPPED_MODEL))
-    parser.add_argument("--buckets", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--schemes", nargs="+", default=["mxfp4_dual", "mxfp4_w4a8", "mxfp8"])
-    parser.add_argument("--target", default="reference")
-    parser.add_argument("--inner", default="eager")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model", default=str(evaluation.SHIPPED_MODEL), help="a local Qwen3 folder")
+    parser.add_argument("--buckets", type=at_least(1), nargs="+", default=[1, 2, 4], help="batch sizes, one graph each")
+    parser.add_argument("--prompt-len", type=at_least(1), default=64, help="tokens per prompt")
+    parser.add_argument("--new-tokens", type=at_least(2), default=32, help="tokens generated per prompt")
+    parser.add_argument("--schemes", nargs="+", choices=list(SCHEMES), default=list(SCHEMES), help="after bf16")
+    parser.add_argument("--target", choices=["reference", "npu", "auto"], default="reference", help="mxfx target")
+    parser.add_argument("--inner", choices=["eager", "inductor", "torchair"], default="eager",
+                        help="the backend that runs the rewritten graphs")
     args = parser.parse_args()
     # One graph per bucket and phase (prefill, decode), each traced twice (the static cache allocates
     # itself on first use): more than Dynamo's default limit of 8, after which it would silently run
@@ -65,7 +68,10 @@ def main() -> None:
     if max(args.buckets) > len(texts) or args.prompt_len > min(len(textdata.encode(t)) for t in texts):
         parser.error(f"the held-out topics give at most {len(texts)} prompts of "
                      f"{min(len(textdata.encode(t)) for t in texts)} tokens")
-    model = evaluation.load_model(args.model)
+    try:
+        model = evaluation.load_model(args.model)
+    except ValueError as error:  # ModelError, CheckpointError: the message names the folder and why
+        parser.error(str(error))
     prompts_all = torch.stack([torch.tensor(textdata.encode(text)[: args.prompt_len]) for text in texts[: max(args.buckets)]])
 
     print(f"buckets {args.buckets}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, target {args.target}")

@@ -14,6 +14,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from mxfx import textdata
+from mxfx.cli import HelpFormatter, at_least
 
 
 def config() -> Qwen3Config:
@@ -38,12 +39,12 @@ def perplexity(model, stream: torch.Tensor, seq: int, dtype=torch.float32) -> fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--out", required=True, help="the model folder to write")
+    parser.add_argument("--steps", type=at_least(1), default=1000, help="optimizer steps (the shipped model: 1000)")
+    parser.add_argument("--batch", type=at_least(1), default=16, help="sequences per step")
+    parser.add_argument("--seq", type=at_least(1), default=256, help="tokens per sequence")
+    parser.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (cosine schedule)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -1,4 +1,4 @@
-"""The `mxfx` command line: demo, eval, inspect (and formats, a numerics report on a random tensor)."""
+"""The `mxfx` command line: demo, eval, inspect, quantize, and formats (a numerics report on a random tensor)."""
 
 import argparse
 import sys
@@ -10,6 +10,7 @@ import torch
 from . import evaluation
 from .formats import dequantize_dual_level, dequantize_mx, quantize_dual_level, quantize_mx
 from .metrics import nbytes, sqnr_db
+from .schemes import SCHEMES
 
 
 def _formats_report(x: torch.Tensor) -> str:
@@ -52,7 +53,8 @@ def _table(header: tuple, rows: list[tuple]) -> str:
                      for row in [header, *rows])
 
 
-def _print_evaluation(result: "evaluation.Evaluation", tokens: evaluation.Tokenizer, prompt: str, plot: str | None) -> None:
+def _print_evaluation(result: "evaluation.Evaluation", tokens: evaluation.Tokenizer, prompt: str, plot: str | None,
+                      model: str) -> None:
     first = result.results[0].report if result.results else None
     if first is not None:
         print(first, end="\n\n")
@@ -78,7 +80,7 @@ def _print_evaluation(result: "evaluation.Evaluation", tokens: evaluation.Tokeni
         for name, ids in [("bf16", result.bf16_continuation)] + [(r.scheme, r.continuation) for r in result.results]:
             print(f"  {name:11s} {tokens.decode(ids)!r}")
     if plot:
-        _plot(result, plot)
+        _plot(result, plot, model)
 
 
 def _pyplot():
@@ -92,48 +94,98 @@ def _pyplot():
     return plt
 
 
-def _plot(result: "evaluation.Evaluation", path: str) -> None:
+def _plot(result: "evaluation.Evaluation", path: str, model: str) -> None:
+    """Per-layer SQNR per scheme, one panel per block: `model.layers.3.mlp.down_proj` is drawn as
+    `mlp.down_proj` in block 3's panel, so the labels stay readable for any depth."""
     plt = _pyplot()
     names = list(result.results[0].layer_sqnr)
-    figure, axes = plt.subplots(figsize=(max(6, len(names) * 0.3), 4))
-    for r in result.results:
-        axes.plot(range(len(names)), [r.layer_sqnr[n] for n in names], marker="o", label=r.scheme)
-    axes.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    axes.set_ylabel("output SQNR vs bf16 (dB)")
-    axes.legend()
-    figure.tight_layout()
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        block = name.partition(".layers.")[2].partition(".")[0]
+        groups.setdefault(f"block {block}" if block else "other", []).append(name)
+    figure, axes = plt.subplots(1, len(groups), sharey=True, squeeze=False,
+                                figsize=(max(6, 0.35 * len(names) + 1.5), 4.5), layout="constrained")
+    for axis, (group, members) in zip(axes[0], groups.items()):
+        for r in result.results:
+            axis.plot(range(len(members)), [r.layer_sqnr[n] for n in members], marker="o", label=r.scheme)
+        axis.set_xticks(range(len(members)), [n.partition(".layers.")[2].partition(".")[2] or n for n in members],
+                        rotation=60, ha="right", fontsize=8)
+        axis.set_title(group, fontsize=9)
+        axis.grid(True, alpha=0.4)
+    axes[0][0].set_ylabel("output SQNR vs bf16 (dB)")
+    figure.supxlabel("linear layer")
+    figure.suptitle(f"{Path(model).name}: per-layer output SQNR (quantized layer vs bf16, same input)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside right upper", title="scheme")
     figure.savefig(path, dpi=120)
     print(f"\nwrote {path}")
 
 
 def _load(args):
-    """The model folder; a quantized checkpoint is compiled with its own scheme, whatever --scheme says."""
+    """The model folder. A quantized checkpoint runs with its own stored scheme, so an explicit --scheme
+    is refused there rather than silently replaced; without --scheme, every scheme (or the stored one)."""
     from .checkpoint import stored_weights
 
     model = evaluation.load_model(args.model)
-    if stored_weights(model):
-        args.scheme = ["modelslim"]
+    stored = "modelslim" if stored_weights(model) else None
+    if stored is not None and args.scheme is not None:
+        raise ValueError(f"--model {args.model} is a quantized checkpoint, which runs with its stored scheme "
+                         f"({stored}); drop --scheme {' '.join(args.scheme)}")
+    if stored is not None:
+        args.scheme = [stored]
+    elif args.scheme is None:
+        args.scheme = list(SCHEMES)
     return model
 
 
-def _evaluate_folder(args, default_prompt: str | None) -> int:
+def _check_positions(args, model, prompt_tokens: int) -> None:
+    """Refuse windows or continuations longer than the model's positions: RoPE runs past them, but
+    the perplexity or text it gives there means nothing."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is None:
+        return
+    where = f"the model's max_position_embeddings ({positions}, {Path(args.model) / 'config.json'})"
+    if args.seq > positions:
+        raise ValueError(f"--seq {args.seq} is past {where}; use --seq {positions} or less")
+    if prompt_tokens + args.new_tokens > positions:
+        raise ValueError(f"the prompt ({prompt_tokens} tokens) plus --new-tokens {args.new_tokens} is past {where}; "
+                         f"use --new-tokens {max(0, positions - prompt_tokens)} or less")
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--text {path} is not UTF-8 text ({error.reason} at byte {error.start})") from error
+
+
+def _first_words(text: str, characters: int = 40) -> str:
+    """The eval command's default prompt: the evaluation text's opening, cut at a word boundary."""
+    head = " ".join(text.split())[:characters]
+    return head.rsplit(" ", 1)[0] if " " in head else head
+
+
+def _evaluate_folder(args) -> int:
     from . import textdata
 
     if getattr(args, "plot", None):
         _pyplot()  # before the long part: fail fast without matplotlib
-    path = Path(args.model)
+    if args.max_tokens is not None and args.max_tokens < args.seq:
+        raise ValueError(f"--max-tokens {args.max_tokens} is less than one window (--seq {args.seq})")
+    documents = [_read_text(args.text)] if args.text else textdata.texts(textdata.split()[1])
     model = _load(args)
-    tokens = evaluation.Tokenizer(path, model)
-    documents = [Path(args.text).read_text()] if args.text else textdata.texts(textdata.split()[1])
+    tokens = evaluation.Tokenizer(Path(args.model), model)
+    prompt = args.prompt if args.prompt is not None else _first_words(documents[0])
+    prompt_ids = tokens.encode(prompt) if prompt and args.new_tokens else None
+    _check_positions(args, model, len(prompt_ids or []))
     stream = textdata.stream(documents, tokens.encode, tokens.end)
-    prompt = args.prompt if args.prompt is not None else default_prompt
-    result = evaluation.evaluate(model, stream, args.scheme, seq=args.seq, max_tokens=args.max_tokens,
-                                 prompt=tokens.encode(prompt) if prompt else None, end=tokens.end,
+    result = evaluation.evaluate(model, stream, args.scheme, seq=args.seq, batch_size=args.batch_size,
+                                 max_tokens=args.max_tokens, prompt=prompt_ids, end=tokens.end,
                                  new_tokens=args.new_tokens)
     if args.scheme == ["modelslim"]:
         print("a quantized checkpoint: its \"bf16\" is the stored weights dequantized to bf16 (the original "
               "weights are not in it), so the comparison isolates the quantized matmuls and activations\n")
-    _print_evaluation(result, tokens, prompt, getattr(args, "plot", None))
+    _print_evaluation(result, tokens, prompt if prompt_ids else None, getattr(args, "plot", None), args.model)
     return 0
 
 
@@ -156,59 +208,108 @@ def _inspect(args) -> int:
         try:
             with torch.no_grad():
                 torch.compile(model, backend=rewrite_only, fullgraph=True)(torch.zeros(1, 8, dtype=torch.long))
-        except Exception:  # Dynamo wraps the backend's exception
-            if not be.reports:
-                raise
+        except Exception as error:  # Dynamo wraps what the backend raised (BackendCompilerFailed.inner_exception)
+            raised = getattr(error, "inner_exception", None) or error.__cause__ or error
+            if not isinstance(raised, _Captured):
+                raise raised from error
         print(be.reports[-1], end="\n\n")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .schemes import SCHEMES
+def _quantize(args) -> int:
+    from .checkpoint import quantize
 
-    parser = argparse.ArgumentParser(prog="mxfx", description="MXFP-quantized linears through torch.compile")
-    commands = parser.add_subparsers(dest="command", required=True)
-    formats = commands.add_parser("formats", help="quantize a random bf16 tensor with each MX format and report")
-    formats.add_argument("--rows", type=int, default=1024)
-    formats.add_argument("--cols", type=int, default=4096, help="the quantized (last) axis")
+    print(f"wrote {quantize(args.model, args.scheme, args.out)}")
+    return 0
 
-    def model_args(command, default_model=None):
-        command.add_argument("--model", default=default_model, required=default_model is None,
-                             help="a local Hugging Face Qwen3 folder")
-        command.add_argument("--scheme", nargs="+", choices=list(SCHEMES), default=list(SCHEMES))
 
-    demo = commands.add_parser("demo", help="the shipped tiny Qwen3 on held-out reference-manual text, every scheme")
-    evaluate = commands.add_parser("eval", help="the same measurements on any local Qwen3 folder")
-    for command, default in ((demo, str(evaluation.SHIPPED_MODEL)), (evaluate, None)):
-        model_args(command, default)
-        command.add_argument("--text", help="evaluation text file (default: the held-out reference-manual topics)")
-        command.add_argument("--seq", type=int, default=256)
-        command.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
-        command.add_argument("--prompt", default=None)
-        command.add_argument("--new-tokens", type=int, default=40)
+def _formats(args) -> int:
+    x = torch.randn(args.rows, args.cols, generator=torch.Generator().manual_seed(0)).bfloat16()
+    print(_formats_report(x))
+    return 0
+
+
+def at_least(minimum: int):
+    """An argparse type: an integer >= minimum; anything else is a usage error that says what is allowed."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer (allowed: integers >= {minimum})") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed: it must be an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written, and each option's default (the examples' parsers use it too)."""
+
+
+def parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    formatter = HelpFormatter
+    top = argparse.ArgumentParser(prog="mxfx", description="MXFP-quantized linears through torch.compile",
+                                  formatter_class=formatter)
+    top.add_argument("--version", action="version", version=f"mxfx {__version__}")
+    commands = top.add_subparsers(dest="command", required=True)
+
+    def command(name, func, help):
+        sub = commands.add_parser(name, help=help, description=help, formatter_class=formatter)
+        sub.set_defaults(func=func)
+        return sub
+
+    formats = command("formats", _formats, "quantize a random bf16 tensor with each MX format and report")
+    formats.add_argument("--rows", type=at_least(1), default=1024, help="rows of the random tensor")
+    formats.add_argument("--cols", type=at_least(1), default=4096, help="the quantized (last) axis")
+
+    def model_args(sub, default_model=None):
+        sub.add_argument("--model", default=default_model, required=default_model is None,
+                         help="a local Hugging Face Qwen3 folder, bf16 or a quantized checkpoint")
+        sub.add_argument("--scheme", nargs="+", choices=list(SCHEMES), default=None,
+                         help="schemes to compile with (default: all; a quantized checkpoint runs its stored one)")
+
+    demo = command("demo", _evaluate_folder, "the shipped tiny Qwen3 on held-out reference-manual text, every scheme")
+    evaluate = command("eval", _evaluate_folder, "the same measurements on any local Qwen3 folder")
+    for sub, default_model, default_prompt in ((demo, str(evaluation.SHIPPED_MODEL), "The with statement"),
+                                               (evaluate, None, None)):
+        model_args(sub, default_model)
+        sub.add_argument("--text", help="evaluation text file, UTF-8 (default: the held-out reference-manual topics)")
+        sub.add_argument("--seq", type=at_least(1), default=256,
+                         help="tokens per evaluation window (at most the model's max_position_embeddings)")
+        sub.add_argument("--batch-size", type=at_least(1), default=8, help="windows per forward")
+        sub.add_argument("--max-tokens", type=at_least(1), default=None,
+                         help="evaluate at most this many tokens (at least --seq; default: the whole text)")
+        sub.add_argument("--prompt", default=default_prompt,
+                         help="prompt of the greedy continuations ('' for none; default for eval: the first "
+                              "words of the evaluation text)")
+        sub.add_argument("--new-tokens", type=at_least(0), default=40, help="tokens per greedy continuation (0: none)")
     evaluate.add_argument("--plot", help="write a PNG of per-layer SQNR per scheme (needs matplotlib)")
-    inspect = commands.add_parser("inspect", help="the rewrite table of a model folder, without running it")
+    inspect = command("inspect", _inspect, "the rewrite table of a model folder, without running it")
     model_args(inspect)
-    quantize = commands.add_parser("quantize", help="write a quantized checkpoint (msmodelslim layout) of a model folder")
+    quantize = command("quantize", _quantize, "write a quantized checkpoint (msmodelslim layout) of a model folder")
     quantize.add_argument("--model", required=True, help="a local Hugging Face folder with bf16 weights")
     quantize.add_argument("--scheme", required=True, choices=list(SCHEMES))
     quantize.add_argument("--out", required=True, help="the new checkpoint folder (must not exist)")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "formats":
-            x = torch.randn(args.rows, args.cols, generator=torch.Generator().manual_seed(0)).bfloat16()
-            print(_formats_report(x))
-        elif args.command == "demo":
-            return _evaluate_folder(args, "The with statement")
-        elif args.command == "eval":
-            return _evaluate_folder(args, None)
-        elif args.command == "quantize":
-            from .checkpoint import quantize as write_checkpoint
+    return top
 
-            print(f"wrote {write_checkpoint(args.model, args.scheme, args.out)}")
-        else:
-            return _inspect(args)
-    except (ValueError, OSError) as error:
+
+def main(argv: list[str] | None = None) -> int:
+    from .dynamo_backend import MXFXCompileError
+
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as error:  # bad input: the message says which file or option and why
         print(f"mxfx {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    except MXFXCompileError as error:
+        print(f"mxfx {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

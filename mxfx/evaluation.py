@@ -32,18 +32,30 @@ def load_model(path: str | Path) -> torch.nn.Module:
 
     from mxfx import checkpoint
 
+    from safetensors import SafetensorError
+
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ModelError(f"{path} is a file, not a model folder")
     if not path.is_dir():
         raise ModelError(f"model folder {path} does not exist")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelError(f"{path} has no config.json: not a Hugging Face model folder")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as error:
+        raise ModelError(f"{config_file}: not valid JSON ({error})") from error
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type != "qwen3":
         raise ModelError(f"{config_file}: model_type is {model_type!r}; mxfx evaluates Qwen3 models ('qwen3')")
     if (path / checkpoint.DESCRIPTION).is_file():
         return checkpoint.load(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, local_files_only=True).eval()
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, local_files_only=True).eval()
+    except SafetensorError as error:  # the message names no file
+        names = ", ".join(p.name for p in sorted(path.glob("*.safetensors")))
+        raise ModelError(f"{path}: cannot read its safetensors weights ({names}; truncated or corrupt?): {error}") from error
 
 
 class Tokenizer:
@@ -117,14 +129,19 @@ def layer_sqnr(model, inputs: dict[str, torch.Tensor], scheme: str, names: list[
 
 @torch.no_grad()
 def continuation(model, prompt: list[int], new_tokens: int, end: int | None) -> list[int]:
-    """Greedy continuation of a prompt's token ids (stops at `end`), one full forward per token."""
-    ids = torch.tensor([prompt])
+    """Greedy continuation of a prompt's token ids (stops at `end`): the prompt in one forward, then one
+    token per forward against a KV cache (a full forward per token grows quadratically). Compiled with
+    dynamic=True, that is two graphs (prefill, decode) whatever the length."""
+    from transformers import DynamicCache
+
+    cache, step, generated = DynamicCache(), torch.tensor([prompt]), []
     for _ in range(new_tokens):
-        next_id = model(ids).logits[0, -1].argmax()
+        next_id = model(step, cache=cache, use_cache=True).logits[0, -1].argmax()
         if next_id == end:
             break
-        ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
-    return ids[0, len(prompt):].tolist()
+        generated.append(int(next_id))
+        step = next_id.view(1, 1)
+    return generated
 
 
 @dataclass

@@ -83,6 +83,8 @@ def read_description(folder: Path) -> tuple[dict[str, str], dict]:
         description = json.loads(path.read_text())
     except ValueError as error:
         raise CheckpointError(f"{path}: not JSON ({error})") from error
+    if not isinstance(description, dict):
+        raise CheckpointError(f"{path}: a JSON {type(description).__name__}, expected an object of tensor name -> type")
     types = {name: kind for name, kind in description.items() if name not in HEADER_KEYS}
     for name, kind in types.items():
         if kind in NOT_YET:

@@ -5,20 +5,20 @@ msmodelslim's layout (mxfp8 -> W8A8_MXFP8, mxfp4_w4a8 -> packed W4A8_MXFP) or mx
 import json
 import os
 import shutil
-import tempfile
+import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from mxfx.schemes import get_scheme
+from mxfx.schemes import Scheme, get_scheme
 from mxfx.selection import Selection
 from mxfx.targets import get_target
 
-from .read import DESCRIPTION, FLOAT, INDEX, safetensors_files
-from .stored import WRITTEN, CheckpointError
+from .read import DESCRIPTION, FLOAT, INDEX, _Tensors
+from .stored import WRITTEN, CheckpointError, StoredType
 
 WRITTEN_TYPES = {scheme: kind.name for scheme, kind in WRITTEN.items()}  # scheme name -> the type written
 
@@ -32,13 +32,60 @@ def _linear_weights(config) -> dict[str, int]:
     return {f"{name}.weight": m.in_features for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
+def _partial_folder(out: Path) -> Path:
+    """A new hidden `.NAME.partial-PID` beside `out` (mode from the umask, like any other writer), after
+    removing those that killed runs left (their process is gone); a running quantize's is left alone."""
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _running(int(pid))):  # ours: a reused pid's
+            shutil.rmtree(stale, ignore_errors=True)
+            print(f"mxfx quantize: removed {stale}, left by an interrupted run", file=sys.stderr)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial.mkdir()
+    except OSError as error:
+        raise CheckpointError(f"cannot write {out}: {error.strerror} (in {out.parent})") from error
+    return partial
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
+
+
+def _readme(model_dir: Path, out: Path, scheme: str, quantized: int) -> str:
+    """The quantized folder's own README (the original's describes weights that are not in it)."""
+    return f"""# {out.name}: {model_dir.name} quantized to {scheme}
+
+Written by `mxfx quantize --model {model_dir} --scheme {scheme}`: {quantized} linear weights quantized as
+{WRITTEN_TYPES[scheme]} ({DESCRIPTION} names each tensor's type; the rest are FLOAT, as in the original).
+The original folder's README.md describes the model itself.
+
+```python
+import torch, mxfx
+from mxfx import checkpoint
+model = checkpoint.load("{out}")
+compiled = torch.compile(model, backend=mxfx.backend())   # runs the stored codes
+```
+
+or `mxfx eval --model {out}` (or `inspect`).
+"""
+
+
 def quantize(model_dir: str | Path, scheme: str, out: str | Path, exclude=None, shard_bytes: int = 256 << 20) -> Path:
     """Quantize a bf16 Hugging Face folder's linears into a checkpoint folder `out`, tensor by tensor.
 
     Linears the scheme cannot serve (K rule), lm_head, embeddings and those matching `exclude` (fnmatch
-    patterns on module FQNs) stay FLOAT. Tensors are read one at a time and written in shards of about `shard_bytes`, so memory stays
-    near one shard plus one tensor. The folder is written under a temporary name and renamed when
-    complete: an interrupted run leaves no folder that looks like a checkpoint.
+    patterns on module FQNs) stay FLOAT; a folder where that leaves nothing to quantize is refused. Tensors are read one at a time and
+    written in shards of about `shard_bytes`, so memory stays near one shard plus one tensor. The folder is
+    written under a temporary name and renamed when complete: an interrupted run leaves no folder that
+    looks like a checkpoint (and the next run removes what a killed one left).
     """
     from transformers import AutoConfig
 
@@ -47,54 +94,74 @@ def quantize(model_dir: str | Path, scheme: str, out: str | Path, exclude=None, 
         raise CheckpointError(f"scheme {scheme!r} cannot be written; choose one of {', '.join(WRITTEN_TYPES)}")
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir} has no config.json")
+    if (model_dir / DESCRIPTION).is_file():
+        raise CheckpointError(f"{model_dir} is already a quantized checkpoint (it has {DESCRIPTION}); quantize the "
+                              "bf16 folder it came from")
     if out.exists():
         raise CheckpointError(f"{out} already exists")
     select = Selection.of(exclude=exclude)
     linears = _linear_weights(AutoConfig.from_pretrained(model_dir, local_files_only=True))
-    online, kind, reference = get_scheme(scheme), WRITTEN[scheme], get_target("reference")
+    online, kind = get_scheme(scheme), WRITTEN[scheme]
     description = {"model_quant_type": kind.name, "version": "1.0.0", "group_size": 32}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        shards, shard, size, weight_map = [], {}, 0, {}
-
-        def flush():
-            nonlocal shard, size
-            if shard:
-                name = f"model-{len(shards) + 1:05d}.safetensors"
-                save_file(shard, partial / name, metadata={"format": "pt"})
-                shards.append(name)
-                weight_map.update(dict.fromkeys(shard, name))
-                shard, size = {}, 0
-
-        for path in safetensors_files(model_dir):
-            with safe_open(path, framework="pt") as f:
-                for name in tqdm(list(f.keys()), desc=f"mxfx quantize {path.name}", unit="tensor", disable=None):
-                    tensor = f.get_tensor(name)
-                    prefix = name.removesuffix(".weight")
-                    eligible = name in linears and online.skip(linears[name]) is None and select.skip(prefix) is None
-                    if eligible:  # the scheme's own quantizer: a written checkpoint runs exactly what the scheme would
-                        codes = kind.from_codes(online.quantize_weight(reference, tensor), tensor.shape[-1])
-                        written = {f"{prefix}.{suffix}": value for suffix, value in codes.items()}
-                    else:
-                        written = {name: tensor}
-                    for key, value in written.items():
-                        description[key] = kind.name if eligible else FLOAT
-                        shard[key] = value.contiguous()
-                        size += value.numel() * value.element_size()
-                    if size >= shard_bytes:
-                        flush()
-        flush()
-        if len(shards) > 1:
-            (partial / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-        else:
-            os.replace(partial / shards[0], partial / "model.safetensors")
-        for extra in model_dir.iterdir():  # config, tokenizer, generation config
-            if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in (INDEX, DESCRIPTION):
-                shutil.copy2(extra, partial / extra.name)
-        (partial / DESCRIPTION).write_text(json.dumps(description, indent=1))
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    with ExitStack() as stack:
+        tensors = _Tensors(model_dir, stack)  # every file's header read: a truncated one fails here
+        eligible = {name for name in tensors.files
+                    if name in linears and online.skip(linears[name]) is None
+                    and select.skip(name.removesuffix(".weight")) is None}
+        if not eligible:
+            raise CheckpointError(
+                f"nothing to quantize in {model_dir}: none of its {len(linears)} nn.Linear weights is stored, meets "
+                f"{scheme}'s K rule and escapes the exclude patterns ({', '.join(select.excluded)}); no checkpoint written")
+        partial = _partial_folder(out)
+        try:
+            _write(tensors, eligible, online, kind, description, partial, shard_bytes)
+            for extra in model_dir.iterdir():  # config, tokenizer, generation config; a README of its own
+                if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in (INDEX, DESCRIPTION, "README.md"):
+                    shutil.copyfile(extra, partial / extra.name)
+            (partial / "README.md").write_text(_readme(model_dir, out, scheme, len(eligible)))
+            (partial / DESCRIPTION).write_text(json.dumps(description, indent=1))
+            os.replace(partial, out)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
     return out
+
+
+def _write(tensors: _Tensors, eligible: set[str], online: Scheme, kind: StoredType, description: dict, partial: Path,
+           shard_bytes: int) -> None:
+    """Every tensor of the folder, quantized if eligible by the scheme's own quantizer (so a written
+    checkpoint runs exactly what the scheme would), into shards in `partial` (and their index)."""
+    shards, shard, size, weight_map, reference = [], {}, 0, {}, get_target("reference")
+    umask = os.umask(0)
+    os.umask(umask)
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            name = f"model-{len(shards) + 1:05d}.safetensors"
+            save_file(shard, partial / name, metadata={"format": "pt"})
+            os.chmod(partial / name, 0o666 & ~umask)  # safetensors writes 0600; follow the umask like the rest
+            shards.append(name)
+            weight_map.update(dict.fromkeys(shard, name))
+            shard, size = {}, 0
+
+    for name, (f, _) in tqdm(tensors.files.items(), desc="mxfx quantize", unit="tensor", disable=None):
+        tensor = f.get_tensor(name)
+        prefix = name.removesuffix(".weight")
+        quantized = name in eligible
+        if quantized:
+            codes = kind.from_codes(online.quantize_weight(reference, tensor), tensor.shape[-1])
+            written = {f"{prefix}.{suffix}": value for suffix, value in codes.items()}
+        else:
+            written = {name: tensor}
+        for key, value in written.items():
+            description[key] = kind.name if quantized else FLOAT
+            shard[key] = value.contiguous()
+            size += value.numel() * value.element_size()
+        if size >= shard_bytes:
+            flush()
+    flush()
+    if len(shards) > 1:
+        (partial / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    else:
+        os.replace(partial / shards[0], partial / "model.safetensors")

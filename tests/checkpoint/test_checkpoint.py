@@ -1,7 +1,10 @@
 """Quantized checkpoints: write -> read -> compile round trips for every scheme, msmodelslim layouts
 built here from the documented format (independently of the writer), and every bad input."""
 
+import errno
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +168,60 @@ def test_eval_and_inspect_a_checkpoint_of_the_shipped_model(tmp_path, capsys):
     assert cli.main(["eval", "--model", str(out), "--max-tokens", "512", "--new-tokens", "2"]) == 0
     out_text = capsys.readouterr().out
     assert "modelslim" in out_text and "modelslim/mxfp8" in out_text and "stored weights dequantized" in out_text
+
+
+def test_a_description_that_is_not_a_json_object_is_named(good):
+    (good / checkpoint.DESCRIPTION).write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="quant_model_description.json: a JSON list, expected an object"):
+        checkpoint.load(good)
+
+
+def test_quantize_refuses_a_checkpoint_and_a_folder_with_nothing_to_quantize(model_dir, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    done = checkpoint.quantize(model_dir, "mxfp8", tmp_path / "q")
+    assert cli.main(["quantize", "--model", str(done), "--scheme", "mxfp8", "--out", str(tmp_path / "qq")]) == 2
+    assert "is already a quantized checkpoint" in capsys.readouterr().err
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(gpt2)
+    assert cli.main(["quantize", "--model", str(gpt2), "--scheme", "mxfp8", "--out", str(tmp_path / "g")]) == 2
+    assert "nothing to quantize" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="nothing to quantize"):
+        checkpoint.quantize(model_dir, "mxfp8", tmp_path / "none", exclude=["*"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "q"], "nothing written"
+
+
+def test_quantized_folders_follow_the_umask_and_have_their_own_readme(model_dir, tmp_path):
+    (model_dir / "README.md").write_text("the bf16 model")
+    old = os.umask(0o022)
+    try:
+        out = checkpoint.quantize(model_dir, "mxfp4_dual", tmp_path / "q")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}["model.safetensors"] == 0o644
+    readme = (out / "README.md").read_text()
+    assert "mxfp4_dual" in readme and str(model_dir) in readme and "checkpoint.load" in readme
+
+
+def test_quantize_removes_what_a_killed_run_left_and_names_the_users_folder_when_it_cannot_write(
+        model_dir, tmp_path, monkeypatch, capsys):
+    stale = tmp_path / ".q.partial-999999999"  # no such process
+    stale.mkdir()
+    (stale / "model-00001.safetensors").write_bytes(b"half")
+    checkpoint.quantize(model_dir, "mxfp8", tmp_path / "q")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"] and f"removed {stale}" in capsys.readouterr().err
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    mkdir = os.mkdir
+
+    def refused(path, *args, **kwargs):  # a read-only folder (root ignores chmod, so refuse here)
+        if Path(path).parent == read_only:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refused)
+    assert cli.main(["quantize", "--model", str(model_dir), "--scheme", "mxfp8", "--out", str(read_only / "q")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {read_only / 'q'}: Permission denied" in err and "partial" not in err
