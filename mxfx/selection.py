@@ -9,7 +9,9 @@ import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "*embed*")
+# lm_head and embeddings, and MoE routers (Qwen3-MoE's mlp.gate, Mixtral's block_sparse_moe.gate): N is
+# the expert count and the top-k choice amplifies any error
+DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "*embed*", "*.mlp.gate", "*.block_sparse_moe.gate", "*.router")
 
 
 class SkipReason(enum.Enum):
@@ -27,6 +29,8 @@ class SkipReason(enum.Enum):
     DYNAMIC_K = "dynamic K"
     K_MISMATCH = "K mismatch"
     K_RULE = "K rule"  # K breaks the scheme's block rule
+    DTYPE_MISMATCH = "dtype mismatch"  # activation and weight dtypes differ (eager F.linear raises)
+    UNSUPPORTED_MATMUL = "not a linear"  # a weight multiplied by another op (Conv1D's addmm, MoE experts)
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,8 @@ def patterns(value: "str | Iterable[str] | None") -> tuple[str, ...] | None:
 @dataclass(frozen=True)
 class Selection:
     """include: only linears matching one of these (None: all); exclude: never these, in addition to
-    DEFAULT_EXCLUDE (lm_head and embeddings) unless default_exclude=False, which replaces the defaults
-    by `exclude` alone (how to quantize lm_head: default_exclude=False)."""
+    DEFAULT_EXCLUDE (lm_head, embeddings, MoE routers) unless default_exclude=False, which replaces the
+    defaults by `exclude` alone (how to quantize lm_head: default_exclude=False)."""
 
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()

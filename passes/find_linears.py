@@ -1,4 +1,5 @@
-"""Find every linear layer in an FX graph, in the three IR forms a user meets:
+"""Find every linear layer in an FX graph, in the three IR forms a user meets (and, apart, every other
+weight the graph multiplies by, so that a report can list it):
 
 - Dynamo graphs: call_function torch._C._nn.linear / F.linear, or call_module nn.Linear (symbolic_trace);
 - torch.export graphs: aten.linear.default;
@@ -7,6 +8,7 @@
 """
 
 import functools
+import operator
 import re
 from dataclasses import dataclass
 
@@ -112,3 +114,56 @@ def find_linears(gm: fx.GraphModule) -> list[LinearSite]:
         ):
             sites.append(_site(gm, node, node.args[1], weight, node.args[0], "aten_mm"))
     return sites
+
+
+# Ops that multiply by a weight without being a linear mxfx rewrites (GPT-2's Conv1D is addmm with a
+# [K, N] weight; MoE experts are 3-D parameters fed to a grouped or batched matmul).
+OTHER_MATMULS = {
+    torch.addmm: "addmm", torch.mm: "mm", torch.matmul: "matmul", torch.bmm: "bmm", torch.baddbmm: "baddbmm",
+    torch.einsum: "einsum", torch._grouped_mm: "_grouped_mm", aten.mm.default: "mm", aten.addmm.default: "addmm",
+    aten.bmm.default: "bmm", aten._grouped_mm.default: "_grouped_mm", torch._C._nn.linear: "linear",
+    torch.nn.functional.linear: "linear", aten.linear.default: "linear",
+}
+_PASS_THROUGH_METHODS = ("t", "transpose", "permute", "view", "reshape", "contiguous", "to", "__getitem__")
+_PASS_THROUGH_FUNCTIONS = (torch.t, torch.transpose, torch.permute, torch.reshape, getattr, *TRANSPOSES,
+                           aten.view.default, aten.reshape.default, aten._to_copy.default, operator.getitem)
+
+
+@dataclass
+class MatmulWeight:
+    """A weight the graph multiplies by outside the linears find_linears returns."""
+
+    node: fx.Node  # the placeholder / get_attr holding it
+    op: str  # the multiplying op's name
+    fqn: str | None
+
+
+def _consumers(node: fx.Node):
+    """The ops a weight reaches through views, transposes, indexing and casts."""
+    for user in node.users:
+        through = (user.op == "call_method" and user.target in _PASS_THROUGH_METHODS) or (
+            user.op == "call_function" and user.target in _PASS_THROUGH_FUNCTIONS)
+        if through and user.args and user.args[0] is node:
+            yield from _consumers(user)
+        else:
+            yield user
+
+
+def find_other_matmul_weights(gm: fx.GraphModule, sites: list[LinearSite]) -> list[MatmulWeight]:
+    """Every placeholder / get_attr (2-D or more) that reaches a matmul-like op other than as a found
+    linear's weight: what a report must list so that no matmul weight is invisible."""
+    seen = {site.weight_node for site in sites} | {site.bias_node for site in sites}
+    found = []
+    for node in gm.graph.nodes:
+        if node.op not in ("placeholder", "get_attr") or node in seen or len(_weight_shape(gm, node)) < 2:
+            continue
+        ops = [c for c in _consumers(node) if c.op == "call_function" and c.target in OTHER_MATMULS]
+        if ops:
+            consumer = ops[0]
+            stack = consumer.meta.get("nn_module_stack")
+            module = _normalize_fqn(list(stack.values())[-1][0]) if stack else None
+            param = re.search(r"_parameters_(\w+?)_?$", node.name)
+            name = param.group(1) if param else None
+            fqn = module if name in (None, "weight") else (f"{module}.{name}" if module else name)
+            found.append(MatmulWeight(node, OTHER_MATMULS[consumer.target], fqn or _source_name(node)))
+    return found

@@ -24,7 +24,7 @@ from mxfx.schemes import Scheme, SchemeSelector, Tensors, get_scheme
 from mxfx.selection import ALL, Selection, Skip, SkipReason
 from mxfx.targets import Target, get_target
 
-from .find_linears import LinearSite, find_linears
+from .find_linears import LinearSite, MatmulWeight, find_linears, find_other_matmul_weights
 from .report import LinearReport, RewriteReport
 
 aten = torch.ops.aten
@@ -66,11 +66,15 @@ def quantize_linears(
     reuse prepared weights across compiles.
     """
     rewrite = _Rewrite(gm, get_scheme(scheme), get_target(target), weights or {}, prepare)
-    for site in find_linears(gm):
+    sites = find_linears(gm)
+    others = find_other_matmul_weights(gm, sites)  # before the rewrite adds matmuls of its own
+    for site in sites:
         try:
             rewrite.rewrite_site(site, select)
         except (ValueError, RuntimeError, NotImplementedError) as error:
             raise RewriteError(f"linear {site.fqn or site.weight} (node {site.node.name}): {error}") from error
+    for other in others:
+        rewrite.report_other_matmul(other)
     gm.graph.lint()
     gm.recompile()
     log.info("%s: %s", PASS, rewrite.report.summary())
@@ -172,6 +176,9 @@ class _Rewrite:
             return Skip(SkipReason.DYNAMIC_K, "dynamic K (the activation's last dim is symbolic)")
         if x.shape[-1] != weight.shape[1]:
             return Skip(SkipReason.K_MISMATCH, f"activation K={x.shape[-1]} does not match weight {list(weight.shape)}")
+        if x.dtype != weight.dtype:  # left to F.linear, which raises as it does eagerly
+            return Skip(SkipReason.DTYPE_MISMATCH, f"activation is {x.dtype}, weight {weight.dtype}: eager F.linear "
+                                                   "refuses the mix, and so does the compiled graph")
         return scheme.skip(weight.shape[1])
 
     def rewrite_site(self, site: LinearSite, select: Selection) -> None:
@@ -212,6 +219,20 @@ class _Rewrite:
         self.propagate_meta(new_nodes)
         entry.outcome = "rewritten"
         log.debug("%s: %s rewritten with %s (K=%s, N=%s)", PASS, fqn, scheme.label, entry.k, entry.n)
+
+    def report_other_matmul(self, other: MatmulWeight) -> None:
+        """List a weight the graph multiplies by outside a linear (reported, never rewritten)."""
+        tensor = self.resolve_tensor(other.node.name if other.node.op == "placeholder" else other.node.target, other.node)
+        if not isinstance(tensor, torch.Tensor):  # an activation, not a weight
+            return
+        shape, conv1d = list(tensor.shape), other.op == "addmm" and tensor.dim() == 2
+        kind = "[K, N] weight (GPT-2 Conv1D)" if conv1d else "3-D weight (grouped MoE experts)" if tensor.dim() == 3 else "weight"
+        detail = f"{kind} {shape} multiplied by {other.op}: not a linear mxfx rewrites, so it stays unquantized"
+        k, n = (shape[0], shape[1]) if conv1d else (None, None)
+        self.report.linears.append(LinearReport(other.fqn or other.node.name, k, n, "skipped",
+                                                Skip(SkipReason.UNSUPPORTED_MATMUL, detail), nbytes([tensor]),
+                                                scheme=self.selector.label))
+        log.debug("%s: %s listed: %s", PASS, other.fqn, detail)
 
     # -- emission ----------------------------------------------------------------------------------
     def proxy(self, node: fx.Node) -> fx.Proxy:

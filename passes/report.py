@@ -64,10 +64,21 @@ class RewriteReport(PassReport):
     def bytes_after(self) -> int:
         return sum(linear.bytes_after for linear in self.rewritten)
 
+    @property
+    def total_bytes_before(self) -> int:
+        """Every listed weight's bytes, skipped ones (MoE experts, Conv1D, excluded linears) included."""
+        return sum(linear.bytes_before for linear in self.linears)
+
+    @property
+    def total_bytes_after(self) -> int:
+        return sum(linear.bytes_after if linear.outcome == "rewritten" else linear.bytes_before for linear in self.linears)
+
     def summary(self) -> str:
         ratio = f" ({self.bytes_after / self.bytes_before:.4f}x)" if self.bytes_before else ""
+        total = (f"; all {len(self.linears)} matmul weights {self.total_bytes_before:,} -> {self.total_bytes_after:,} "
+                 f"({self.total_bytes_after / self.total_bytes_before:.4f}x)") if self.total_bytes_before else ""
         return (f"{len(self.rewritten)} rewritten, {len(self.skipped)} skipped, {self.activation_quants} activation "
-                f"quantizations; weight bytes {self.bytes_before:,} -> {self.bytes_after:,}{ratio}")
+                f"quantizations; weight bytes {self.bytes_before:,} -> {self.bytes_after:,}{ratio}{total}")
 
     def __str__(self) -> str:
         header = ("linear", "K", "N", "outcome", "bytes before", "bytes after", "reason")

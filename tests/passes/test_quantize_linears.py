@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
+import mxfx
 import passes
 from mxfx.ops.npu import register_dual_level_matmul_fake
 from mxfx.selection import Selection, SkipReason
@@ -17,6 +18,7 @@ from mxfx.targets import Target
 from passes import quantize_linears
 
 from .. import npu_standin, reference_linear
+from ..models import tiny_gpt2, tiny_qwen3_moe
 from .graphs import Block, activation, aot_graph, dynamo_graph, export_graph, module_graph
 
 mx = torch.ops.mxfx
@@ -302,3 +304,44 @@ def test_a_nested_lm_head_is_excluded_by_default():
     gm, weights, _ = dynamo_graph(Wrapper(), torch.zeros(1, 4, dtype=torch.long))
     report = quantize_linears(gm, "mxfp4_dual", "reference", weights)
     assert _skips(report) == {"inner.lm_head": (SkipReason.EXCLUDED, "excluded by default pattern '*.lm_head'")}
+
+
+def _compiled_report(model, scheme="mxfp8"):
+    gm, weights, _ = dynamo_graph(model, torch.zeros(1, 8, dtype=torch.long))
+    return quantize_linears(gm, scheme, "reference", weights)
+
+
+def test_moe_experts_are_listed_and_the_router_is_kept():
+    """Before: the experts (3-D, 89% of the matmul bytes) were not listed, the router was quantized and the
+    report claimed 0.52x."""
+    report = _compiled_report(tiny_qwen3_moe())
+    by_name = {r.fqn: r for r in report.linears}
+    experts = [by_name[f"model.layers.0.mlp.experts.{p}"] for p in ("gate_up_proj", "down_proj")]
+    assert all(e.skip_reason is SkipReason.UNSUPPORTED_MATMUL and "grouped MoE experts" in e.reason for e in experts)
+    assert by_name["model.layers.0.mlp.gate"].skip_reason is SkipReason.EXCLUDED, "routers stay unquantized"
+    assert [r.fqn for r in report.rewritten] == [f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"]
+    expert_bytes = sum(e.bytes_before for e in experts)
+    assert expert_bytes == 8 * 3 * 512 * 512 * 2 and report.total_bytes_before == report.bytes_before + sum(
+        r.bytes_before for r in report.skipped)
+    assert report.total_bytes_after / report.total_bytes_before > 0.85, "the summary counts every matmul weight"
+    assert "all 8 matmul weights" in report.summary()
+
+
+def test_gpt2_conv1d_layers_are_listed():
+    report = _compiled_report(tiny_gpt2())
+    conv = [r for r in report.skipped if r.skip_reason is SkipReason.UNSUPPORTED_MATMUL]
+    assert [r.fqn for r in conv] == [f"transformer.h.0.{m}" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert (conv[0].k, conv[0].n) == (512, 1536) and "GPT-2 Conv1D" in conv[0].reason and not report.rewritten
+
+
+def test_an_activation_of_another_dtype_is_left_to_f_linear():
+    """Before: a bf16 linear called with fp16 input ran and returned fp16 under mxfx, where eager raises."""
+    linear, x = torch.nn.Linear(512, 64, dtype=torch.bfloat16), activation((2, 512), dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        linear(x)
+    reports = []
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="same dtype"), torch.no_grad():
+        torch.compile(linear, backend=mxfx.backend("mxfp8", target="reference", report=reports.append))(x)
+    torch._dynamo.reset()
+    assert reports[0].skipped[0].skip_reason is SkipReason.DTYPE_MISMATCH and not reports[0].rewritten
