@@ -28,9 +28,11 @@ from mxfx.schemes import MODELSLIM, SCHEMES, Scheme, SchemeSelector, get_scheme
 from mxfx.selection import Selection, SkipReason
 from mxfx.stored_weights import STORED_WEIGHTS
 from mxfx.targets import Target, get_target
+from mxfx.weight_watch import WeightWatch
 from passes import (
     DEFAULT_PASSES,
     GraphPass,
+    LiftReport,
     PassContext,
     PipelineReport,
     RewriteError,
@@ -155,6 +157,17 @@ class Backend:
     def target(self) -> Target:
         return get_target(self.target_name)
 
+    def _warn_if_nothing_rewritten(self, report: RewriteReport) -> None:
+        """A compile that quantizes nothing is almost always a mistake (an fp32 model, an include that
+        matches nothing, a model of Conv1D layers): say why. Graphs without any matmul weight warn only
+        while nothing has been quantized yet (generate() and graph breaks make such graphs too)."""
+        if report.rewritten or (not report.linears and any(r.rewritten for r in self.reports)):
+            return
+        reasons = sorted({r.skip_reason.value for r in report.skipped})
+        why = f": every one skipped ({', '.join(reasons)}; the report says which and why)" if reasons else ""
+        warnings.warn(f"mxfx: nothing quantized in this graph ({len(report.linears)} matmul weights{why})",
+                      stacklevel=4)
+
     def scheme_for_graph(self, weights: dict[str, torch.Tensor]) -> "Scheme | SchemeSelector":
         """The scheme given, else the stored codes for a graph whose weights came from a quantized
         checkpoint, else mxfp4_dual."""
@@ -166,18 +179,26 @@ class Backend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         try:
-            graph, constants = self.rewrite(gm, example_inputs)
+            graph, lifted = self.rewrite(gm, example_inputs)
         except (MXFXCompileError, RewriteError) as error:
             warnings.warn(f"mxfx: {error}", stacklevel=2)
             if self.fallback == "eager":
                 return gm.forward
             raise
+        constants = lifted.constants
         if self.inner.constants_as_parameters:
             constants = [torch.nn.Parameter(t, requires_grad=False) for t in constants]
+        placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        watch = WeightWatch(placeholders, example_inputs, lifted.tags, self.target, self.cache)
         compiled = self.inner.compile(graph, [*example_inputs, *constants])
-        return lambda *args: compiled(*args, *constants)
 
-    def rewrite(self, gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+        def run(*args):
+            watch.refresh(args, constants)
+            return compiled(*args, *constants)
+
+        return run
+
+    def rewrite(self, gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, LiftReport]:
         """The rewritten copy of a Dynamo graph and the constants to append to its inputs."""
         target = self.target
         if target.name == "npu":
@@ -209,11 +230,12 @@ class Backend:
                 names = ", ".join(r.fqn for r in dynamic)
                 raise MXFXCompileError(f"{names}: K must be static (got a symbolic in_features); mark only batch and "
                                        f"sequence dims dynamic\n{report}")
+            self._warn_if_nothing_rewritten(report)
         lifted = lift_constants(graph, fake_mode)
         pipeline.passes.append(lifted)
         self.pipeline_reports.append(pipeline)
         log.info("mxfx: graph compiled for target %s:\n%s", target.name, pipeline)
-        return graph, lifted.constants
+        return graph, lifted
 
 
 def backend(scheme: "str | Scheme | SchemeSelector | None" = None, target: str = "auto", inner="eager",

@@ -29,6 +29,7 @@ def lift_constants(gm: fx.GraphModule, fake_mode: FakeTensorMode | None = None) 
         delattr(gm, node.target)
         report.names.append(node.target)
         report.constants.append(tensor)
+        report.tags.append(mxfx_tag(node))
     graph.lint()
     gm.recompile()
     return report

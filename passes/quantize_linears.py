@@ -7,7 +7,8 @@ inputs). Linears fed by the same activation share one activation quantization wh
 activation keys agree. Every linear the pass sees is reported, rewritten or skipped with a typed
 reason; nothing is rewritten that the scheme cannot serve exactly. Every node it emits is tagged
 `node.meta["mxfx"] = {"pass": "quantize_linears", "role": ..., "linear": fqn}` (roles: constant,
-activation_quant, matmul, shape; an activation quantization lists all its linears under "linears").
+activation_quant, matmul, shape, grad_guard (mxfx::inference_only, only where gradients would flow); an activation quantization lists all its linears under "linears"; a
+constant names its prepared tensor and its "source": the weight and bias node names, dtype and scheme).
 """
 
 import functools
@@ -202,6 +203,10 @@ class _Rewrite:
             activation = self.emit_activation_quant(site.input, x, scheme, tensors, prepared, fqn)
             self.tracer.tag = {"pass": PASS, "role": "matmul", "linear": fqn}
             y = scheme.matmul(self.target, activation, prepared, x.dtype)
+            if getattr(self.fake_value(site.node), "requires_grad", False):  # a gradient would flow: refuse it
+                self.tracer.tag = {"pass": PASS, "role": "grad_guard", "linear": fqn}
+                weight_node = site.weight_node or self.graph.get_attr(site.weight)
+                y = torch.ops.mxfx.inference_only.default(y, self.proxy(site.input), self.proxy(weight_node), fqn)
             if x.dim() != 2:
                 self.tracer.tag = {"pass": PASS, "role": "shape", "linear": fqn}
                 lead = [d if isinstance(d, int) else aten.sym_size.int(self.proxy(site.input), i)
@@ -249,7 +254,8 @@ class _Rewrite:
             for name, tensor in tensors.items():
                 self.gm.register_buffer(f"{stem}_{name}", tensor)
                 nodes[name] = self.graph.get_attr(f"{stem}_{name}")
-                nodes[name].meta["mxfx"] = {"pass": PASS, "role": "constant", "linear": fqn, "name": name}
+                nodes[name].meta["mxfx"] = {"pass": PASS, "role": "constant", "linear": fqn, "name": name,
+                                            "source": key}  # what it was prepared from: (weight, bias, dtype, scheme)
             self.prepared[key] = nodes, tensors, nbytes(t for name, t in tensors.items() if name != "bias")
         nodes, tensors, size = self.prepared[key]
         return {name: self.proxy(node) for name, node in nodes.items()}, tensors, size

@@ -103,6 +103,7 @@ class LiftReport(PassReport):
     pass_name: ClassVar[str] = "lift_constants"
     names: list[str] = field(default_factory=list)
     constants: list[torch.Tensor] = field(default_factory=list, repr=False)
+    tags: list[dict] = field(default_factory=list, repr=False)  # each constant's node.meta["mxfx"]
 
     def summary(self) -> str:
         return f"{len(self.constants)} prepared constants lifted to graph inputs"

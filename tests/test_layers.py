@@ -14,7 +14,7 @@ LAYERS = [  # lowest first; a module belongs to the first prefix that names it
     ["mxfx.ops", "mxfx.targets", "mxfx.selection", "mxfx.stored_weights", "mxfx.tensor_cache", "mxfx.metrics"],
     ["mxfx.schemes", "mxfx.prepared"],
     ["passes"],
-    ["mxfx.dynamo_backend", "mxfx.checkpoint", "mxfx.evaluation", "mxfx.textdata"],
+    ["mxfx.dynamo_backend", "mxfx.weight_watch", "mxfx.checkpoint", "mxfx.evaluation", "mxfx.textdata"],
     ["mxfx.cli"],
 ]
 

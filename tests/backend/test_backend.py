@@ -123,9 +123,57 @@ def test_model_without_linears_compiles_with_an_empty_report():
     model = torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.GELU())
     be = mxfx.backend(target="reference")
     x = activation((2, 64))
-    with torch.no_grad():
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"nothing quantized in this graph \(0 matmul weights\)"):
         assert torch.equal(torch.compile(model, backend=be, fullgraph=True)(x), model(x))
     assert be.reports[-1].linears == [] and "0 rewritten" in str(be.reports[-1])
+
+
+@pytest.mark.parametrize("case", ["fp32 model", "include matches nothing"])
+def test_a_compile_that_quantizes_nothing_warns(case):
+    """Before: an fp32 model (every linear skipped) and an include matching nothing passed silently."""
+    model = tiny_qwen3(layers=1)
+    include = "*.no_such_linear" if case != "fp32 model" else None
+    reason = "activation dtype" if case == "fp32 model" else "not included"
+    be = mxfx.backend("mxfp8", target="reference", include=include)
+    with torch.no_grad(), pytest.warns(UserWarning, match=f"nothing quantized in this graph .*{reason}"):
+        torch.compile(model.float() if case == "fp32 model" else model, backend=be)(_ids())
+
+
+def test_weights_updated_after_compiling_reach_the_compiled_model():
+    """Before: in-place updates, load_state_dict and new Parameters were ignored (stale quantized weights)."""
+    model = torch.nn.Sequential(torch.nn.Linear(512, 64, dtype=torch.bfloat16))
+    compiled = torch.compile(model, backend=mxfx.backend("mxfp8", target="reference"))
+    x, other = activation((2, 512)), torch.nn.Sequential(torch.nn.Linear(512, 64, dtype=torch.bfloat16))
+
+    def expected():
+        return reference_linear.linear("mxfp8", x, model[0].weight.detach(), model[0].bias.detach())
+
+    updates = {
+        "through .data": lambda: model[0].weight.data.mul_(-1),
+        "in place under no_grad": lambda: model[0].bias.add_(1),
+        "load_state_dict": lambda: model.load_state_dict(other.state_dict()),
+        "a new Parameter": lambda: setattr(model[0], "weight", torch.nn.Parameter(torch.randn(64, 512).bfloat16())),
+    }
+    with torch.no_grad():
+        assert torch.equal(compiled(x), expected())
+        for name, update in updates.items():
+            update()
+            assert torch.equal(compiled(x), expected()), f"stale after an update {name}"
+
+
+def test_a_gradient_through_a_quantized_linear_is_an_error():
+    """Before: backward gave None to every weight behind a quantized linear (3 of 25 Qwen3 parameters)."""
+    model = tiny_qwen3(layers=1)
+    out = torch.compile(model, backend=mxfx.backend("mxfp8", target="reference"))(_ids(), labels=_ids())
+    assert out.loss.requires_grad
+    with pytest.raises(RuntimeError, match="a gradient reached the quantized linear model.layers.0.*torch.no_grad"):
+        out.loss.backward()
+    with torch.no_grad():
+        torch._dynamo.reset()
+        be = mxfx.backend("mxfp8", target="reference")
+        torch.compile(model, backend=be)(_ids())
+    graph = be.pipeline_reports[-1]
+    assert graph.passes[0].rewritten, "under no_grad: no guard, nothing to refuse"
 
 
 def test_nan_and_inf_inputs_behave_as_the_kernels_do():
