@@ -87,12 +87,16 @@ def windows(stream: torch.Tensor, seq: int, max_tokens: int | None = None) -> to
 @torch.no_grad()
 def predictions_and_loss(model, batches: torch.Tensor, batch_size: int, desc: str) -> tuple[torch.Tensor, float]:
     """The predicted next token [n, seq] of every window and the mean next-token cross-entropy (only
-    the argmax is kept: a real vocabulary's logits for a long text would take tens of GB)."""
+    the argmax is kept: a real vocabulary's logits for a long text would take tens of GB). A non-finite
+    loss is an error naming `desc`: its perplexity and agreement would mean nothing."""
     predictions, total = [], 0.0
     for batch in tqdm(batches.split(batch_size), desc=desc, leave=False, disable=None):
         logits = model(batch[:, :-1]).logits
         total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
         predictions.append(logits.argmax(-1))
+    if not math.isfinite(total):
+        raise ModelError(f"{desc}: the loss is {total} (non-finite logits): the model or its quantized weights hold "
+                         "inf/NaN, so no perplexity can be reported")
     return torch.cat(predictions), total / batches[:, 1:].numel()
 
 

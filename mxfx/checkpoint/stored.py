@@ -97,6 +97,12 @@ def _check_shapes(stored: Tensors, expected: dict[str, tuple], n: int, k: int, f
             fail(suffix, f"has shape {list(stored[suffix].shape)}, expected {list(want)} for a [{n}, {k}] weight")
 
 
+def _check_finite(stored: Tensors, suffixes: tuple[str, ...], fail: Fail) -> None:
+    for suffix in suffixes:
+        if suffix in stored and not (finite := stored[suffix].float().isfinite()).all():
+            fail(suffix, f"holds {int((~finite).sum())} non-finite values (inf/NaN): the weights it scales would be too")
+
+
 @dataclass(frozen=True, eq=False)
 class MXType(StoredType):
     """Single-level MX: E4M3 or packed FP4 codes with E8M0 scales per 32 (an E4M3 container of FP4
@@ -108,6 +114,9 @@ class MXType(StoredType):
         if weight.dim() != 2 or (weight.shape[0], stored_k) != (n, k):
             fail("weight", f"has shape {list(weight.shape)}, which is not a {self.name} [{n}, {k}] weight")
         _check_shapes(stored, {"weight_scale": (n, math.ceil(k / 32))}, n, k, fail)
+        if (nan := (stored["weight_scale"] == 0xFF).nonzero()).numel():  # E8M0's one NaN code
+            fail("weight_scale", f"holds the E8M0 NaN code 0xFF ({len(nan)} blocks, first at row {nan[0, 0].item()}, "
+                                 f"block {nan[0, 1].item()}): those weights would all be NaN")
         return QuantizedWeight(self, stored)
 
     def scheme(self, weight):
@@ -133,6 +142,7 @@ class DualLevelType(MXType):
     def check(self, stored, n, k, described_group, fail):
         weight = super().check(stored, n, k, described_group, fail)
         _check_shapes(stored, {"weight_dual_scale": (n, math.ceil(k / 512), 1)}, n, k, fail)
+        _check_finite(stored, ("weight_dual_scale",), fail)
         return weight
 
     def scheme(self, weight):
@@ -183,6 +193,7 @@ class Int4Type(StoredType):
             if suffix in stored and stored[suffix].any():
                 fail(suffix, "is not zero: asymmetric int4 is not supported (msmodelslim writes symmetric weights "
                              "and vllm-ascend ignores offsets, so the result would depend on who runs it)")
+        _check_finite(stored, ("weight_scale", "weight_scale_second"), fail)
         if "scale_bias" in stored and stored["scale_bias"].shape[0] != n:
             fail("scale_bias", f"has shape {list(stored['scale_bias'].shape)}; its first dim must be N={n}")
         kept = {suffix: stored[suffix] for suffix in ("weight_scale", "weight_scale_second") if suffix in stored}

@@ -119,12 +119,16 @@ Q = "model.layers.0.self_attn.q_proj"
         (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:1000]), "truncated or corrupt"),
         (lambda f: (f / "config.json").unlink(), "has no config.json"),
         (lambda f: (f / checkpoint.DESCRIPTION).unlink(), "not a quantized"),
+        (lambda f: msmodelslim.edit_tensors(f, lambda t: t[f"{Q}.weight_scale"][3, 5:7].fill_(0xFF)),
+         f"model.safetensors: {Q}.weight_scale holds the E8M0 NaN code 0xFF (2 blocks, first at row 3, block 5)"),
     ],
-    ids=["missing", "extra", "scale-shape", "dtype", "float-shape", "unknown-type", "described-absent", "described-twice", "described-unused", "not-a-parameter", "missing-parameter", "not-yet", "truncated", "no-config", "no-description"],
+    ids=["missing", "extra", "scale-shape", "dtype", "float-shape", "unknown-type", "described-absent", "described-twice",
+         "described-unused", "not-a-parameter", "missing-parameter", "not-yet", "truncated", "no-config", "no-description",
+         "nan-scale"],
 )
 def test_bad_checkpoints_name_the_file_and_tensor(good, damage, message):
     damage(good)
-    with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+    with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
         checkpoint.load(good)
 
 
@@ -225,3 +229,30 @@ def test_quantize_removes_what_a_killed_run_left_and_names_the_users_folder_when
     assert cli.main(["quantize", "--model", str(model_dir), "--scheme", "mxfp8", "--out", str(read_only / "q")]) == 2
     err = capsys.readouterr().err
     assert f"cannot write {read_only / 'q'}: Permission denied" in err and "partial" not in err
+
+
+def test_non_finite_scales_are_refused_and_eval_fails_on_a_non_finite_loss(model_dir, tmp_path, capsys):
+    """Before: a stored scale of 0xFF (NaN) loaded silently and `mxfx eval` printed ppl nan, top-1 100%, exit 0."""
+    out = checkpoint.quantize(model_dir, "mxfp4_dual", tmp_path / "q")
+    msmodelslim.edit_tensors(out, lambda t: t[f"{Q}.weight_dual_scale"][0, 0].fill_(float("nan")))
+    with pytest.raises(CheckpointError, match=f"{Q}.weight_dual_scale holds 1 non-finite values"):
+        checkpoint.load(out)
+    model = evaluation.load_model(model_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    stream = torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(evaluation.ModelError, match="mxfp8: the loss is nan"):
+        evaluation.predictions_and_loss(torch.compile(model, backend=mxfx.backend("mxfp8", target="reference")),
+                                        evaluation.windows(stream, 64), 4, "mxfp8")
+
+
+def test_a_loaded_checkpoint_runs_its_stored_codes_unless_told_otherwise(model_dir, tmp_path):
+    """Before: the default backend quantized a loaded checkpoint's dequantized weights again (mxfp4_dual)."""
+    loaded = checkpoint.load(checkpoint.quantize(model_dir, "mxfp8", tmp_path / "q"))
+    default, stored = _logits(loaded, None), _logits(loaded, "modelslim")
+    assert torch.equal(default[0], stored[0]) and {r.scheme for r in default[1].rewritten} == {"modelslim/mxfp8"}
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="loaded from a quantized checkpoint .W8A8_MXFP8.; scheme mxfp4_dual would "
+                                        "quantize its dequantized values again"), torch.no_grad():
+        torch.compile(loaded, backend=mxfx.backend("mxfp4_dual", target="reference"))(torch.zeros(1, 8, dtype=torch.long))
+    torch._dynamo.reset()
