@@ -163,6 +163,8 @@ class Backend:
         while nothing has been quantized yet (generate() and graph breaks make such graphs too)."""
         if report.rewritten or (not report.linears and any(r.rewritten for r in self.reports)):
             return
+        if report.linears and all(r.skip_reason is SkipReason.EMPTY for r in report.skipped):
+            return  # a zero-token graph (serving, MoE): nothing to quantize, and nothing wrong
         reasons = sorted({r.skip_reason.value for r in report.skipped})
         why = f": every one skipped ({', '.join(reasons)}; the report says which and why)" if reasons else ""
         warnings.warn(f"mxfx: nothing quantized in this graph ({len(report.linears)} matmul weights{why})",

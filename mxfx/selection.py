@@ -29,6 +29,7 @@ class SkipReason(enum.Enum):
     DYNAMIC_K = "dynamic K"
     K_MISMATCH = "K mismatch"
     K_RULE = "K rule"  # K breaks the scheme's block rule
+    EMPTY = "no rows"  # an activation with a 0-sized dim (the kernels refuse empty tensors; F.linear does not)
     DTYPE_MISMATCH = "dtype mismatch"  # activation and weight dtypes differ (eager F.linear raises)
     UNSUPPORTED_MATMUL = "not a linear"  # a weight multiplied by another op (Conv1D's addmm, MoE experts)
 

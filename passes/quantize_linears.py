@@ -177,6 +177,8 @@ class _Rewrite:
             return Skip(SkipReason.DYNAMIC_K, "dynamic K (the activation's last dim is symbolic)")
         if x.shape[-1] != weight.shape[1]:
             return Skip(SkipReason.K_MISMATCH, f"activation K={x.shape[-1]} does not match weight {list(weight.shape)}")
+        if any(isinstance(d, int) and d == 0 for d in x.shape[:-1]):  # Dynamo specializes 0: a graph of its own
+            return Skip(SkipReason.EMPTY, f"activation {list(x.shape)} has no rows: F.linear returns the empty result")
         if x.dtype != weight.dtype:  # left to F.linear, which raises as it does eagerly
             return Skip(SkipReason.DTYPE_MISMATCH, f"activation is {x.dtype}, weight {weight.dtype}: eager F.linear "
                                                    "refuses the mix, and so does the compiled graph")

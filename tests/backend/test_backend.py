@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 import mxfx
 from mxfx.dynamo_backend import Backend, MXFXCompileError
 from mxfx.prepared import PreparedWeights
+from mxfx.selection import SkipReason
 
 from .. import reference_linear
 from ..models import tiny_qwen3
@@ -273,3 +274,18 @@ def test_a_new_bias_is_prepared_again():
     for value in range(20):  # fresh bias tensors, whose ids the allocator may reuse
         bias = torch.full((64,), float(value), dtype=torch.bfloat16)
         assert cache.prepare(scheme, target, weight, bias, torch.bfloat16)["bias"][0].item() == value
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_empty_inputs_return_empty_outputs_as_eager(scheme):
+    """Before: [0, K] and [B, 0, K] crashed at run time ("empty tensor"); serving loops and MoE zero-token
+    paths send them. Dynamo gives a 0-sized dim a graph of its own, where the linear is left to F.linear."""
+    linear = torch.nn.Linear(512, 64, dtype=torch.bfloat16)
+    for shapes in ([(3, 512), (0, 512)], [(2, 3, 512), (2, 0, 512)]):
+        torch._dynamo.reset()
+        be = mxfx.backend(scheme, target="reference")
+        compiled = torch.compile(linear, backend=be)
+        with torch.no_grad():
+            for shape in shapes:
+                assert compiled(activation(shape)).shape == linear(activation(shape)).shape
+        assert be.reports[0].rewritten and be.reports[-1].skipped[0].skip_reason is SkipReason.EMPTY
