@@ -182,17 +182,21 @@ class DualLevelMXFP4(Scheme):
 
 @dataclass(frozen=True)
 class _MXActivation(Scheme):
-    """MXFP8 E4M3 activations (npu_dynamic_mx_quant, OCP floor scale) into npu_quant_matmul."""
+    """Single-level MX activations (npu_dynamic_mx_quant, OCP floor scale; MXFP8 E4M3 unless a scheme
+    says otherwise) into npu_quant_matmul."""
 
     k_multiple: ClassVar[int] = 32
     weight_dst_type: ClassVar[int]
+    activation_dst_type: ClassVar[int] = FLOAT8_E4M3FN
+    activation_round_mode: ClassVar[str] = "rint"
 
     @property
     def activation_rule(self):
-        return ("npu_dynamic_mx_quant", FLOAT8_E4M3FN, "rint", 0)
+        return ("npu_dynamic_mx_quant", self.activation_dst_type, self.activation_round_mode, 0)
 
     def quantize_activation(self, target, x2d, prepared):
-        return target_ops(target).npu_dynamic_mx_quant(x2d, dst_type=FLOAT8_E4M3FN)
+        return target_ops(target).npu_dynamic_mx_quant(x2d, dst_type=self.activation_dst_type,
+                                                       round_mode=self.activation_round_mode)
 
     def quantize_weight(self, target, weight):
         q, scale = target_ops(target).npu_dynamic_mx_quant(weight, dst_type=self.weight_dst_type,
@@ -243,6 +247,27 @@ class MXFP4W4A8(_MXActivation):
 
     def matmul(self, target, activation, prepared, dtype):
         return self._quant_matmul(target, activation, prepared, dtype, x2_dtype=FLOAT4_E2M1FN_X2, group_sizes=[0, 0, 32])
+
+
+@dataclass(frozen=True)
+class MXFP4(_MXActivation):
+    """Single-level W4A4 MXFP4 as vllm-ascend's W4A4_MXFP4 linear runs it: FP4 activations quantized with
+    round_mode="round", the packed FP4 weight as a [K/2, N] view and its scale as the [K/64, N, 2] view
+    (vllm-ascend's layout with NZ off), FP4 x FP4 in npu_quant_matmul, the bias in fp32."""
+
+    name: ClassVar[str] = "mxfp4"
+    description: ClassVar[str] = "single-level MXFP4 W4A4 (npu_quant_matmul)"
+    weight_dst_type: ClassVar[int] = FLOAT4_E2M1FN_X2
+    weight_round_modes: ClassVar[tuple[str, ...]] = FP4_ROUND_MODES
+    activation_dst_type: ClassVar[int] = FLOAT4_E2M1FN_X2
+    activation_round_mode: ClassVar[str] = "round"
+
+    def layout(self, target, codes, bias, dtype):
+        return _fp32_bias({"weight": codes["q"].transpose(0, 1), "weight_scale": codes["scale"].transpose(0, 1)}, bias)
+
+    def matmul(self, target, activation, prepared, dtype):
+        return self._quant_matmul(target, activation, prepared, dtype, x1_dtype=FLOAT4_E2M1FN_X2,
+                                  x2_dtype=FLOAT4_E2M1FN_X2, group_sizes=[1, 1, 32])
 
 
 @dataclass(frozen=True)
@@ -299,7 +324,7 @@ class Modelslim:
         return None if stored is None else stored.scheme
 
 
-SCHEMES: dict[str, Scheme] = {scheme.name: scheme for scheme in (DualLevelMXFP4(), MXFP4W4A8(), MXFP8())}
+SCHEMES: dict[str, Scheme] = {scheme.name: scheme for scheme in (DualLevelMXFP4(), MXFP4W4A8(), MXFP8(), MXFP4())}
 MODELSLIM = Modelslim()
 
 

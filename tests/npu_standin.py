@@ -49,7 +49,7 @@ def _mx_quant(input, *, axis=-1, round_mode="rint", dst_type=FP4, block_size=32,
               max_low_bound=0.0):
     _check(input.dtype in (torch.bfloat16, torch.float16, torch.float32), f"input {input.dtype}")
     _check(isinstance(dst_type, int) and dst_type in (E4M3, FP4), f"dst_type {dst_type!r} (an int: 292 or 296)")
-    calls.append(("npu_dynamic_mx_quant", {"input": tuple(input.shape), "dst_type": dst_type}))
+    calls.append(("npu_dynamic_mx_quant", {"input": tuple(input.shape), "dst_type": dst_type, "round_mode": round_mode}))
     return mx.npu_dynamic_mx_quant(input, axis=axis, round_mode=round_mode, dst_type=dst_type,
                                    block_size=block_size, scale_alg=scale_alg)
 
@@ -86,12 +86,15 @@ def _dual_level_matmul(x1, x2, x1_level0_scale, x2_level0_scale, x1_level1_scale
 
 def _quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None, x1_dtype=None,
                   x2_dtype=None, pertoken_scale_dtype=None, scale_dtype=None, group_sizes=None, y_scale=None):
-    fp4 = x2_dtype == FP4
+    fp4, w4a4 = x2_dtype == FP4, x1_dtype == FP4
     _check(scale_dtype == E8M0 and pertoken_scale_dtype == E8M0, "scale dtypes must be 293 (float8_e8m0fnu)")
-    _check(list(group_sizes) == ([0, 0, 32] if fp4 else [1, 1, 32]), f"group_sizes {group_sizes}")
+    _check(list(group_sizes) == ([0, 0, 32] if fp4 and not w4a4 else [1, 1, 32]), f"group_sizes {group_sizes}")
     _check(not x2.is_contiguous() and x2._base is not None, "x2 must be the transposed view of the [N, K] weight")
     _check(not scale.is_contiguous(), "scale must be the [K/64, N, 2] view of [N, K/64, 2]")
-    if fp4:
+    if w4a4:  # vllm-ascend W4A4_MXFP4 with NZ off: FP4 x FP4, the weight's plain transposed view
+        _check(fp4 and x1.dtype == torch.uint8 and x2.dtype == torch.uint8 and not _is_nz(x2), "W4A4 operands")
+        _check(bias is None or bias.dtype == torch.float32, "W4A4 bias must be fp32")
+    elif fp4:
         _check(x2.dtype == torch.uint8 and _is_nz(x2), "the FP4 weight must be NZ-cast before the transpose")
         out_dtype = {15: torch.bfloat16, 5: torch.float16}[output_dtype]
         _check(bias is None or (bias.dtype == out_dtype and bias.shape == (1, x2.shape[1])),
@@ -100,7 +103,7 @@ def _quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None,
         _check(x2.dtype == torch.float8_e4m3fn and (bias is None or bias.dtype == torch.float32), "MXFP8 weight / bias")
     calls.append(("npu_quant_matmul", {"x1": tuple(x1.shape), "x2": tuple(x2.shape), "group_sizes": list(group_sizes)}))
     return mx.npu_quant_matmul(x1, x2, scale, pertoken_scale=pertoken_scale, bias=bias, output_dtype=output_dtype,
-                               x2_dtype=x2_dtype, pertoken_scale_dtype=pertoken_scale_dtype, scale_dtype=scale_dtype,
+                               x1_dtype=x1_dtype, x2_dtype=x2_dtype, pertoken_scale_dtype=pertoken_scale_dtype, scale_dtype=scale_dtype,
                                group_sizes=group_sizes)
 
 

@@ -15,9 +15,9 @@ def prepare(scheme: str, w: torch.Tensor, b: torch.Tensor | None) -> tuple:
     if scheme == "mxfp4_dual":
         qw, l0w, l1w = mx.npu_dynamic_dual_level_mx_quant(w)
         return mx.npu_format_cast(qw.view(torch.int8), 29), l0w.t().contiguous(), l1w, None if b is None else b.float()
-    fp4 = scheme == "mxfp4_w4a8"
+    fp4 = scheme in ("mxfp4_w4a8", "mxfp4")
     qw, sw = mx.npu_dynamic_mx_quant(w, dst_type=FP4 if fp4 else E4M3)
-    bias = None if b is None else (b.reshape(1, -1) if fp4 else b.float())
+    bias = None if b is None else (b.reshape(1, -1) if scheme == "mxfp4_w4a8" else b.float())
     return qw.t(), sw.transpose(0, 1), bias
 
 
@@ -28,6 +28,11 @@ def apply(scheme: str, x: torch.Tensor, prepared: tuple, n: int) -> torch.Tensor
         w, l0w, l1w, bias = prepared
         qx, l0x, l1x = mx.npu_dynamic_dual_level_mx_quant(x2d)
         y = mx.npu_dual_level_quant_matmul(qx, w, l0x, l0w, l1x, l1w, bias=bias, output_dtype=out_dtype)
+    elif scheme == "mxfp4":  # vllm-ascend W4A4_MXFP4: FP4 activations rounded half away from zero
+        w, sw, bias = prepared
+        qx, sx = mx.npu_dynamic_mx_quant(x2d, dst_type=FP4, round_mode="round")
+        y = mx.npu_quant_matmul(qx, w, sw, pertoken_scale=sx, scale_dtype=E8M0, pertoken_scale_dtype=E8M0,
+                                output_dtype=out_dtype, bias=bias, x1_dtype=FP4, x2_dtype=FP4, group_sizes=[1, 1, 32])
     else:
         fp4 = scheme == "mxfp4_w4a8"
         w, sw, bias = prepared

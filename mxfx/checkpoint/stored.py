@@ -8,6 +8,7 @@ writes), and which scheme runs them.
 | W8A8_MXFP8 | float8_e4m3fn [N, K] | `weight_scale` uint8 E8M0 [N, ceil(K/32)] | mxfp8 |
 | W4A8_MXFP (packed) | uint8 [N, K/2], element 2i low nibble | `weight_scale` as above | mxfp4_w4a8 |
 | W4A8_MXFP (early export) | float8_e4m3fn [N, K] holding FP4 values | `weight_scale` as above | mxfp8 |
+| W4A4_MXFP4 | uint8 [N, K/2], element 2i low nibble | `weight_scale` as above | mxfp4 |
 | W4A4_MXFP4_DUALSCALE (mxfx's mxfp4_dual) | uint8 [N, K/2] | `weight_scale` as above, `weight_dual_scale` float32 [N, ceil(K/512), 1] | mxfp4_dual |
 | W4A8_DYNAMIC | int8 [N, K], one int4 per byte, or [N/2, K], rows 2j/2j+1 in the low/high nibble | `weight_scale` [N, 1]; per group also `weight_scale_second` [N, K/group] | w4a8_dynamic |
 
@@ -36,7 +37,7 @@ from mxfx.formats import (
     unpack_int4,
 )
 from mxfx.ops.weight_quant import dequantized_weight
-from mxfx.schemes import MXFP4W4A8, MXFP8, DualLevelMXFP4, Int4WeightOnly, Scheme, Tensors
+from mxfx.schemes import MXFP4, MXFP4W4A8, MXFP8, DualLevelMXFP4, Int4WeightOnly, Scheme, Tensors
 
 
 class CheckpointError(ValueError):
@@ -47,7 +48,7 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 NUMBERS = FLOATS + (torch.int8, torch.int32, torch.int64)
 Fail = Callable[[str, str], None]  # fail(suffix, problem) raises a CheckpointError naming file and tensor
 # msmodelslim types mxfx knows of but cannot run yet
-NOT_YET = {"W4A4_MXFP4": "MXFP4 activations", "W4A4_MXFP4_SVD": "the SVD variant"}
+NOT_YET = {"W4A4_MXFP4_SVD": "the SVD variant"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,8 +106,11 @@ def _check_finite(stored: Tensors, suffixes: tuple[str, ...], fail: Fail) -> Non
 
 @dataclass(frozen=True, eq=False)
 class MXType(StoredType):
-    """Single-level MX: E4M3 or packed FP4 codes with E8M0 scales per 32 (an E4M3 container of FP4
-    values, from early W4A8_MXFP exports, is exact as E4M3 and runs as mxfp8)."""
+    """Single-level MX: E4M3 or packed FP4 codes with E8M0 scales per 32; `runs_as` maps the stored
+    weight's dtype to the scheme (an E4M3 container of FP4 values, from early W4A8_MXFP exports, is exact
+    as E4M3 and runs as mxfp8)."""
+
+    runs_as: dict[torch.dtype, type[Scheme]] = field(default_factory=dict)
 
     def check(self, stored, n, k, described_group, fail):
         weight = stored["weight"]
@@ -120,7 +124,7 @@ class MXType(StoredType):
         return QuantizedWeight(self, stored)
 
     def scheme(self, weight):
-        return MXFP4W4A8(stored=True) if weight.tensors["weight"].dtype == torch.uint8 else MXFP8(stored=True)
+        return self.runs_as[weight.tensors["weight"].dtype](stored=True)
 
     def codes(self, weight, device):
         t = weight.tensors
@@ -238,8 +242,11 @@ class Int4Type(StoredType):
 
 _SCALE = {"weight_scale": (torch.uint8,)}
 TYPES: dict[str, StoredType] = {t.name: t for t in (
-    MXType("W8A8_MXFP8", {"weight": (torch.float8_e4m3fn,), **_SCALE}, written_for="mxfp8"),
-    MXType("W4A8_MXFP", {"weight": (torch.uint8, torch.float8_e4m3fn), **_SCALE}, written_for="mxfp4_w4a8"),
+    MXType("W8A8_MXFP8", {"weight": (torch.float8_e4m3fn,), **_SCALE}, written_for="mxfp8",
+           runs_as={torch.float8_e4m3fn: MXFP8}),
+    MXType("W4A8_MXFP", {"weight": (torch.uint8, torch.float8_e4m3fn), **_SCALE}, written_for="mxfp4_w4a8",
+           runs_as={torch.uint8: MXFP4W4A8, torch.float8_e4m3fn: MXFP8}),
+    MXType("W4A4_MXFP4", {"weight": (torch.uint8,), **_SCALE}, written_for="mxfp4", runs_as={torch.uint8: MXFP4}),
     DualLevelType("W4A4_MXFP4_DUALSCALE", {"weight": (torch.uint8,), **_SCALE, "weight_dual_scale": (torch.float32,)},
                   written_for="mxfp4_dual"),
     Int4Type("W4A8_DYNAMIC", {"weight": (torch.int8,), "weight_scale": FLOATS, "weight_offset": NUMBERS},

@@ -19,7 +19,7 @@ from .. import reference_linear
 from ..models import tiny_qwen3
 from ..passes.graphs import Block, activation
 
-SCHEMES = ["mxfp4_dual", "mxfp4_w4a8", "mxfp8"]
+SCHEMES = ["mxfp4_dual", "mxfp4_w4a8", "mxfp8", "mxfp4"]
 
 
 @pytest.fixture(autouse=True)

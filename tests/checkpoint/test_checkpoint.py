@@ -18,7 +18,7 @@ from mxfx.formats import quantize_mx
 from .. import msmodelslim
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-SCHEMES = ["mxfp8", "mxfp4_w4a8", "mxfp4_dual"]
+SCHEMES = ["mxfp8", "mxfp4_w4a8", "mxfp4_dual", "mxfp4"]
 
 
 def _logits(model, scheme):
@@ -115,7 +115,7 @@ Q = "model.layers.0.self_attn.q_proj"
                     msmodelslim.describe(f, "model.junk", "FLOAT")), "model.junk is not a parameter of a qwen3 model"),
         (lambda f: (msmodelslim.edit_tensors(f, lambda t: t.pop("model.norm.weight")), msmodelslim.describe(f, "model.norm.weight", None)),
          "missing tensors model.norm.weight"),
-        (lambda f: msmodelslim.describe(f, f"{Q}.weight", "W4A4_MXFP4"), "W4A4_MXFP4 .* does not support yet"),
+        (lambda f: msmodelslim.describe(f, f"{Q}.weight", "W4A4_MXFP4_SVD"), "W4A4_MXFP4_SVD .* does not support yet"),
         (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:1000]), "truncated or corrupt"),
         (lambda f: (f / "config.json").unlink(), "has no config.json"),
         (lambda f: (f / checkpoint.DESCRIPTION).unlink(), "not a quantized"),

@@ -32,11 +32,11 @@ def _hand_block(scheme, model, x):
     return lin(model.o, lin(model.q, x) * lin(model.k, x) + lin(model.v, x))
 
 
-SCHEMES = ["mxfp4_dual", "mxfp4_w4a8", "mxfp8"]
+SCHEMES = ["mxfp4_dual", "mxfp4_w4a8", "mxfp8", "mxfp4"]
 QUANT = {"mxfp4_dual": "npu_dynamic_dual_level_mx_quant", "mxfp4_w4a8": "npu_dynamic_mx_quant",
-         "mxfp8": "npu_dynamic_mx_quant"}
+         "mxfp8": "npu_dynamic_mx_quant", "mxfp4": "npu_dynamic_mx_quant"}
 MATMUL = {"mxfp4_dual": "npu_dual_level_quant_matmul", "mxfp4_w4a8": "npu_quant_matmul",
-          "mxfp8": "npu_quant_matmul"}
+          "mxfp8": "npu_quant_matmul", "mxfp4": "npu_quant_matmul"}
 
 
 def _ops(gm):
