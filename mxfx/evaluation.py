@@ -28,11 +28,10 @@ class ModelError(ValueError):
 def load_model(path: str | Path) -> torch.nn.Module:
     """A local Hugging Face Qwen3 folder as a bf16 model in eval mode; nothing is downloaded. A quantized
     checkpoint (quant_model_description.json) loads through mxfx.checkpoint: compile it with "modelslim"."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     from mxfx import checkpoint
-
-    from safetensors import SafetensorError
 
     path = Path(path)
     if path.exists() and not path.is_dir():

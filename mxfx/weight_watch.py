@@ -14,8 +14,8 @@ import logging
 import torch
 
 from mxfx.prepared import PreparedWeights
-from mxfx.tensor_cache import version
 from mxfx.targets import Target
+from mxfx.tensor_cache import version
 
 log = logging.getLogger("mxfx.backend")
 SAMPLES = 16
