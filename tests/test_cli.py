@@ -125,7 +125,8 @@ def test_a_checkpoint_refuses_an_explicit_scheme(byte_model, tmp_path, capsys):
     out = tmp_path / "q"
     assert cli.main(["quantize", "--model", str(byte_model), "--scheme", "mxfp8", "--out", str(out)]) == 0
     assert cli.main(["inspect", "--model", str(out), "--scheme", "mxfp4_dual"]) == 2
-    assert "is a quantized checkpoint, which runs with its stored scheme (modelslim); drop --scheme mxfp4_dual" in capsys.readouterr().err
+    assert ("is a quantized checkpoint, which runs with its stored scheme (modelslim); drop --scheme mxfp4_dual"
+            in capsys.readouterr().err)
     assert cli.main(["inspect", "--model", str(out)]) == 0
     assert "modelslim/mxfp8" in capsys.readouterr().out
 
