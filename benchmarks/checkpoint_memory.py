@@ -74,9 +74,11 @@ def main() -> None:
     float_bytes = weight_bytes - linear_bytes
     floor = weight_bytes + stored_bytes - float_bytes  # FLOAT tensors are both in the model and the file
     print(f"{args.layers}-layer Qwen3-0.6B-shaped model: {weight_bytes / mib:.0f} MiB of bf16 weights (largest tensor "
-          f"{largest / mib:.0f} MiB); {args.scheme} checkpoint {stored_bytes / mib:.0f} MiB in shards of {args.shard_mib} MiB")
+          f"{largest / mib:.0f} MiB); {args.scheme} checkpoint {stored_bytes / mib:.0f} MiB "
+          f"in shards of {args.shard_mib} MiB")
     for step, peaks in (("write", write), ("load", load)):
-        print(f"{step:5s}  peak private {peaks['private'] / mib:5.0f} MiB = {peaks['private'] / weight_bytes:.3f} x bf16, "
+        print(f"{step:5s}  peak private {peaks['private'] / mib:5.0f} MiB "
+              f"= {peaks['private'] / weight_bytes:.3f} x bf16, "
               f"peak with mapped file pages {peaks['all'] / mib:5.0f} MiB = {peaks['all'] / weight_bytes:.3f} x bf16")
     print(f"load   held after loading {load['held'] / mib:.0f} MiB private, {load['trimmed'] / mib:.0f} MiB after "
           f"malloc_trim; floor (bf16 model + stored codes) {floor / mib:.0f} MiB = {floor / weight_bytes:.3f} x bf16")

@@ -37,16 +37,19 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     weight = (torch.randn(args.n, args.k, generator=generator) * 0.02).bfloat16()
     int4_weight, stored = int4_checkpoint_weight(args.n, args.k, generator)
-    schemes = {**{name: (scheme, weight) for name, scheme in SCHEMES.items()}, "w4a8_dynamic": (stored.scheme, int4_weight)}
+    schemes = {
+        **{name: (scheme, weight) for name, scheme in SCHEMES.items()},
+        "w4a8_dynamic": (stored.scheme, int4_weight),
+    }
     columns = list(schemes)
     print(f"K={args.k} N={args.n}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'':12s} {'M':>4s} {'bf16 ms':>9s} " + " ".join(f"{name:>18s}" for name in columns))
     for m in (1, 128):
         x = torch.randn(m, args.k, generator=generator).bfloat16()
-        candidates = {"bf16": lambda: torch.nn.functional.linear(x, weight)}
+        candidates = {"bf16": lambda x=x: torch.nn.functional.linear(x, weight)}
         for name, (scheme, w) in schemes.items():
             prepared = scheme.prepare(target, w, None, x.dtype)
-            candidates[name] = lambda s=scheme, p=prepared: s.linear(target, x, p)
+            candidates[name] = lambda s=scheme, p=prepared, x=x: s.linear(target, x, p)
         seconds = {name: min(best_seconds(fn, args.repeats) for _ in range(2)) for name, fn in candidates.items()}
         cells = " ".join(f"{seconds[n] * 1e3:8.2f} ms {seconds[n] / seconds['bf16']:5.2f}x" for n in columns)
         print(f"{'linear':12s} {m:4d} {seconds['bf16'] * 1e3:9.3f} {cells}")

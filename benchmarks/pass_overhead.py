@@ -75,7 +75,8 @@ def main() -> None:
     print(f"{args.layers}-layer Qwen3-0.6B-shaped model, scheme {scheme.name}: {len(report.rewritten)} linears "
           f"rewritten, {report.activation_quants} activation quantizations")
     print(f"Dynamo trace                      {trace_s * 1e3:9.1f} ms")
-    print(f"find_linears + rewrite            {rewrite_s * 1e3:9.1f} ms   ratio to trace {rewrite_s / trace_s:.3f}  (goal <= 0.10)")
+    print(f"find_linears + rewrite            {rewrite_s * 1e3:9.1f} ms   "
+          f"ratio to trace {rewrite_s / trace_s:.3f}  (goal <= 0.10)")
     print(f"weight preparation (apart)        {prep_s * 1e3:9.1f} ms   {gb / prep_s:.2f} GB/s of bf16 weights")
 
 

@@ -41,7 +41,8 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 def _same(name: str, device: torch.Tensor, reference: torch.Tensor) -> None:
     got, expected = _raw(device), _raw(reference)
     if device.dtype != reference.dtype or got.shape != expected.shape:
-        raise SystemExit(f"FAIL {name}: device {device.dtype}{list(device.shape)}, reference {reference.dtype}{list(reference.shape)}")
+        raise SystemExit(f"FAIL {name}: device {device.dtype}{list(device.shape)}, "
+                         f"reference {reference.dtype}{list(reference.shape)}")
     if not torch.equal(got, expected):
         raise SystemExit(f"FAIL {name}: {int((got != expected).sum())} elements differ from the reference")
     print(f"ok   {name}: bit-exact")
@@ -65,7 +66,9 @@ def _close(name: str, device: torch.Tensor, reference: torch.Tensor) -> None:
     """Within rtol 1e-3 where the reference is finite; non-finite outputs (the inf input row) must match."""
     got, expected = device.cpu().float(), reference.float()
     finite = expected.isfinite()
-    if not torch.equal(got.isfinite(), finite) or not torch.equal(got[~finite].nan_to_num(), expected[~finite].nan_to_num()):
+    if not torch.equal(got.isfinite(), finite) or not torch.equal(
+        got[~finite].nan_to_num(), expected[~finite].nan_to_num()
+    ):
         raise SystemExit(f"FAIL {name}: the non-finite outputs differ from the reference")
     error = ((got - expected).abs() / expected.abs().clamp_min(1e-3))[finite].max().item()
     if not error <= 1e-3:

@@ -72,9 +72,12 @@ def main() -> None:
         model = evaluation.load_model(args.model)
     except ValueError as error:  # ModelError, CheckpointError: the message names the folder and why
         parser.error(str(error))
-    prompts_all = torch.stack([torch.tensor(textdata.encode(text)[: args.prompt_len]) for text in texts[: max(args.buckets)]])
+    prompts_all = torch.stack(
+        [torch.tensor(textdata.encode(text)[: args.prompt_len]) for text in texts[: max(args.buckets)]]
+    )
 
-    print(f"buckets {args.buckets}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, target {args.target}")
+    print(f"buckets {args.buckets}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
+          f"target {args.target}")
     print(f"{'model':12s} {'batch':>5s} {'TTFT ms':>9s} {'decode tok/s':>13s}  first prompt's continuation")
     for name in ["bf16", *args.schemes]:
         torch._dynamo.reset()

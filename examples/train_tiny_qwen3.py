@@ -52,7 +52,8 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     train_names, held_out = textdata.split()
     train, evaluation = textdata.tokens(train_names), textdata.tokens(held_out)
-    print(f"train: {len(train_names)} topics, {len(train):,} tokens; held out: {len(held_out)} topics, {len(evaluation):,} tokens")
+    print(f"train: {len(train_names)} topics, {len(train):,} tokens; "
+          f"held out: {len(held_out)} topics, {len(evaluation):,} tokens")
 
     model = Qwen3ForCausalLM(config())
     untrained = perplexity(model.eval(), evaluation, args.seq)
@@ -60,7 +61,8 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, args.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)),
     )
     generator = torch.Generator().manual_seed(args.seed)
     model.train()
@@ -77,7 +79,8 @@ def main() -> None:
         optimizer.step()
         schedule.step()
         if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step:5d}  loss {loss.item():.3f}  lr {schedule.get_last_lr()[0]:.2e}  {time.time() - start:.0f} s", flush=True)
+            print(f"step {step:5d}  loss {loss.item():.3f}  lr {schedule.get_last_lr()[0]:.2e}  "
+                  f"{time.time() - start:.0f} s", flush=True)
 
     model.eval()
     trained = perplexity(model, evaluation, args.seq)

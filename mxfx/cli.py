@@ -62,7 +62,8 @@ def _print_evaluation(result: "evaluation.Evaluation", tokens: evaluation.Tokeni
              "100.0%", "", "", f"{result.bf16_run_s:.1f}")]
     for r in result.results:
         sqnr = list(r.layer_sqnr.values())
-        bits = f"{16 * r.report.bytes_after / r.report.bytes_before:.4f}" if r.report.bytes_before else "nothing rewritten"
+        bits = (f"{16 * r.report.bytes_after / r.report.bytes_before:.4f}" if r.report.bytes_before
+                else "nothing rewritten")
         rows.append((r.scheme, f"{r.report.bytes_after / 2**20:.2f}", bits,
                      f"{r.perplexity:.3f}", f"{100 * (r.perplexity / result.bf16_perplexity - 1):+.1f}%",
                      f"{100 * r.top1_agreement:.1f}%", f"{min(sqnr):.1f} / {sum(sqnr) / len(sqnr):.1f}" if sqnr else "",
@@ -74,7 +75,8 @@ def _print_evaluation(result: "evaluation.Evaluation", tokens: evaluation.Tokeni
     if names:
         print("\nper-layer output SQNR (dB), quantized layer vs bf16 layer on the same input")
         print(_table(("linear", *(r.scheme for r in result.results)),
-                     [(name, *(f"{r.layer_sqnr.get(name, float('nan')):.1f}" for r in result.results)) for name in names]))
+                     [(name, *(f"{r.layer_sqnr.get(name, float('nan')):.1f}" for r in result.results))
+                      for name in names]))
     if prompt:
         print(f"\ngreedy continuations of {prompt!r}")
         for name, ids in [("bf16", result.bf16_continuation)] + [(r.scheme, r.continuation) for r in result.results]:
@@ -90,7 +92,7 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
-        raise SystemExit(f"mxfx: --plot needs matplotlib (pip install 'mxfx[plot]'): {error}")
+        raise SystemExit(f"mxfx: --plot needs matplotlib (pip install 'mxfx[plot]'): {error}") from error
     return plt
 
 
@@ -200,7 +202,7 @@ def _inspect(args) -> int:
     for scheme in args.scheme:
         be = backend(scheme, target="reference")
 
-        def rewrite_only(gm, example_inputs):
+        def rewrite_only(gm, example_inputs, be=be):
             be.rewrite(gm, example_inputs)
             raise _Captured
 

@@ -54,7 +54,8 @@ def load_model(path: str | Path) -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, local_files_only=True).eval()
     except SafetensorError as error:  # the message names no file
         names = ", ".join(p.name for p in sorted(path.glob("*.safetensors")))
-        raise ModelError(f"{path}: cannot read its safetensors weights ({names}; truncated or corrupt?): {error}") from error
+        raise ModelError(
+            f"{path}: cannot read its safetensors weights ({names}; truncated or corrupt?): {error}") from error
 
 
 class Tokenizer:
@@ -91,7 +92,8 @@ def predictions_and_loss(model, batches: torch.Tensor, batch_size: int, desc: st
     predictions, total = [], 0.0
     for batch in tqdm(batches.split(batch_size), desc=desc, leave=False, disable=None):
         logits = model(batch[:, :-1]).logits
-        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        total += torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
         predictions.append(logits.argmax(-1))
     if not math.isfinite(total):
         raise ModelError(f"{desc}: the loss is {total} (non-finite logits): the model or its quantized weights hold "
@@ -105,7 +107,8 @@ def layer_inputs(model, batch: torch.Tensor) -> dict[str, torch.Tensor]:
     inputs, hooks = {}, []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
-            hooks.append(module.register_forward_hook(lambda m, args, out, name=name: inputs.__setitem__(name, args[0])))
+            hooks.append(module.register_forward_hook(
+                lambda m, args, out, name=name: inputs.__setitem__(name, args[0])))
     try:
         model(batch)
     finally:

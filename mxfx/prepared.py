@@ -21,7 +21,8 @@ class PreparedWeights(TensorCache):
     def prepare(self, scheme: Scheme, target: Target, weight: torch.Tensor, bias: torch.Tensor | None,
                 dtype: torch.dtype) -> Tensors:
         sources = (weight,) if bias is None else (weight, bias)
-        return self.get(sources, lambda: scheme.prepare(target, weight, bias, dtype), (bias is None, scheme, target, dtype))
+        return self.get(sources, lambda: scheme.prepare(target, weight, bias, dtype),
+                        (bias is None, scheme, target, dtype))
 
 
 PREPARED = PreparedWeights()  # process-wide: a second torch.compile of the same model reuses it

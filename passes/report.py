@@ -71,7 +71,8 @@ class RewriteReport(PassReport):
 
     @property
     def total_bytes_after(self) -> int:
-        return sum(linear.bytes_after if linear.outcome == "rewritten" else linear.bytes_before for linear in self.linears)
+        return sum(linear.bytes_after if linear.outcome == "rewritten" else linear.bytes_before
+                   for linear in self.linears)
 
     def summary(self) -> str:
         ratio = f" ({self.bytes_after / self.bytes_before:.4f}x)" if self.bytes_before else ""
@@ -83,7 +84,8 @@ class RewriteReport(PassReport):
     def __str__(self) -> str:
         header = ("linear", "K", "N", "outcome", "bytes before", "bytes after", "reason")
         rows = [
-            (r.fqn, str(r.k), str(r.n), r.outcome, f"{r.bytes_before:,}", f"{r.bytes_after:,}" if r.bytes_after else "", r.reason)
+            (r.fqn, str(r.k), str(r.n), r.outcome, f"{r.bytes_before:,}",
+             f"{r.bytes_after:,}" if r.bytes_after else "", r.reason)
             for r in self.linears
         ]
         if any(r.scheme != self.scheme for r in self.linears):  # checkpoints: the path each linear took

@@ -33,4 +33,5 @@ def tiny_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=512, n_head=8, vocab_size=256, n_positions=64)).to(torch.bfloat16).eval()
+    return (GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=512, n_head=8, vocab_size=256, n_positions=64))
+            .to(torch.bfloat16).eval())

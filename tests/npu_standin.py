@@ -39,7 +39,8 @@ def _is_nz(t: torch.Tensor) -> bool:
 
 
 def _dual_level_quant(input, *, smooth_scale=None, round_mode="rint"):
-    _check(input.dtype in (torch.bfloat16, torch.float16) and 1 <= input.dim() <= 7, f"input {input.dtype} {input.dim()}-D")
+    _check(input.dtype in (torch.bfloat16, torch.float16) and 1 <= input.dim() <= 7,
+           f"input {input.dtype} {input.dim()}-D")
     _check(input.numel() > 0 and input.shape[-1] % 2 == 0, f"input shape {list(input.shape)}")
     calls.append(("npu_dynamic_dual_level_mx_quant", {"input": tuple(input.shape), "round_mode": round_mode}))
     return mx.npu_dynamic_dual_level_mx_quant(input, smooth_scale=smooth_scale, round_mode=round_mode)
@@ -76,10 +77,12 @@ def _dual_level_matmul(x1, x2, x1_level0_scale, x2_level0_scale, x1_level1_scale
     for name, t, shape in (("x1_level0_scale", x1_level0_scale, (m, g0)), ("x2_level0_scale", x2_level0_scale, (g0, n)),
                            ("x1_level1_scale", x1_level1_scale, (m, pairs, 2)),
                            ("x2_level1_scale", x2_level1_scale, (n, pairs, 2))):
-        _check(tuple(t.shape) == shape and t.is_contiguous(), f"{name} {list(t.shape)}, expected contiguous {list(shape)}")
+        _check(tuple(t.shape) == shape and t.is_contiguous(),
+               f"{name} {list(t.shape)}, expected contiguous {list(shape)}")
     _check(bias is None or (bias.dtype == torch.float32 and tuple(bias.shape) == (n,)), "bias must be fp32 [N]")
     _check(output_dtype in (15, 5), f"output_dtype {output_dtype!r}")
-    calls.append(("npu_dual_level_quant_matmul", {"x1": tuple(x1.shape), "x2": tuple(x2.shape), "bias": bias is not None}))
+    calls.append(("npu_dual_level_quant_matmul",
+                  {"x1": tuple(x1.shape), "x2": tuple(x2.shape), "bias": bias is not None}))
     return mx.npu_dual_level_quant_matmul(x1, mx.npu_format_cast(x2, NZ), x1_level0_scale, x2_level0_scale,
                                           x1_level1_scale, x2_level1_scale, bias=bias, output_dtype=output_dtype)
 
@@ -122,7 +125,8 @@ def _weight_quant_matmul(x, weight, antiquant_scale, antiquant_offset=None, quan
     group = antiquant_group_size
     _check(antiquant_scale.dtype == x.dtype, "antiquant_scale must be in x's dtype")
     _check(group == 0 or (group % 32 == 0 and 32 <= group < k), f"antiquant_group_size {group}")
-    _check(tuple(antiquant_scale.shape) == ((-(-k // group), n) if group else (n,)), f"antiquant_scale {list(antiquant_scale.shape)}")
+    _check(tuple(antiquant_scale.shape) == ((-(-k // group), n) if group else (n,)),
+           f"antiquant_scale {list(antiquant_scale.shape)}")
     _check(bias is None or bias.dtype == (torch.float32 if x.dtype == torch.bfloat16 else torch.float16), "bias dtype")
     calls.append(("npu_weight_quant_batchmatmul", {"x": tuple(x.shape), "weight": tuple(weight.shape), "group": group}))
     return mx.npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset, bias=bias,

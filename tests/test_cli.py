@@ -1,8 +1,6 @@
 """The command line's argument checks and error messages: every bad input is a usage error (exit 2)
 that names the option or file and what is allowed, never a traceback."""
 
-import json
-
 import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -127,14 +125,16 @@ def test_a_checkpoint_refuses_an_explicit_scheme(byte_model, tmp_path, capsys):
     out = tmp_path / "q"
     assert cli.main(["quantize", "--model", str(byte_model), "--scheme", "mxfp8", "--out", str(out)]) == 0
     assert cli.main(["inspect", "--model", str(out), "--scheme", "mxfp4_dual"]) == 2
-    assert "is a quantized checkpoint, which runs with its stored scheme (modelslim); drop --scheme mxfp4_dual" in capsys.readouterr().err
+    assert ("is a quantized checkpoint, which runs with its stored scheme (modelslim); drop --scheme mxfp4_dual"
+            in capsys.readouterr().err)
     assert cli.main(["inspect", "--model", str(out)]) == 0
     assert "modelslim/mxfp8" in capsys.readouterr().out
 
 
 def test_continuation_uses_a_kv_cache_and_compiles_two_graphs_whatever_the_length(byte_model):
-    import mxfx
     from torch._dynamo.utils import counters
+
+    import mxfx
 
     model = evaluation.load_model(byte_model)
     calls = []

@@ -13,7 +13,7 @@ def test_hits_versions_and_lifetime():
 
     def compute():
         calls.append(1)
-        return a.sum() + b.sum()
+        return a.sum() + b.sum()  # noqa: F821 (`del a` below frees the tensor through this closure's cell)
 
     assert cache.get((a, b), compute, ("x",)).item() == 4 and cache.get((a, b), compute, ("x",)).item() == 4
     assert len(calls) == 1 and cache.hits == 1

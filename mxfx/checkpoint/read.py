@@ -90,7 +90,8 @@ def read_description(folder: Path) -> tuple[dict[str, str], dict]:
         if kind in NOT_YET:
             raise CheckpointError(f"{path}: tensor {name} is {kind} ({NOT_YET[kind]}), which mxfx does not support yet")
         if kind != FLOAT and kind not in TYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unknown type {kind!r}; known: {', '.join([FLOAT, *TYPES])}")
+            raise CheckpointError(
+                f"{path}: tensor {name} has unknown type {kind!r}; known: {', '.join([FLOAT, *TYPES])}")
     return types, {key: description[key] for key in HEADER_KEYS if key in description}
 
 
@@ -186,7 +187,8 @@ def load(folder: str | Path) -> torch.nn.Module:
             _set_parameter(model, name, tensors[name], tensors.path(name).name)
         for prefix, kind in tqdm(quantized.items(), desc="mxfx load (quantized)", unit="linear", disable=None):
             name = f"{prefix}.weight"
-            stored = read_linear(prefix, TYPES[kind], tensors, model.get_parameter(name).shape, header.get("group_size"))
+            stored = read_linear(prefix, TYPES[kind], tensors, model.get_parameter(name).shape,
+                                 header.get("group_size"))
             _set_parameter(model, name, stored.dequantize(), tensors.path(name).name)
             STORED_WEIGHTS.add(model.get_parameter(name), stored)
     if tied:

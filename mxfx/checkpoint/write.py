@@ -82,10 +82,10 @@ def quantize(model_dir: str | Path, scheme: str, out: str | Path, exclude=None, 
     """Quantize a bf16 Hugging Face folder's linears into a checkpoint folder `out`, tensor by tensor.
 
     Linears the scheme cannot serve (K rule), lm_head, embeddings and those matching `exclude` (fnmatch
-    patterns on module FQNs) stay FLOAT; a folder where that leaves nothing to quantize is refused. Tensors are read one at a time and
-    written in shards of about `shard_bytes`, so memory stays near one shard plus one tensor. The folder is
-    written under a temporary name and renamed when complete: an interrupted run leaves no folder that
-    looks like a checkpoint (and the next run removes what a killed one left).
+    patterns on module FQNs) stay FLOAT; a folder where that leaves nothing to quantize is refused. Tensors
+    are read one at a time and written in shards of about `shard_bytes`, so memory stays near one shard plus
+    one tensor. The folder is written under a temporary name and renamed when complete: an interrupted run
+    leaves no folder that looks like a checkpoint (and the next run removes what a killed one left).
     """
     from transformers import AutoConfig
 
@@ -111,12 +111,14 @@ def quantize(model_dir: str | Path, scheme: str, out: str | Path, exclude=None, 
         if not eligible:
             raise CheckpointError(
                 f"nothing to quantize in {model_dir}: none of its {len(linears)} nn.Linear weights is stored, meets "
-                f"{scheme}'s K rule and escapes the exclude patterns ({', '.join(select.excluded)}); no checkpoint written")
+                f"{scheme}'s K rule and escapes the exclude patterns ({', '.join(select.excluded)}); "
+                f"no checkpoint written")
         partial = _partial_folder(out)
         try:
             _write(tensors, eligible, online, kind, description, partial, shard_bytes)
             for extra in model_dir.iterdir():  # config, tokenizer, generation config; a README of its own
-                if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in (INDEX, DESCRIPTION, "README.md"):
+                if (extra.is_file() and extra.suffix != ".safetensors"
+                        and extra.name not in (INDEX, DESCRIPTION, "README.md")):
                     shutil.copyfile(extra, partial / extra.name)
             (partial / "README.md").write_text(_readme(model_dir, out, scheme, len(eligible)))
             (partial / DESCRIPTION).write_text(json.dumps(description, indent=1))

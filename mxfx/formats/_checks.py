@@ -19,4 +19,5 @@ def check_input(x: torch.Tensor, what: str, dtypes: tuple[torch.dtype, ...] = FL
 
 def check_last_dim_even(x: torch.Tensor, what: str) -> None:
     if x.dim() == 0 or x.shape[-1] % 2:
-        raise ValueError(f"{what}: two 4-bit values pack into a byte, so the last dim must be even, got shape {list(x.shape)}")
+        raise ValueError(f"{what}: two 4-bit values pack into a byte, so the last dim must be even, "
+                         f"got shape {list(x.shape)}")

@@ -56,7 +56,8 @@ def nz_to_nd(nz: torch.Tensor, rows: int, cols: int, c0: int | None = None) -> t
     c0 = c0 or nz_c0(nz.dtype)
     expected = (math.ceil(cols / c0), math.ceil(rows / NZ_ROWS), NZ_ROWS, c0)
     if nz.dim() < 4 or tuple(nz.shape[-4:]) != expected:
-        raise ValueError(f"NZ tensor for [{rows}, {cols}] {nz.dtype} must end in {list(expected)}, got {list(nz.shape)}")
+        raise ValueError(
+            f"NZ tensor for [{rows}, {cols}] {nz.dtype} must end in {list(expected)}, got {list(nz.shape)}")
     tiles = nz.movedim(-4, -2)  # [..., R1, 16, C1, c0]
     nd = tiles.reshape(*nz.shape[:-4], expected[1] * NZ_ROWS, expected[0] * c0)
     return nd[..., :rows, :cols].contiguous()

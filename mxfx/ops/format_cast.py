@@ -40,7 +40,8 @@ def _c0(self, acl_format, customize_dtype, input_dtype) -> int:
         dtype_arg(input_dtype, "input_dtype", op, ("float4_e2m1fn_x2",))
         dtype_arg(customize_dtype, "customize_dtype", op, ("float8_e4m3fn",))
         if self.dtype not in (torch.uint8, torch.int8):
-            raise ValueError(f"{op}: packed FP4 (input_dtype=float4_e2m1fn_x2) must be uint8/int8 bytes, got {self.dtype}")
+            raise ValueError(
+                f"{op}: packed FP4 (input_dtype=float4_e2m1fn_x2) must be uint8/int8 bytes, got {self.dtype}")
         return FP4_NZ_C0_BYTES
     if customize_dtype is not None and own in _OWN_DTYPES:
         dtype_arg(customize_dtype, "customize_dtype", op, (own,))

@@ -66,7 +66,8 @@ def _dual_level_shapes(x1, x2, x1_level0_scale, x2_level0_scale, x1_level1_scale
     }
     for name, (tensor, shape) in expected.items():
         if tuple(tensor.shape) != shape:
-            raise ValueError(f"npu_dual_level_quant_matmul: {name} must have shape {list(shape)}, got {list(tensor.shape)}")
+            raise ValueError(
+                f"npu_dual_level_quant_matmul: {name} must have shape {list(shape)}, got {list(tensor.shape)}")
     return m, k, n
 
 
@@ -159,13 +160,15 @@ def _quant_matmul_call(x1, x2, scale, offset, pertoken_scale, output_dtype, x1_d
                          f"E8M0 pairs (K={k}), got {list(scale.shape)}")
     n = scale.shape[1]
     if tuple(pertoken_scale.shape) != (m, math.ceil(k / 64), 2):
-        raise ValueError(f"{OP}: pertoken_scale must have shape {[m, math.ceil(k / 64), 2]}, got {list(pertoken_scale.shape)}")
+        raise ValueError(
+            f"{OP}: pertoken_scale must have shape {[m, math.ceil(k / 64), 2]}, got {list(pertoken_scale.shape)}")
     nz = x2.dim() == 4
     if nz:
         nz_shape = (math.ceil(k / 32), math.ceil(n / 16), 16, FP4_NZ_C0_BYTES)
         if fmt2 != "fp4_e2m1" or tuple(x2.shape) != nz_shape:
-            raise ValueError(f"{OP}: a 4-D x2 is read as the emulated FRACTAL_NZ of packed FP4 [N, K/2] (npu_format_cast "
-                             f"with input_dtype=float4_e2m1fn_x2): shape {list(nz_shape)}, got {fmt2} {list(x2.shape)}")
+            raise ValueError(f"{OP}: a 4-D x2 is read as the emulated FRACTAL_NZ of packed FP4 [N, K/2] "
+                             f"(npu_format_cast with input_dtype=float4_e2m1fn_x2): shape {list(nz_shape)}, "
+                             f"got {fmt2} {list(x2.shape)}")
     else:
         weight_shape = (k // 2, n) if fmt2 == "fp4_e2m1" else (k, n)
         if tuple(x2.shape) != weight_shape:

@@ -71,7 +71,8 @@ def _weight_quant_shapes(x, weight, antiquant_scale, antiquant_offset, quant_sca
             raise ValueError(f"{what}: {name} must be {x.dtype} of shape {' or '.join(map(str, map(list, shapes)))}, "
                              f"got {t.dtype} {list(t.shape)}")
     if bias is not None and (tuple(bias.shape) not in ((n,), (1, n)) or bias.dtype != BIAS_DTYPES[x.dtype]):
-        raise ValueError(f"{what}: bias must be {BIAS_DTYPES[x.dtype]} [N] for {x.dtype} x, got {bias.dtype} {list(bias.shape)}")
+        raise ValueError(
+            f"{what}: bias must be {BIAS_DTYPES[x.dtype]} [N] for {x.dtype} x, got {bias.dtype} {list(bias.shape)}")
     return k, n
 
 

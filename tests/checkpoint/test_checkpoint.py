@@ -40,7 +40,8 @@ def test_quantize_save_load_compile_round_trip(model_dir, tmp_path, scheme):
     stored = checkpoint.stored_weights(loaded)["model.layers.1.mlp.down_proj"]
     written = load_file(out / "model.safetensors")
     for suffix, tensor in stored.tensors.items():  # read back bit-identically
-        assert torch.equal(tensor.view(torch.uint8), written[f"model.layers.1.mlp.down_proj.{suffix}"].view(torch.uint8))
+        assert torch.equal(tensor.view(torch.uint8),
+                           written[f"model.layers.1.mlp.down_proj.{suffix}"].view(torch.uint8))
     expected, _ = _logits(evaluation.load_model(model_dir), scheme)  # as transformers loads the bf16 folder
     got, report = _logits(loaded, checkpoint.scheme_of(out))
     assert torch.equal(got, expected), "compiling the checkpoint = compiling the in-memory quantized model"
@@ -83,7 +84,8 @@ def test_mixed_types_and_float_layers_are_reported_per_linear(model_dir, tmp_pat
     by_name = {r.fqn: r for r in report.linears}
     assert by_name["model.layers.0.self_attn.q_proj"].scheme == "modelslim/mxfp8"
     assert by_name["model.layers.0.mlp.up_proj"].scheme == "modelslim/mxfp4_w4a8"
-    assert by_name["model.layers.1.mlp.up_proj"].outcome == "skipped" and "stored unquantized" in by_name["model.layers.1.mlp.up_proj"].reason
+    assert (by_name["model.layers.1.mlp.up_proj"].outcome == "skipped"
+            and "stored unquantized" in by_name["model.layers.1.mlp.up_proj"].reason)
     assert "scheme" in str(report).splitlines()[1], "the table says which path each linear took"
 
 
@@ -98,37 +100,46 @@ Q = "model.layers.0.self_attn.q_proj"
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda f: msmodelslim.edit_tensors(f, lambda t: t.pop(f"{Q}.weight_scale")), f"missing tensor {Q}.weight_scale"),
+        (lambda f: msmodelslim.edit_tensors(f, lambda t: t.pop(f"{Q}.weight_scale")),
+         f"missing tensor {Q}.weight_scale"),
         (lambda f: msmodelslim.edit_tensors(f, lambda t: t.update(junk=torch.zeros(2))), "extra tensor junk"),
-        (lambda f: msmodelslim.edit_tensors(f, lambda t: t.update({f"{Q}.weight_scale": t[f"{Q}.weight_scale"][:, :3].contiguous()})),
+        (lambda f: msmodelslim.edit_tensors(
+            f, lambda t: t.update({f"{Q}.weight_scale": t[f"{Q}.weight_scale"][:, :3].contiguous()})),
          f"{Q}.weight_scale has shape [512, 3], expected [512, 16]"),
-        (lambda f: msmodelslim.edit_tensors(f, lambda t: t.update({f"{Q}.weight": t[f"{Q}.weight"].float()})), f"{Q}.weight is torch.float32"),
-        (lambda f: msmodelslim.edit_tensors(f, lambda t: t.update({"model.norm.weight": torch.ones(3, dtype=torch.bfloat16)})),
+        (lambda f: msmodelslim.edit_tensors(f, lambda t: t.update({f"{Q}.weight": t[f"{Q}.weight"].float()})),
+         f"{Q}.weight is torch.float32"),
+        (lambda f: msmodelslim.edit_tensors(
+            f, lambda t: t.update({"model.norm.weight": torch.ones(3, dtype=torch.bfloat16)})),
          "model.norm.weight is torch.bfloat16 [3]; the model's parameter is torch.bfloat16 [512]"),
         (lambda f: msmodelslim.describe(f, f"{Q}.weight", "W2A2_MAGIC"), "unknown type 'W2A2_MAGIC'"),
-        (lambda f: msmodelslim.describe(f, f"{Q}.smooth", "W8A8_MXFP8"), f"missing tensor {Q}.smooth .in quant_model_description.json as W8A8_MXFP8."),
-        (lambda f: msmodelslim.describe(f, f"{Q}.weight_scale", "FLOAT"), f"{Q}.weight_scale is described as FLOAT but {Q}.weight as W8A8_MXFP8"),
+        (lambda f: msmodelslim.describe(f, f"{Q}.smooth", "W8A8_MXFP8"),
+         f"missing tensor {Q}.smooth .in quant_model_description.json as W8A8_MXFP8."),
+        (lambda f: msmodelslim.describe(f, f"{Q}.weight_scale", "FLOAT"),
+         f"{Q}.weight_scale is described as FLOAT but {Q}.weight as W8A8_MXFP8"),
         (lambda f: (msmodelslim.edit_tensors(f, lambda t: t.update({f"{Q}.smooth": torch.ones(512)})),
                     msmodelslim.describe(f, f"{Q}.smooth", "W8A8_MXFP8")),
          f"extra tensor {Q}.smooth .described as W8A8_MXFP8, but no linear of that type stores it."),
         (lambda f: (msmodelslim.edit_tensors(f, lambda t: t.update({"model.junk": torch.ones(2)})),
                     msmodelslim.describe(f, "model.junk", "FLOAT")), "model.junk is not a parameter of a qwen3 model"),
-        (lambda f: (msmodelslim.edit_tensors(f, lambda t: t.pop("model.norm.weight")), msmodelslim.describe(f, "model.norm.weight", None)),
+        (lambda f: (msmodelslim.edit_tensors(f, lambda t: t.pop("model.norm.weight")),
+                    msmodelslim.describe(f, "model.norm.weight", None)),
          "missing tensors model.norm.weight"),
         (lambda f: msmodelslim.describe(f, f"{Q}.weight", "W4A4_MXFP4_SVD"), "W4A4_MXFP4_SVD .* does not support yet"),
-        (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:1000]), "truncated or corrupt"),
+        (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:1000]),
+         "truncated or corrupt"),
         (lambda f: (f / "config.json").unlink(), "has no config.json"),
         (lambda f: (f / checkpoint.DESCRIPTION).unlink(), "not a quantized"),
         (lambda f: msmodelslim.edit_tensors(f, lambda t: t[f"{Q}.weight_scale"][3, 5:7].fill_(0xFF)),
          f"model.safetensors: {Q}.weight_scale holds the E8M0 NaN code 0xFF (2 blocks, first at row 3, block 5)"),
     ],
-    ids=["missing", "extra", "scale-shape", "dtype", "float-shape", "unknown-type", "described-absent", "described-twice",
-         "described-unused", "not-a-parameter", "missing-parameter", "not-yet", "truncated", "no-config", "no-description",
-         "nan-scale"],
+    ids=["missing", "extra", "scale-shape", "dtype", "float-shape", "unknown-type", "described-absent",
+         "described-twice", "described-unused", "not-a-parameter", "missing-parameter", "not-yet", "truncated",
+         "no-config", "no-description", "nan-scale"],
 )
 def test_bad_checkpoints_name_the_file_and_tensor(good, damage, message):
     damage(good)
-    with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(CheckpointError,
+                       match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
         checkpoint.load(good)
 
 
@@ -136,7 +147,8 @@ def test_a_quantized_lm_head_that_the_config_ties_to_the_embeddings_is_refused(g
     config = json.loads((good / "config.json").read_text())
     (good / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
     q, scale = quantize_mx(load_file(good / "model.safetensors")["lm_head.weight"], "fp8_e4m3")
-    msmodelslim.edit_tensors(good, lambda t: t.update({"lm_head.weight": q, "lm_head.weight_scale": scale.view(torch.uint8)}))
+    msmodelslim.edit_tensors(
+        good, lambda t: t.update({"lm_head.weight": q, "lm_head.weight_scale": scale.view(torch.uint8)}))
     msmodelslim.describe(good, "lm_head.weight", "W8A8_MXFP8")
     msmodelslim.describe(good, "lm_head.weight_scale", "W8A8_MXFP8")
     with pytest.raises(CheckpointError, match="lm_head.weight is stored as W8A8_MXFP8, but config.json ties it"):
@@ -158,9 +170,11 @@ def test_quantize_refuses_an_existing_folder_and_leaves_nothing_when_interrupted
 
 
 def test_quantize_command(model_dir, tmp_path, capsys):
-    assert cli.main(["quantize", "--model", str(model_dir), "--scheme", "mxfp4_dual", "--out", str(tmp_path / "q")]) == 0
+    assert cli.main(
+        ["quantize", "--model", str(model_dir), "--scheme", "mxfp4_dual", "--out", str(tmp_path / "q")]) == 0
     assert (tmp_path / "q" / checkpoint.DESCRIPTION).is_file() and "wrote" in capsys.readouterr().out
-    assert cli.main(["quantize", "--model", str(tmp_path / "nowhere"), "--scheme", "mxfp8", "--out", str(tmp_path / "r")]) == 2
+    assert cli.main(
+        ["quantize", "--model", str(tmp_path / "nowhere"), "--scheme", "mxfp8", "--out", str(tmp_path / "r")]) == 2
 
 
 def test_eval_and_inspect_a_checkpoint_of_the_shipped_model(tmp_path, capsys):
@@ -254,5 +268,6 @@ def test_a_loaded_checkpoint_runs_its_stored_codes_unless_told_otherwise(model_d
     torch._dynamo.reset()
     with pytest.raises(Exception, match="loaded from a quantized checkpoint .W8A8_MXFP8.; scheme mxfp4_dual would "
                                         "quantize its dequantized values again"), torch.no_grad():
-        torch.compile(loaded, backend=mxfx.backend("mxfp4_dual", target="reference"))(torch.zeros(1, 8, dtype=torch.long))
+        torch.compile(loaded, backend=mxfx.backend("mxfp4_dual", target="reference"))(
+            torch.zeros(1, 8, dtype=torch.long))
     torch._dynamo.reset()

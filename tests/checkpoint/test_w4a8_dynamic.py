@@ -57,7 +57,8 @@ def test_int4_checkpoints_run_through_the_weight_quant_matmul(model_dir, tmp_pat
     torch._dynamo.reset()
     report = be.reports[-1]
     layout = f"group {group}" if group else "per channel"
-    assert len(report.rewritten) == 14 and {r.scheme for r in report.rewritten} == {f"modelslim/w4a8_dynamic ({layout})"}
+    assert (len(report.rewritten) == 14
+            and {r.scheme for r in report.rewritten} == {f"modelslim/w4a8_dynamic ({layout})"})
     assert report.activation_quants == 0, "W4A8_DYNAMIC linears do not quantize the activation"
     assert got.dtype == dtype and torch.equal(got, _golden_logits(model_dir, golden, dtype))
 
@@ -87,11 +88,15 @@ Q = "model.layers.0.self_attn.q_proj"  # [512, 512]
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda f: msmodelslim.edit_tensors(f, lambda t: t[f"{Q}.weight_offset"].fill_(1)), f"{Q}.weight_offset is not zero"),
-        (lambda f: msmodelslim.edit_tensors(f, lambda t: t[f"{Q}.weight_offset_second"].fill_(-1)), f"{Q}.weight_offset_second is not zero"),
-        (lambda f: msmodelslim.edit_tensors(f, lambda t: t.update({f"{Q}.weight": t[f"{Q}.weight"][:100].contiguous()})),
+        (lambda f: msmodelslim.edit_tensors(f, lambda t: t[f"{Q}.weight_offset"].fill_(1)),
+         f"{Q}.weight_offset is not zero"),
+        (lambda f: msmodelslim.edit_tensors(f, lambda t: t[f"{Q}.weight_offset_second"].fill_(-1)),
+         f"{Q}.weight_offset_second is not zero"),
+        (lambda f: msmodelslim.edit_tensors(
+            f, lambda t: t.update({f"{Q}.weight": t[f"{Q}.weight"][:100].contiguous()})),
          rf"{Q}.weight has shape \[100, 512\]; W4A8_DYNAMIC stores a \[512, 512\] weight"),
-        (lambda f: msmodelslim.edit_tensors(f, lambda t: t.update({f"{Q}.weight": torch.full((512, 512), 9, dtype=torch.int8)})),
+        (lambda f: msmodelslim.edit_tensors(
+            f, lambda t: t.update({f"{Q}.weight": torch.full((512, 512), 9, dtype=torch.int8)})),
          r"holds values in \[9, 9\]; int4 is \[-8, 7\]"),
         (lambda f: msmodelslim.edit_tensors(f, lambda t: t.update({f"{Q}.weight_scale_second": torch.ones(512, 8),
                                                  f"{Q}.weight_offset_second": torch.zeros(512, 8)})),
@@ -100,13 +105,16 @@ Q = "model.layers.0.self_attn.q_proj"  # [512, 512]
                                                  f"{Q}.weight_offset_second": torch.zeros(512, 5)})),
          "5 groups for K=512, a group size of 102.4"),
         (lambda f: (msmodelslim.edit_tensors(f, lambda t: t.pop(f"{Q}.weight_scale_second")),
-                    msmodelslim.describe(f, f"{Q}.weight_scale_second", None)), f"{Q}.weight_offset_second is stored without"),
+                    msmodelslim.describe(f, f"{Q}.weight_scale_second", None)),
+         f"{Q}.weight_offset_second is stored without"),
         (lambda f: msmodelslim.edit_tensors(f, lambda t: t.update({f"{Q}.weight_scale_second": torch.ones(512, 0),
                                                                    f"{Q}.weight_offset_second": torch.zeros(512, 0)})),
          "has 0 groups for K=512, a group size of none"),
-        (lambda f: msmodelslim.edit_tensors(f, lambda t: t.update({f"{Q}.weight_scale": t[f"{Q}.weight_scale"].to(torch.int32)})),
+        (lambda f: msmodelslim.edit_tensors(
+            f, lambda t: t.update({f"{Q}.weight_scale": t[f"{Q}.weight_scale"].to(torch.int32)})),
          f"{Q}.weight_scale is torch.int32"),
-        (lambda f: msmodelslim.edit_tensors(f, lambda t: t.pop(f"{Q}.weight_offset")), f"missing tensor {Q}.weight_offset"),
+        (lambda f: msmodelslim.edit_tensors(f, lambda t: t.pop(f"{Q}.weight_offset")),
+         f"missing tensor {Q}.weight_offset"),
     ],
     ids=["offset", "offset-second", "weight-shape", "int4-range", "group-vs-description", "group-not-32",
          "offset-alone", "no-groups", "scale-dtype", "missing-offset"],

@@ -18,7 +18,8 @@ def test_held_out_split_is_fixed_and_disjoint():
     assert len(held_out) == 9 and not set(train) & set(held_out)
     assert held_out[0] == sorted(train + held_out)[7]
     stream = textdata.tokens(held_out[:2])
-    assert (stream == textdata.END_OF_TEXT).sum() == 2 and textdata.decode(stream[:20].tolist()) == textdata.texts(held_out)[0][:20]
+    assert ((stream == textdata.END_OF_TEXT).sum() == 2
+            and textdata.decode(stream[:20].tolist()) == textdata.texts(held_out)[0][:20])
 
 
 def test_shipped_model_is_a_trained_qwen3(record_property):
@@ -28,8 +29,8 @@ def test_shipped_model_is_a_trained_qwen3(record_property):
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (8, 4, 64)
     batches = evaluation.windows(textdata.tokens(textdata.split()[1]), 256, max_tokens=4096)
     _, loss = evaluation.predictions_and_loss(model, batches, 8, "bf16")
-    record_property("measured", f"shipped model held-out perplexity (the first 4,096 held-out tokens, bf16; the README's "
-                                f"4.67 is on all 36,096): {math.exp(loss):.2f}")
+    record_property("measured", f"shipped model held-out perplexity (the first 4,096 held-out tokens, bf16; "
+                                f"the README's 4.67 is on all 36,096): {math.exp(loss):.2f}")
     assert math.exp(loss) < 10, "far below the untrained model's ~252"
 
 
@@ -39,7 +40,8 @@ def test_perplexities_are_finite_and_ordered():
                                  max_tokens=2048)
     ppl = {r.scheme: r.perplexity for r in result.results}
     assert all(math.isfinite(p) for p in [result.bf16_perplexity, *ppl.values()])
-    assert result.bf16_perplexity <= ppl["mxfp8"] * 1.01 and ppl["mxfp8"] <= min(ppl["mxfp4_w4a8"], ppl["mxfp4_dual"]) * 1.01
+    assert (result.bf16_perplexity <= ppl["mxfp8"] * 1.01
+            and ppl["mxfp8"] <= min(ppl["mxfp4_w4a8"], ppl["mxfp4_dual"]) * 1.01)
     for r in result.results:
         assert len(r.report.rewritten) == 28 and len(r.layer_sqnr) == 28
     sqnr = {r.scheme: sum(r.layer_sqnr.values()) / 28 for r in result.results}
@@ -61,12 +63,14 @@ def test_inspect_command(capsys):
 
 def _folder(tmp_path, **config):
     folder = tmp_path / "model"
-    Qwen3ForCausalLM(Qwen3Config(vocab_size=257, num_hidden_layers=1, **config)).to(torch.bfloat16).save_pretrained(folder)
+    (Qwen3ForCausalLM(Qwen3Config(vocab_size=257, num_hidden_layers=1, **config))
+     .to(torch.bfloat16).save_pretrained(folder))
     return folder
 
 
 def test_eval_a_model_whose_k_matches_no_scheme_reports_instead_of_crashing(tmp_path, capsys):
-    folder = _folder(tmp_path, hidden_size=80, intermediate_size=160, num_attention_heads=2, num_key_value_heads=1, head_dim=40)
+    folder = _folder(tmp_path, hidden_size=80, intermediate_size=160, num_attention_heads=2, num_key_value_heads=1,
+                     head_dim=40)
     assert cli.main(["eval", "--model", str(folder), *QUICK]) == 0
     out = capsys.readouterr().out
     assert "K=80 is not a multiple of 512 (mxfp4_dual)" in out and "nothing rewritten" in out
@@ -77,7 +81,8 @@ def test_eval_a_model_whose_k_matches_no_scheme_reports_instead_of_crashing(tmp_
     [
         (lambda tmp: tmp / "absent", "does not exist"),
         (lambda tmp: tmp, "has no config.json"),
-        (lambda tmp: (tmp / "config.json").write_text(json.dumps({"model_type": "llama"})) and tmp, "model_type is 'llama'"),
+        (lambda tmp: (tmp / "config.json").write_text(json.dumps({"model_type": "llama"})) and tmp,
+         "model_type is 'llama'"),
     ],
 )
 def test_eval_errors(tmp_path, capsys, make, message):
@@ -102,7 +107,8 @@ def test_serve_graph_mode_example(monkeypatch, capsys):
     from pathlib import Path
 
     example = Path(__file__).parents[2] / "examples" / "serve_graph_mode.py"
-    monkeypatch.setattr("sys.argv", [str(example), "--buckets", "1", "2", "--new-tokens", "4", "--schemes", "mxfp4_dual"])
+    monkeypatch.setattr("sys.argv",
+                        [str(example), "--buckets", "1", "2", "--new-tokens", "4", "--schemes", "mxfp4_dual"])
     recompile_limit = torch._dynamo.config.recompile_limit
     try:
         runpy.run_path(str(example), run_name="__main__")

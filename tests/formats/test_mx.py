@@ -292,7 +292,8 @@ def test_fp8_ties_literal(dtype):
 def test_nonfinite_block_literal(fmt, scale_alg):
     if fmt == "fp4_e2m1" and scale_alg == "rceil":
         pytest.skip("rceil is FP8 only")
-    x = torch.from_numpy(np.stack([_block(1.0, -2.0), _block(1.0, np.inf, -0.0), _block(-np.inf), _block(np.nan, -3.0)]))
+    x = torch.from_numpy(
+        np.stack([_block(1.0, -2.0), _block(1.0, np.inf, -0.0), _block(-np.inf), _block(np.nan, -3.0)]))
     q, s = quantize_mx(x.to(torch.bfloat16), fmt, scale_alg=scale_alg)
     bytes_ = s.view(torch.uint8).numpy()
     assert bytes_[1:, 0].tolist() == [255, 255, 255]

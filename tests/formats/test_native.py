@@ -13,7 +13,8 @@ import torch
 
 from mxfx.formats import native, quantize_dual_level, quantize_mx
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=f"native MX kernels unavailable: {native.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"native MX kernels unavailable: {native.unavailable_reason()}")
 
 DTYPES = [torch.bfloat16, torch.float16]
 MX_COMBOS = [("fp8_e4m3", alg, "rint") for alg in ("floor", "ocp", "rceil")] + [
@@ -30,11 +31,13 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 def assert_same(native_out, torch_out, what=""):
     assert len(native_out) == len(torch_out)
     for i, (a, b) in enumerate(zip(native_out, torch_out)):
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{what} output {i}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, (
+            f"{what} output {i}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}")
         ra, rb = _raw(a), _raw(b)
         if not torch.equal(ra, rb):
             bad = (ra != rb).nonzero()[:5].tolist()
-            raise AssertionError(f"{what} output {i} differs at {bad}: native {ra[tuple(bad[0])]} torch {rb[tuple(bad[0])]}")
+            raise AssertionError(
+                f"{what} output {i} differs at {bad}: native {ra[tuple(bad[0])]} torch {rb[tuple(bad[0])]}")
 
 
 def both(fn, x, *args, **kwargs):
@@ -79,7 +82,8 @@ def test_random_scales(dtype):
 @pytest.mark.parametrize("k", [32, 64, 96, 512, 544, 1536, 4096, 2, 30, 100, 1000])
 def test_shapes_and_tails(dtype, k):
     """K a multiple of the blocks and not (short tail blocks), ranks 1-3, several block sizes."""
-    shape = {32: (k,), 64: (3, k), 96: (2, 3, k), 512: (4, k), 544: (2, 2, k), 1536: (2, k), 4096: (2, k)}.get(k, (3, k))
+    shape = {32: (k,), 64: (3, k), 96: (2, 3, k), 512: (4, k), 544: (2, 2, k), 1536: (2, k),
+             4096: (2, k)}.get(k, (3, k))
     x = _randn(shape, dtype, 0, seed=k)
     x.view(-1)[::5] *= 1e3  # blocks with a wide range
     check_all(x, block_sizes=(32, 64, 96) if k in (96, 100, 1000, 544) else (32, 1024))
@@ -243,7 +247,8 @@ STACK_BUDGET = 16 * 1024
 def test_stack_frames_within_budget(tmp_path):
     """The kernels run on pool threads, whose stacks may be small (musl: 128 KiB): every function's frame,
     built with the project's flags, stays under STACK_BUDGET. (No compiler: skipped with the module.)"""
-    built = subprocess.run([native._compiler(), *native._FLAGS, "-Werror", "-fstack-usage", "-o", "kernels.so", str(native._SOURCE)],
+    built = subprocess.run([native._compiler(), *native._FLAGS, "-Werror", "-fstack-usage", "-o", "kernels.so",
+                            str(native._SOURCE)],
                            cwd=tmp_path, capture_output=True, text=True, check=False)
     assert built.returncode == 0, built.stderr
     frames = {}

@@ -60,7 +60,8 @@ def test_rceil_max_low_bound_matches_golden(max_low_bound, dtype):
 
 
 def _one_block_byte(v, dtype=torch.bfloat16, **kw):
-    return quantize_mx(torch.full((32,), v, dtype=dtype), "fp4_e2m1", scale_alg="dyn_range", **kw)[1].view(torch.uint8).item()
+    return quantize_mx(torch.full((32,), v, dtype=dtype), "fp4_e2m1", scale_alg="dyn_range",
+                       **kw)[1].view(torch.uint8).item()
 
 
 def test_dyn_range_literal():

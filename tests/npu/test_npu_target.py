@@ -70,7 +70,8 @@ def test_the_fake_kernel_mxfx_adds_for_the_dual_level_matmul(torch_npu):
 
 def test_ge_converter_argument_mapping():
     inputs, attrs = npu_support.dual_level_matmul_ir("x1", "x2", "x1_l0", "x2_l0", "x1_l1", "x2_l1", "bias", 15)
-    assert list(inputs.items()) == [("x1", "x1"), ("x2", "x2"), ("x1_level0_scale", "x1_l0"), ("x1_level1_scale", "x1_l1"),
+    assert list(inputs.items()) == [("x1", "x1"), ("x2", "x2"),
+                                    ("x1_level0_scale", "x1_l0"), ("x1_level1_scale", "x1_l1"),
                                     ("x2_level0_scale", "x2_l0"), ("x2_level1_scale", "x2_l1"), ("bias", "bias")]
     assert attrs == {"dtype": 15, "transpose_x1": False, "transpose_x2": True, "level0_group_size": 512,
                      "level1_group_size": 32}
@@ -139,7 +140,8 @@ def test_torchair_inner_gets_the_users_config_and_frozen_parameter_constants(mon
         torch._dynamo.reset()
         expected = torch.compile(model, backend=mxfx.backend("mxfp8", target="reference"))(IDS)
     assert seen["config"] is config and config.mode == "reduce-overhead" and config.experimental_config.frozen_parameter
-    constants = [t for t in seen["inputs"] if isinstance(t, torch.nn.Parameter) and t.dtype in (torch.float8_e4m3fn, torch.uint8)]
+    constants = [t for t in seen["inputs"]
+                 if isinstance(t, torch.nn.Parameter) and t.dtype in (torch.float8_e4m3fn, torch.uint8)]
     assert len(constants) == 14, "7 weights and 7 scales, each a frozen Parameter"
     assert torch.equal(got.logits, expected.logits)
 
@@ -169,7 +171,8 @@ def test_an_int4_checkpoint_on_target_npu_packs_each_weight_once_and_matches_the
     tiny_qwen3().save_pretrained(bf16)
     model = checkpoint.load(msmodelslim.int4_folder(bf16, tmp_path / "int4", "v1", 128)[0])
     with torch.no_grad():
-        npu = torch.compile(model, backend=Backend("modelslim", target="npu", cache=PreparedWeights()), fullgraph=True)(IDS)
+        npu = torch.compile(model, backend=Backend("modelslim", target="npu", cache=PreparedWeights()),
+                            fullgraph=True)(IDS)
         calls = Counter(name for name, _ in npu_standin.calls)
         torch._dynamo.reset()
         reference = torch.compile(model, backend=mxfx.backend("modelslim", target="reference"), fullgraph=True)(IDS)

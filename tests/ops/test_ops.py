@@ -248,7 +248,8 @@ def test_quant_matmul_dtype_spellings(spellings):
     scale = args[2].view(torch.float8_e8m0fnu)
     assert torch.equal(ops.npu_quant_matmul(args[0], args[1], scale, **{**kwargs, **e8m0}),
                        ops.npu_quant_matmul(*args, **kwargs))
-    for out, dtype in ((torch.bfloat16, torch.bfloat16), (283, torch.bfloat16), (257, torch.float16), (5, torch.float16)):
+    for out, dtype in ((torch.bfloat16, torch.bfloat16), (283, torch.bfloat16),
+                       (257, torch.float16), (5, torch.float16)):
         assert ops.npu_quant_matmul(*args, **{**kwargs, "output_dtype": out}).dtype == dtype
 
 
@@ -269,7 +270,8 @@ def test_quant_matmul_w4a4_fp4_activation_matches_golden_and_opcheck():
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
     # x1 as a torch.float4_e2m1fn_x2 tensor with x1_dtype omitted reads the same (torch_npu >= 2.8)
     fp4 = (qa.view(torch.float4_e2m1fn_x2),) + args[1:]
-    assert torch.equal(ops.npu_quant_matmul(*fp4, **{**kwargs, "x1_dtype": None}), ops.npu_quant_matmul(*args, **kwargs))
+    assert torch.equal(ops.npu_quant_matmul(*fp4, **{**kwargs, "x1_dtype": None}),
+                       ops.npu_quant_matmul(*args, **kwargs))
     torch.library.opcheck(ops.npu_quant_matmul.default, args, kwargs)
 
 

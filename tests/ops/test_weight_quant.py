@@ -46,7 +46,8 @@ def _case(dtype, k, n, group, offset, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("k, group", [(256, 0), (256, 32), (512, 128), (320, 128)], ids=["channel", "g32", "g128", "g128-tail"])
+@pytest.mark.parametrize("k, group", [(256, 0), (256, 32), (512, 128), (320, 128)],
+                         ids=["channel", "g32", "g128", "g128-tail"])
 @pytest.mark.parametrize("offset", [False, True], ids=["sym", "offset"])
 def test_matches_the_kernel_golden(dtype, k, group, offset):
     x, weight, scale, off, bias = _case(dtype, k, 48, group, offset)
@@ -57,7 +58,8 @@ def test_matches_the_kernel_golden(dtype, k, group, offset):
     for w in (weight, packed, weight.t().contiguous().t()):  # int8, int4 packed, int8 as a transposed view
         got = ops.npu_weight_quant_batchmatmul(x, w, scale, antiquant_offset=off, bias=bias, antiquant_group_size=group)
         assert got.dtype == dtype and got.shape == (5, 48)
-        np.testing.assert_allclose(got.float().numpy(), golden.astype(NP_DTYPES[dtype]).astype(np.float32), rtol=2**-7, atol=1e-3)
+        np.testing.assert_allclose(got.float().numpy(), golden.astype(NP_DTYPES[dtype]).astype(np.float32),
+                                   rtol=2**-7, atol=1e-3)
     torch.library.opcheck(ops.npu_weight_quant_batchmatmul.default, (x, packed, scale),
                           {"antiquant_offset": off, "bias": bias, "antiquant_group_size": group})
 
@@ -84,7 +86,8 @@ def test_int4pack_layout_and_opcheck():
         ops.npu_convert_weight_to_int4pack(values + 8)
 
 
-X, W, S = torch.zeros(2, 256, dtype=torch.bfloat16), torch.zeros(256, 16, dtype=torch.int8), torch.ones(16, dtype=torch.bfloat16)
+X, W, S = (torch.zeros(2, 256, dtype=torch.bfloat16), torch.zeros(256, 16, dtype=torch.int8),
+           torch.ones(16, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize(
@@ -100,7 +103,8 @@ X, W, S = torch.zeros(2, 256, dtype=torch.bfloat16), torch.zeros(256, 16, dtype=
         ((X, W, S), {"quant_scale": S}, "int8 output"),
         ((X, W, S), {"inner_precise": 1}, "only inner_precise=0"),
     ],
-    ids=["x-dtype", "k", "scale-dtype", "group-shape", "group-32", "group-k", "bias-dtype", "quant-scale", "inner-precise"],
+    ids=["x-dtype", "k", "scale-dtype", "group-shape", "group-32", "group-k", "bias-dtype", "quant-scale",
+         "inner-precise"],
 )
 def test_refuses_what_it_does_not_emulate(args, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -44,7 +44,8 @@ def _ops(gm):
 
 
 def _quantized_ops(gm):
-    return [t.__name__.split(".")[0] for t in _ops(gm) if isinstance(t, torch._ops.OpOverload) and t.namespace in ("mxfx", "npu")]
+    return [t.__name__.split(".")[0] for t in _ops(gm)
+            if isinstance(t, torch._ops.OpOverload) and t.namespace in ("mxfx", "npu")]
 
 
 def _forms():
@@ -103,7 +104,8 @@ def test_new_nodes_carry_meta_val():
             real[node] = node.target(*args, **kwargs)
             fake = node.meta.get("val", node.meta.get("example_value"))
             if isinstance(fake, torch.Tensor):
-                assert (fake.shape, fake.dtype, fake.stride()) == (real[node].shape, real[node].dtype, real[node].stride()), node
+                assert (fake.shape, fake.dtype, fake.stride()) == (
+                    real[node].shape, real[node].dtype, real[node].stride()), node
     out = gm.graph.output_node().args[0][0].meta["val"]
     assert out.shape == (2, 3, 512) and out.dtype == torch.bfloat16
 
@@ -251,10 +253,12 @@ def _hand_graph(weight, bias=None, k_dynamic=False):
 @pytest.mark.parametrize(
     "graph, kind, reason",
     [
-        (lambda: _hand_graph(torch.zeros(64, 512, dtype=torch.int8)), SkipReason.WEIGHT_DTYPE, "weight is torch.int8 [64, 512]"),
-        (lambda: _hand_graph(torch.zeros(64, 512, dtype=torch.bfloat16), bias=torch.zeros(1, 64)), SkipReason.BIAS_SHAPE,
-         "bias shape [1, 64]"),
-        (lambda: _hand_graph(torch.zeros(64, 512, dtype=torch.bfloat16), k_dynamic=True), SkipReason.DYNAMIC_K, "dynamic K"),
+        (lambda: _hand_graph(torch.zeros(64, 512, dtype=torch.int8)), SkipReason.WEIGHT_DTYPE,
+         "weight is torch.int8 [64, 512]"),
+        (lambda: _hand_graph(torch.zeros(64, 512, dtype=torch.bfloat16), bias=torch.zeros(1, 64)),
+         SkipReason.BIAS_SHAPE, "bias shape [1, 64]"),
+        (lambda: _hand_graph(torch.zeros(64, 512, dtype=torch.bfloat16), k_dynamic=True), SkipReason.DYNAMIC_K,
+         "dynamic K"),
     ],
 )
 def test_hand_built_skips(graph, kind, reason):
@@ -330,7 +334,8 @@ def test_moe_experts_are_listed_and_the_router_is_kept():
 def test_gpt2_conv1d_layers_are_listed():
     report = _compiled_report(tiny_gpt2())
     conv = [r for r in report.skipped if r.skip_reason is SkipReason.UNSUPPORTED_MATMUL]
-    assert [r.fqn for r in conv] == [f"transformer.h.0.{m}" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert [r.fqn for r in conv] == [f"transformer.h.0.{m}"
+                                     for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
     assert (conv[0].k, conv[0].n) == (512, 1536) and "GPT-2 Conv1D" in conv[0].reason and not report.rewritten
 
 
