@@ -109,7 +109,8 @@ def torchair_inner(compiler_config=None) -> InnerCompiler:
 
     config = compiler_config if compiler_config is not None else torchair.CompilerConfig()
     config.experimental_config.frozen_parameter = True
-    return InnerCompiler(torchair.get_npu_backend(compiler_config=config), constants_as_parameters=True, name="torchair")
+    compile = torchair.get_npu_backend(compiler_config=config)
+    return InnerCompiler(compile, constants_as_parameters=True, name="torchair")
 
 
 def _inner_compiler(inner) -> InnerCompiler:

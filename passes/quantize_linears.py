@@ -7,8 +7,9 @@ inputs). Linears fed by the same activation share one activation quantization wh
 activation keys agree. Every linear the pass sees is reported, rewritten or skipped with a typed
 reason; nothing is rewritten that the scheme cannot serve exactly. Every node it emits is tagged
 `node.meta["mxfx"] = {"pass": "quantize_linears", "role": ..., "linear": fqn}` (roles: constant,
-activation_quant, matmul, shape, grad_guard (mxfx::inference_only, only where gradients would flow); an activation quantization lists all its linears under "linears"; a
-constant names its prepared tensor and its "source": the weight and bias node names, dtype and scheme).
+activation_quant, matmul, shape, grad_guard (mxfx::inference_only, only where gradients would flow); an
+activation quantization lists all its linears under "linears"; a constant names its prepared tensor and its
+"source": the weight and bias node names, dtype and scheme).
 """
 
 import functools
@@ -159,10 +160,11 @@ class _Rewrite:
         if not isinstance(weight, torch.Tensor):
             return Skip(SkipReason.NOT_CONSTANT, f"weight {site.weight} is not a constant of the graph")
         if scheme is None:
-            return Skip(SkipReason.NO_SCHEME, f"scheme {self.selector.label} has nothing for this weight (stored unquantized)")
+            return Skip(SkipReason.NO_SCHEME,
+                        f"scheme {self.selector.label} has nothing for this weight (stored unquantized)")
         if weight.dtype not in scheme.weight_dtypes or weight.dim() != 2:
-            return Skip(SkipReason.WEIGHT_DTYPE, f"weight is {weight.dtype} {list(weight.shape)}; supported: 2-D "
-                                                 f"{'/'.join(str(d).removeprefix('torch.') for d in scheme.weight_dtypes)}")
+            supported = "/".join(str(d).removeprefix("torch.") for d in scheme.weight_dtypes)
+            return Skip(SkipReason.WEIGHT_DTYPE, f"weight is {weight.dtype} {list(weight.shape)}; supported: 2-D {supported}")
         if weight.untyped_storage().data_ptr() in self.embedding_storages:
             return Skip(SkipReason.TIED_EMBEDDING, "weight is tied to an embedding")
         if site.bias is not None and not isinstance(bias, torch.Tensor):
@@ -170,7 +172,8 @@ class _Rewrite:
         if bias is not None and tuple(bias.shape) != (weight.shape[0],):
             return Skip(SkipReason.BIAS_SHAPE, f"bias shape {list(bias.shape)} is not [{weight.shape[0]}]")
         if not isinstance(x, torch.Tensor):
-            return Skip(SkipReason.NO_SHAPE, "activation has no shape metadata (trace with Dynamo/export, or run ShapeProp first)")
+            return Skip(SkipReason.NO_SHAPE,
+                        "activation has no shape metadata (trace with Dynamo/export, or run ShapeProp first)")
         if x.dtype not in scheme.activation_dtypes:
             return Skip(SkipReason.ACTIVATION_DTYPE, f"activation dtype {x.dtype}; the NPU quantizers take bf16/fp16")
         if not isinstance(x.shape[-1], int):
@@ -229,11 +232,13 @@ class _Rewrite:
 
     def report_other_matmul(self, other: MatmulWeight) -> None:
         """List a weight the graph multiplies by outside a linear (reported, never rewritten)."""
-        tensor = self.resolve_tensor(other.node.name if other.node.op == "placeholder" else other.node.target, other.node)
+        name = other.node.name if other.node.op == "placeholder" else other.node.target
+        tensor = self.resolve_tensor(name, other.node)
         if not isinstance(tensor, torch.Tensor):  # an activation, not a weight
             return
         shape, conv1d = list(tensor.shape), other.op == "addmm" and tensor.dim() == 2
-        kind = "[K, N] weight (GPT-2 Conv1D)" if conv1d else "3-D weight (grouped MoE experts)" if tensor.dim() == 3 else "weight"
+        kind = ("[K, N] weight (GPT-2 Conv1D)" if conv1d
+                else "3-D weight (grouped MoE experts)" if tensor.dim() == 3 else "weight")
         detail = f"{kind} {shape} multiplied by {other.op}: not a linear mxfx rewrites, so it stays unquantized"
         k, n = (shape[0], shape[1]) if conv1d else (None, None)
         self.report.linears.append(LinearReport(other.fqn or other.node.name, k, n, "skipped",
@@ -283,7 +288,8 @@ class _Rewrite:
             self.tracer.tag = {"pass": PASS, "role": "activation_quant", "linears": [], "linear": fqn}
             linears = self.tracer.tag["linears"]
             x2d = self.proxy(x) if value.dim() == 2 else aten.reshape.default(self.proxy(x), [-1, value.shape[-1]])
-            self.activations[key] = _Outputs(scheme.quantize_activation(self.target, x2d, prepared), self.tracer, linears)
+            quantized = scheme.quantize_activation(self.target, x2d, prepared)
+            self.activations[key] = _Outputs(quantized, self.tracer, linears)
             self.report.activation_quants += scheme.activation_rule is not None  # weight-only: nothing quantized
         outputs = self.activations[key]
         outputs.linears.append(fqn)

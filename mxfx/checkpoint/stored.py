@@ -9,11 +9,11 @@ writes), and which scheme runs them.
 | W4A8_MXFP (packed) | uint8 [N, K/2], element 2i low nibble | `weight_scale` as above | mxfp4_w4a8 |
 | W4A8_MXFP (early export) | float8_e4m3fn [N, K] holding FP4 values | `weight_scale` as above | mxfp8 |
 | W4A4_MXFP4 | uint8 [N, K/2], element 2i low nibble | `weight_scale` as above | mxfp4 |
-| W4A4_MXFP4_DUALSCALE (mxfx's mxfp4_dual) | uint8 [N, K/2] | `weight_scale` as above, `weight_dual_scale` float32 [N, ceil(K/512), 1] | mxfp4_dual |
-| W4A8_DYNAMIC | int8 [N, K], one int4 per byte, or [N/2, K], rows 2j/2j+1 in the low/high nibble | `weight_scale` [N, 1]; per group also `weight_scale_second` [N, K/group] | w4a8_dynamic |
+| W4A4_MXFP4_DUALSCALE (mxfx) | uint8 [N, K/2] | `weight_scale` as above, `weight_dual_scale` fp32 [N, ceil(K/512), 1] | mxfp4_dual |
+| W4A8_DYNAMIC | int8 [N, K] (one int4 per byte) or [N/2, K] (rows 2j/2j+1 low/high nibble) | see below | w4a8_dynamic |
 
 W4A8_DYNAMIC (msmodelslim's int4; shapes and packing from its savers and vllm-ascend's loader) also
-stores `weight_offset` [N, 1] and, per group, `weight_offset_second`: msmodelslim quantizes
+stores `weight_scale` [N, 1] and, per group, `weight_scale_second` [N, K/group]; `weight_offset` [N, 1] and, per group, `weight_offset_second`: msmodelslim quantizes
 symmetrically and writes them as zeros, and vllm-ascend never reads them, so a non-zero offset is
 refused rather than run one way or the other. Its `scale_bias` feeds the int8-activation MoE kernels
 only and is not used. Offsets and scale_bias are dropped once checked. The antiquant scale is
@@ -101,7 +101,8 @@ def _check_shapes(stored: Tensors, expected: dict[str, tuple], n: int, k: int, f
 def _check_finite(stored: Tensors, suffixes: tuple[str, ...], fail: Fail) -> None:
     for suffix in suffixes:
         if suffix in stored and not (finite := stored[suffix].float().isfinite()).all():
-            fail(suffix, f"holds {int((~finite).sum())} non-finite values (inf/NaN): the weights it scales would be too")
+            fail(suffix, f"holds {int((~finite).sum())} non-finite values (inf/NaN): the weights it scales "
+                         "would be too")
 
 
 @dataclass(frozen=True, eq=False)
@@ -159,7 +160,8 @@ class DualLevelType(MXType):
 
     def dequantize(self, weight):
         t = weight.tensors
-        return dequantize_dual_level(t["weight"], t["weight_dual_scale"].flatten(-2), t["weight_scale"]).to(torch.bfloat16)
+        weight = dequantize_dual_level(t["weight"], t["weight_dual_scale"].flatten(-2), t["weight_scale"])
+        return weight.to(torch.bfloat16)
 
     def from_codes(self, codes, k):
         return {"weight": codes["q"], "weight_scale": _scale_bytes(codes["level1"], k),
