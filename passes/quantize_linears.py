@@ -164,7 +164,8 @@ class _Rewrite:
                         f"scheme {self.selector.label} has nothing for this weight (stored unquantized)")
         if weight.dtype not in scheme.weight_dtypes or weight.dim() != 2:
             supported = "/".join(str(d).removeprefix("torch.") for d in scheme.weight_dtypes)
-            return Skip(SkipReason.WEIGHT_DTYPE, f"weight is {weight.dtype} {list(weight.shape)}; supported: 2-D {supported}")
+            return Skip(SkipReason.WEIGHT_DTYPE,
+                        f"weight is {weight.dtype} {list(weight.shape)}; supported: 2-D {supported}")
         if weight.untyped_storage().data_ptr() in self.embedding_storages:
             return Skip(SkipReason.TIED_EMBEDDING, "weight is tied to an embedding")
         if site.bias is not None and not isinstance(bias, torch.Tensor):

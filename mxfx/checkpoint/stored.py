@@ -9,17 +9,17 @@ writes), and which scheme runs them.
 | W4A8_MXFP (packed) | uint8 [N, K/2], element 2i low nibble | `weight_scale` as above | mxfp4_w4a8 |
 | W4A8_MXFP (early export) | float8_e4m3fn [N, K] holding FP4 values | `weight_scale` as above | mxfp8 |
 | W4A4_MXFP4 | uint8 [N, K/2], element 2i low nibble | `weight_scale` as above | mxfp4 |
-| W4A4_MXFP4_DUALSCALE (mxfx) | uint8 [N, K/2] | `weight_scale` as above, `weight_dual_scale` fp32 [N, ceil(K/512), 1] | mxfp4_dual |
+| W4A4_MXFP4_DUALSCALE (mxfx) | uint8 [N, K/2] | as above, `weight_dual_scale` fp32 [N, ceil(K/512), 1] | mxfp4_dual |
 | W4A8_DYNAMIC | int8 [N, K] (one int4 per byte) or [N/2, K] (rows 2j/2j+1 low/high nibble) | see below | w4a8_dynamic |
 
-W4A8_DYNAMIC (msmodelslim's int4; shapes and packing from its savers and vllm-ascend's loader) also
-stores `weight_scale` [N, 1] and, per group, `weight_scale_second` [N, K/group]; `weight_offset` [N, 1] and, per group, `weight_offset_second`: msmodelslim quantizes
-symmetrically and writes them as zeros, and vllm-ascend never reads them, so a non-zero offset is
-refused rather than run one way or the other. Its `scale_bias` feeds the int8-activation MoE kernels
-only and is not used. Offsets and scale_bias are dropped once checked. The antiquant scale is
-weight_scale * weight_scale_second in fp32, as vllm-ascend computes it; the group size comes from the
-tensors (a multiple of 32 dividing K) and must equal the description's `group_size` where that is set
-and not 0.
+W4A8_DYNAMIC (msmodelslim's int4; shapes and packing from its savers and vllm-ascend's loader) stores
+`weight_scale` [N, 1] and, per group, `weight_scale_second` [N, K/group]; also `weight_offset` [N, 1] and, per
+group, `weight_offset_second`: msmodelslim quantizes symmetrically and writes them as zeros, and vllm-ascend
+never reads them, so a non-zero offset is refused rather than run one way or the other. Its `scale_bias` feeds
+the int8-activation MoE kernels only and is not used. Offsets and scale_bias are dropped once checked. The
+antiquant scale is weight_scale * weight_scale_second in fp32, as vllm-ascend computes it; the group size
+comes from the tensors (a multiple of 32 dividing K) and must equal the description's `group_size` where that
+is set and not 0.
 """
 
 import math
