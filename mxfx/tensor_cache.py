@@ -36,13 +36,13 @@ class TensorCache:
             return entry[1]
         value = compute()
         slot = (*(id(t) for t in sources), *extra)
-        self._entries.pop(self._latest.get(slot), None)  # the value for an older version
+        previous = self._latest.get(slot)
+        self._entries.pop(previous, None)  # the value for an older version
         self._entries[key], self._latest[slot] = ([weakref.ref(t) for t in sources], value), key
-        for t in sources:
-            weakref.finalize(t, self._forget, key, slot)
+        if previous is None:  # one finalizer per slot, however many versions its sources go through
+            for t in sources:
+                weakref.finalize(t, self._forget, slot)
         return value
 
-    def _forget(self, key: tuple, slot: tuple) -> None:
-        self._entries.pop(key, None)
-        if self._latest.get(slot) == key:
-            del self._latest[slot]
+    def _forget(self, slot: tuple) -> None:
+        self._entries.pop(self._latest.pop(slot, None), None)

@@ -31,3 +31,18 @@ def test_inference_tensors_have_no_version_but_are_cached():
     with torch.inference_mode():
         t = torch.ones(3)
     assert cache.get((t,), lambda: 1) == 1 and cache.get((t,), lambda: 2) == 1
+
+
+def test_one_finalizer_per_slot_however_many_versions():
+    """A weight updated N times (weight reloads) used to accumulate N finalizers until it died."""
+    import weakref
+
+    cache, t = TensorCache(), torch.zeros(4)
+    for _ in range(5):
+        cache.get((t,), lambda: 1)
+        t.add_(1)
+    assert sum(1 for f in list(weakref.finalize._registry) if f.peek() and f.peek()[0] is t) == 1
+    assert len(cache) == 1
+    del t
+    gc.collect()
+    assert len(cache) == 0
