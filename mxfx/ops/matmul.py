@@ -163,11 +163,19 @@ def _quant_matmul_call(x1, x2, scale, offset, pertoken_scale, output_dtype, x1_d
         raise ValueError(
             f"{OP}: pertoken_scale must have shape {[m, math.ceil(k / 64), 2]}, got {list(pertoken_scale.shape)}")
     nz = x2.dim() == 4
-    if nz:
-        nz_shape = (math.ceil(k / 32), math.ceil(n / 16), 16, FP4_NZ_C0_BYTES)
-        if fmt2 != "fp4_e2m1" or tuple(x2.shape) != nz_shape:
-            raise ValueError(f"{OP}: a 4-D x2 is read as the emulated FRACTAL_NZ of packed FP4 [N, K/2] "
-                             f"(npu_format_cast with input_dtype=float4_e2m1fn_x2): shape {list(nz_shape)}, "
+    if nz:  # as on the device, the orientation is the view's: the cast passed as is holds [K/2, N] (K-major,
+        # vllm-ascend W4A4 with NZ on); its .transpose(-1, -2) is the cast of [N, K/2] (the W4A8 peers, mxfx).
+        # The emulated NZ tensor has no logical shape: a cast of [N, K/2] passed as is, which the device
+        # would refuse, is read K-major wherever its padded shape equals the [K/2, N] cast's.
+        as_cast = x2.is_contiguous()
+        rows, cols = (k // 2, n) if as_cast else (n, k // 2)
+        nz_shape = (math.ceil(cols / FP4_NZ_C0_BYTES), math.ceil(rows / 16), 16, FP4_NZ_C0_BYTES)
+        storage = x2 if as_cast else x2.transpose(-1, -2)
+        if fmt2 != "fp4_e2m1" or tuple(storage.shape) != nz_shape or not storage.is_contiguous():
+            raise ValueError(f"{OP}: a 4-D x2 is read as the emulated FRACTAL_NZ of packed FP4 (npu_format_cast "
+                             "with input_dtype=float4_e2m1fn_x2): as cast, of the [K/2, N] weight, shape "
+                             f"{[math.ceil(n / 16), math.ceil(k / 32), 16, 16]}; or the cast of [N, K/2] "
+                             f"transposed with .transpose(-1, -2), storage {[math.ceil(k / 32), math.ceil(n / 16), 16, 16]}; "
                              f"got {fmt2} {list(x2.shape)}")
     else:
         weight_shape = (k // 2, n) if fmt2 == "fp4_e2m1" else (k, n)
@@ -183,10 +191,9 @@ def _weight_bytes(x2, call: _MXCall) -> torch.Tensor:
     """The weight as ND [N, K] (FP8) or [N, K/2] packed FP4 bytes, from whichever layout x2 has."""
     if not call.nz:
         return x2.t()
-    storage = x2 if x2.is_contiguous() else x2.transpose(-1, -2)  # the peers transpose the NZ weight
-    if not storage.is_contiguous():
-        raise ValueError(f"{OP}: the NZ x2 must be the cast's tensor or its .transpose(-1, -2)")
-    return nz_to_nd(storage.view(torch.uint8), call.n, call.k // 2, c0=FP4_NZ_C0_BYTES)
+    if x2.is_contiguous():  # the cast of [K/2, N], passed as is
+        return nz_to_nd(x2.view(torch.uint8), call.k // 2, call.n, c0=FP4_NZ_C0_BYTES).t()
+    return nz_to_nd(x2.transpose(-1, -2).view(torch.uint8), call.n, call.k // 2, c0=FP4_NZ_C0_BYTES)
 
 
 def _packed(t: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ torch_npu rather than torch). The clients' other dtype arguments are torch dtype
 torch.bfloat16, and sglang's scale_dtype=torch.float8_e8m0fnu), passed through unchanged. npu_format_cast
 returns the reference's emulated FRACTAL_NZ tensor, which is what the mirrored matmuls read. vllm-ascend's
 W4A4_MXFP4 is replayed with NZ off (`_should_trans_nz` false: the only branch in the fetched snapshot) and,
-separately, with NZ on (the split layout's branch), which the mirrors refuse (see that test).
+separately, with NZ on (the split layout's branch).
 """
 
 from types import SimpleNamespace
@@ -300,17 +300,16 @@ def test_vllm_ascend_w4a4_mxfp4_nz_off_equals_mxfx_mxfp4():
     assert calls[0] == ("npu_dynamic_mx_quant", ("dst_type", "round_mode"))
 
 
-def test_vllm_ascend_w4a4_mxfp4_nz_on_is_refused_by_the_mirrors():
-    """vllm-ascend W4A4_MXFP4 with _should_trans_nz true (methods/w4a4/w4a4_mxfp4.py @ 0dfe844, lines of
-    process_weights_after_loading's NZ branch): the packed weight is made a contiguous [K/2, N] and then
-    FP4-NZ-cast. The mirror's npu_format_cast reads input_dtype=296 bytes as [N, K/2] rows (element 2i in
-    the low nibble) and npu_quant_matmul expects that cast's [K/32, N/16, 16, 16]; a K-major FP4 NZ is not
-    emulated. With K != 2N the shapes differ and the matmul refuses; with N == K/2 the shapes coincide and the
-    result would be silently wrong, so no value is compared."""
-    weight, x, bias = inputs(k=512, n=512)
+def test_vllm_ascend_w4a4_mxfp4_nz_on_equals_mxfx_mxfp4():
+    """vllm-ascend W4A4_MXFP4 with _should_trans_nz true (methods/w4a4/w4a4_mxfp4.py @ 0dfe844, the NZ branch
+    of process_weights_after_loading): the packed weight made a contiguous [K/2, N], FP4-NZ-cast, and passed
+    as is; the mirror reads an NZ weight in the orientation of its view (K-major as cast, [N, K/2] when
+    transposed), as the device does. Before, it read both as [N, K/2]: refused when K != 2N, and silently
+    wrong when N == K/2 (this shape)."""
+    weight, x, bias = inputs(k=512, n=256)
     t = stored("W4A4_MXFP4", SCHEMES["mxfp4"], weight)
-    with pytest.raises(ValueError, match="emulated FRACTAL_NZ of packed FP4"):
-        vllm_w4a4_mxfp4(standin([]), t["weight"], t["weight_scale"], x, bias, nz=True)
+    out = vllm_w4a4_mxfp4(standin([]), t["weight"], t["weight_scale"], x, bias, nz=True)
+    assert torch.equal(out, mxfx_linear(MXFP4(), weight, x, bias))
 
 
 def test_sglang_mxfp8_online_and_offline_equal_mxfx_mxfp8():

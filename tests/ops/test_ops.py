@@ -275,13 +275,16 @@ def test_quant_matmul_w4a4_fp4_activation_matches_golden_and_opcheck():
     torch.library.opcheck(ops.npu_quant_matmul.default, args, kwargs)
 
 
-def test_quant_matmul_reads_the_nz_fp4_weight():
-    """vllm-ascend W4A8_MXFP: npu_format_cast(w, 29, customize_dtype=float8_e4m3fn, input_dtype=FP4), then
-    .transpose(-1, -2); the reference reads that (and the untransposed cast) as the ND weight."""
+def test_quant_matmul_reads_the_nz_fp4_weight_in_the_orientation_of_its_view():
+    """vllm-ascend W4A8_MXFP: npu_format_cast(w [N, K/2], 29, customize_dtype=float8_e4m3fn, input_dtype=FP4),
+    then .transpose(-1, -2); vllm-ascend W4A4_MXFP4 with NZ on: the cast of w.t().contiguous() [K/2, N], as is.
+    Both read as the ND weight (a cast passed as is is K-major, as the device reads it)."""
     args, kwargs, (_, _, qw, _) = _mx_args(296)
     nd = ops.npu_quant_matmul(*args, **kwargs)
     nz = ops.npu_format_cast(qw, 29, customize_dtype=torch.float8_e4m3fn, input_dtype=296)
-    for x2 in (nz, nz.transpose(-1, -2)):
+    k_major = ops.npu_format_cast(qw.t().contiguous(), 29, customize_dtype=torch.float8_e4m3fn, input_dtype=296)
+    assert not torch.equal(nz, k_major), "the two orientations are different bytes"
+    for x2 in (nz.transpose(-1, -2), k_major):
         assert torch.equal(ops.npu_quant_matmul(args[0], x2, args[2], **kwargs), nd)
         torch.library.opcheck(ops.npu_quant_matmul.default, (args[0], x2, args[2]), kwargs,
                               test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
