@@ -175,8 +175,8 @@ def _quant_matmul_call(x1, x2, scale, offset, pertoken_scale, output_dtype, x1_d
             raise ValueError(f"{OP}: a 4-D x2 is read as the emulated FRACTAL_NZ of packed FP4 (npu_format_cast "
                              "with input_dtype=float4_e2m1fn_x2): as cast, of the [K/2, N] weight, shape "
                              f"{[math.ceil(n / 16), math.ceil(k / 32), 16, 16]}; or the cast of [N, K/2] "
-                             f"transposed with .transpose(-1, -2), storage {[math.ceil(k / 32), math.ceil(n / 16), 16, 16]}; "
-                             f"got {fmt2} {list(x2.shape)}")
+                             "transposed with .transpose(-1, -2), storage "
+                             f"{[math.ceil(k / 32), math.ceil(n / 16), 16, 16]}; got {fmt2} {list(x2.shape)}")
     else:
         weight_shape = (k // 2, n) if fmt2 == "fp4_e2m1" else (k, n)
         if tuple(x2.shape) != weight_shape:
