@@ -192,7 +192,7 @@ class Backend:
         if self.inner.constants_as_parameters:
             constants = [torch.nn.Parameter(t, requires_grad=False) for t in constants]
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        watch = WeightWatch(placeholders, example_inputs, lifted.tags, self.target, self.cache)
+        watch = WeightWatch(placeholders, example_inputs, lifted.tags, self.target)
         compiled = self.inner.compile(graph, [*example_inputs, *constants])
 
         def run(*args):

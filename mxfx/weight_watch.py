@@ -13,7 +13,6 @@ import logging
 
 import torch
 
-from mxfx.prepared import PreparedWeights
 from mxfx.targets import Target
 from mxfx.tensor_cache import version
 
@@ -44,9 +43,8 @@ class WeightWatch:
     """One entry per prepared source: (weight input index, bias input index or None, scheme, dtype,
     linear, [(constant index, prepared name)], the sources' state when prepared)."""
 
-    def __init__(self, placeholders: list[str], inputs: list, tags: list[dict], target: Target,
-                 cache: PreparedWeights):
-        self.target, self.cache, self.groups = target, cache, {}
+    def __init__(self, placeholders: list[str], inputs: list, tags: list[dict], target: Target):
+        self.target, self.groups = target, {}
         index = {name: i for i, name in enumerate(placeholders)}
         for position, tag in enumerate(tags):
             weight, bias, dtype, scheme = tag["source"]
@@ -66,7 +64,8 @@ class WeightWatch:
                 continue
             log.info("mxfx: the weights of %s changed since they were prepared; preparing them again", linear)
             prepared = scheme.prepare(self.target, weight, bias, dtype)
-            with torch.no_grad():
+            inference = any(constants[position].is_inference() for position, _ in slots)  # compiled in inference mode
+            with torch.no_grad(), torch.inference_mode(inference):
                 for position, name in slots:
                     if prepared[name].shape != constants[position].shape:
                         raise RuntimeError(f"mxfx: {linear}'s new weight gives {name} of shape "

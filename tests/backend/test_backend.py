@@ -264,8 +264,11 @@ def test_compiling_with_grad_enabled_keeps_no_weight_alive():
 def test_a_model_made_under_inference_mode():
     with torch.inference_mode():
         model = tiny_qwen3(layers=1)
-        got = torch.compile(model, backend=mxfx.backend("mxfp8", target="reference"))(_ids()).logits
-    assert torch.equal(got, reference_linear.swapped(model, "mxfp8")(_ids()).logits)
+        compiled = torch.compile(model, backend=mxfx.backend("mxfp8", target="reference"))
+        got = compiled(_ids()).logits
+        assert torch.equal(got, reference_linear.swapped(model, "mxfp8")(_ids()).logits)
+        model.model.layers[0].mlp.up_proj.weight.mul_(-1)  # inference tensors: no version, seen by the sample
+        assert torch.equal(compiled(_ids()).logits, reference_linear.swapped(model, "mxfp8")(_ids()).logits)
 
 
 def test_a_new_bias_is_prepared_again():
