@@ -47,3 +47,13 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, grid, damp: float = 0.01) -> 
         w[:, i2:] -= errors @ hinv[i1:i2, i2:]
     return result
 
+
+
+def round_to_nearest(weight: torch.Tensor, grid) -> torch.Tensor:
+    """Each 32-group rounded onto `grid` with no error feedback (the scale search without GPTQ)."""
+    w = weight.detach().float()
+    result = torch.empty_like(w)
+    for col in range(0, w.shape[1], GROUP):
+        grid.start(w, col)
+        result[:, col:col + GROUP] = grid.quantize_group(w[:, col:col + GROUP], col)
+    return result

@@ -49,7 +49,11 @@ class _Grid:
 
     def quantize(self, column: torch.Tensor, col: int) -> torch.Tensor:
         """Round one column onto its group's grid (recording the code); returns the dequantized column."""
-        return self._dequantize(column.unsqueeze(1), self.bytes[:, col // GROUP], col, record=True).squeeze(1)
+        return self.quantize_group(column.unsqueeze(1), col).squeeze(1)
+
+    def quantize_group(self, columns: torch.Tensor, col: int) -> torch.Tensor:
+        """Round columns [N, c] from `col` (inside one group) onto its grid, recording their codes."""
+        return self._dequantize(columns, self.bytes[:, col // GROUP], col, record=True)
 
 
 class DualLevelGrid(_Grid):

@@ -44,13 +44,21 @@ class BlockRotation:
         if k % self.block:
             raise ValueError(f"linear {linear}: rotation block {self.block} does not divide K={k}")
 
-    def blocks(self, k: int) -> torch.Tensor:
-        """The diagonal blocks [K/b, b, b], fp64."""
+    def activation_blocks(self, k: int) -> torch.Tensor:
+        """The activation's blocks A [K/b, b, b] (fp64 holding bf16 values, so the graph's bf16 rotation
+        uses exactly them): Hadamard as +-2^-ceil(log2(b)/2) (orthogonal up to a power of two, which the
+        MX scales absorb), random orthogonal blocks rounded to bf16."""
+        n = k // self.block
         if self.kind == "hadamard":
-            return hadamard(self.block).expand(k // self.block, -1, -1).clone()
+            signs = hadamard(self.block) * math.sqrt(self.block)
+            return (signs * 2.0 ** -math.ceil(math.log2(self.block) / 2)).expand(n, -1, -1).clone()
         generator = torch.Generator().manual_seed(self.seed)
-        return torch.stack([random_orthogonal(self.block, generator) for _ in range(k // self.block)])
+        blocks = torch.stack([random_orthogonal(self.block, generator) for _ in range(n)])
+        return blocks.to(torch.bfloat16).double()
 
+    def weight_blocks(self, k: int) -> torch.Tensor:
+        """A^-T per block, fp64: (x A)(W A^-T)^T = x W^T for any invertible A."""
+        return torch.linalg.inv(self.activation_blocks(k)).transpose(-1, -2)
 
 def rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """x @ diag(blocks) along the last axis, in x's dtype (fp32 in: fp32 arithmetic). For a weight W
