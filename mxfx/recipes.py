@@ -107,10 +107,7 @@ class GramOf:
 
     @property
     def gram(self) -> torch.Tensor:
-        stats = self.calibration.stats(self.linear)
-        if stats.gram is None:
-            raise ValueError(f"linear {self.linear}: the calibration has no Gram matrix (calibrate with gram=True)")
-        return stats.gram
+        return self.calibration.stats(self.linear).gram
 
 
 @dataclass(frozen=True)
@@ -269,6 +266,9 @@ def apply(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibrati
         if recipe.rotation is not None:
             recipe.rotation.check(k, name)
         stats = calibration.stats(name) if recipe.needs_calibration else None
+        if recipe.gptq and stats.gram is None:
+            raise ValueError(f"linear {name}: GPTQ needs the Gram matrix, which the calibration lacks "
+                             "(calibrate with gram=True)")
         if recipe.smooth_alpha is not None:
             first = stats.members[0]
             if first not in smooth:
