@@ -60,17 +60,19 @@ RECIPES = {
     "mse": Recipe(scale_search="mse"),
     "gptq+mse": Recipe(gptq=True, scale_search="mse"),
 }
-RECOMMENDED = {  # per base scheme, chosen by measurement (README: accuracy recovery)
+RECOMMENDED = {  # per base scheme, chosen by measurement (README: accuracy recovery); mxfp8: not yet measured
     "mxfp4_dual": "rotate+gptq",
     "mxfp4_w4a8": "gptq",
-    "mxfp8": "gptq",
 }
 
 
 def get_recipe(recipe: "str | Recipe", scheme: Scheme) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
-    name = RECOMMENDED.get(scheme.name) if recipe == "recommended" else recipe
+    if recipe == "recommended" and scheme.name not in RECOMMENDED:
+        raise ValueError(f"no recipe is recommended for {scheme.name} yet (none measured); "
+                         f"name one of {', '.join(RECIPES)}")
+    name = RECOMMENDED[scheme.name] if recipe == "recommended" else recipe
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join([*RECIPES, 'recommended'])}")
     return RECIPES[name]
