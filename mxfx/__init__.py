@@ -8,8 +8,10 @@ import importlib
 
 _EXPORTS = {
     "Backend": "mxfx.dynamo_backend",
+    "Calibration": "mxfx.calibration",
     "MXFXCompileError": "mxfx.dynamo_backend",
     "backend": "mxfx.dynamo_backend",
+    "calibrate": "mxfx.calibration",
     "mxfx_backend": "mxfx.dynamo_backend",
     "torchair_inner": "mxfx.dynamo_backend",
 }

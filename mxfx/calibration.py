@@ -1,0 +1,187 @@
+"""Calibration statistics of a model's linear inputs: what smoothing (per-channel amax) and GPTQ (the K x K
+Gram matrix) read.
+
+`calibrate(model, batches)` runs the model in bf16 and collects, per distinct linear input (q/k/v read one
+activation, gate/up another: each is counted once), the per-channel abs-max and sum(x^T x) (each batch's
+product in fp32, summed in fp64). This first version hooks nn.Linear modules (forward pre-hooks), not the
+traced graph: linears on one input are the ones whose hooks see the same tensor object within a forward.
+A Calibration is saved as one safetensors file whose metadata holds the JSON description (groups,
+members, K, token count, model signature), and is checked against a model before it is used.
+"""
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FORMAT = "mxfx-calibration/1"
+
+
+class CalibrationError(ValueError):
+    """A calibration that cannot serve a model (the message names the linear and why)."""
+
+
+@dataclass(frozen=True, eq=False)
+class InputStats:
+    """One activation, read by `members` (linear FQNs, in forward order): abs-max per channel [K] fp32,
+    Gram sum(x^T x) [K, K] fp64 (None when not collected), over `tokens` rows."""
+
+    members: tuple[str, ...]
+    amax: torch.Tensor
+    gram: torch.Tensor | None
+    tokens: int
+
+    @property
+    def k(self) -> int:
+        return self.amax.shape[0]
+
+    def check(self) -> None:
+        name = self.members[0]
+        if not torch.isfinite(self.amax).all():
+            raise CalibrationError(f"calibration of {name}: its input abs-max has inf/NaN entries")
+        if not (self.amax > 0).any():
+            raise CalibrationError(f"calibration of {name}: its input abs-max is zero in every channel")
+        if self.gram is not None:
+            if self.gram.shape != (self.k, self.k):
+                raise CalibrationError(f"calibration of {name}: Gram matrix {list(self.gram.shape)} for K={self.k}")
+            if not torch.isfinite(self.gram).all():
+                raise CalibrationError(f"calibration of {name}: its Gram matrix has inf/NaN entries")
+        if self.tokens <= 0:
+            raise CalibrationError(f"calibration of {name}: no tokens")
+
+
+class Calibration:
+    """Statistics per linear input; `stats(fqn)` finds a linear's. `signature`: each calibrated linear's
+    (FQN, in_features, out_features), what `check(model)` compares."""
+
+    def __init__(self, inputs: list[InputStats], signature: dict[str, tuple[int, int]]):
+        self.inputs, self.signature = inputs, signature
+        self._by_member = {member: stats for stats in inputs for member in stats.members}
+        for stats in inputs:
+            stats.check()
+
+    def __repr__(self) -> str:
+        tokens = self.inputs[0].tokens if self.inputs else 0
+        return f"Calibration({len(self.inputs)} inputs of {len(self._by_member)} linears, {tokens} tokens)"
+
+    def stats(self, fqn: str) -> InputStats:
+        if fqn not in self._by_member:
+            raise CalibrationError(f"linear {fqn} has no calibration statistics")
+        return self._by_member[fqn]
+
+    def check(self, model: torch.nn.Module) -> None:
+        """Raise unless every calibrated linear is in `model` with the same shape and every linear of the
+        model was calibrated (a calibration for another model is refused)."""
+        linears = _linear_signature(model)
+        missing = sorted(set(linears) - set(self.signature))
+        foreign = sorted(set(self.signature) - set(linears))
+        if foreign:
+            raise CalibrationError(f"the calibration is for another model: it has linear {foreign[0]}, which the "
+                                   f"model lacks ({len(foreign)} such)")
+        if missing:
+            raise CalibrationError(f"linear {missing[0]} of the model has no calibration statistics "
+                                   f"({len(missing)} such)")
+        for name, shape in linears.items():
+            if self.signature[name] != shape:
+                raise CalibrationError(f"the calibration is for another model: linear {name} is [N, K] = "
+                                       f"{list(shape)} in the model, {list(self.signature[name])} in the calibration")
+
+    # -- files ---------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors, groups = {}, []
+        for index, stats in enumerate(self.inputs):
+            tensors[f"{index}.amax"] = stats.amax.contiguous()
+            if stats.gram is not None:
+                tensors[f"{index}.gram"] = stats.gram.contiguous()
+            groups.append({"members": list(stats.members), "tokens": stats.tokens})
+        description = {"format": FORMAT, "inputs": groups, "signature": {k: list(v) for k, v in self.signature.items()}}
+        save_file(tensors, str(path), metadata={"mxfx_calibration": json.dumps(description)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibration":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                raw = (file.metadata() or {}).get("mxfx_calibration")
+                if raw is None:
+                    raise CalibrationError(f"{path}: not an mxfx calibration file (no mxfx_calibration metadata)")
+                description = json.loads(raw)
+                if description.get("format") != FORMAT:
+                    raise CalibrationError(f"{path}: calibration format {description.get('format')!r}, "
+                                           f"expected {FORMAT}")
+                names = set(file.keys())
+                inputs = [
+                    InputStats(tuple(group["members"]), file.get_tensor(f"{i}.amax"),
+                               file.get_tensor(f"{i}.gram") if f"{i}.gram" in names else None, int(group["tokens"]))
+                    for i, group in enumerate(description["inputs"])
+                ]
+        except (SafetensorError, OSError, ValueError, KeyError) as error:
+            if isinstance(error, CalibrationError):
+                raise
+            raise CalibrationError(f"{path}: cannot read the calibration ({error})") from error
+        return cls(inputs, {k: tuple(v) for k, v in description["signature"].items()})
+
+
+def _linear_signature(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    return {name: (m.out_features, m.in_features) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
+class _Accumulator:
+    def __init__(self, k: int, gram: bool):
+        self.amax = torch.zeros(k, dtype=torch.float32)
+        self.gram = torch.zeros(k, k, dtype=torch.float64) if gram else None
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.amax = torch.maximum(self.amax, x.abs().amax(0))
+        if self.gram is not None:
+            self.gram += (x.T @ x).double()
+        self.tokens += x.shape[0]
+
+
+@torch.no_grad()
+def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor], gram: bool = True) -> Calibration:
+    """Run `model` on each batch (token ids) and collect every nn.Linear input's statistics. gram=False
+    skips the Gram matrices (smoothing needs only the abs-max). Linears sharing an input must share it
+    in every batch (the grouping is taken from the first batch and checked on the others)."""
+    names = {module: name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    groups: list[tuple[str, ...]] | None = None
+    accumulators: dict[str, _Accumulator] = {}  # first member -> statistics
+    seen: dict[int, tuple[torch.Tensor, list[str]]] = {}  # id(input) -> (input, linears reading it), one forward
+
+    def hook(module, args):
+        x = args[0]
+        seen.setdefault(id(x), (x, []))[1].append(names[module])  # the tensor is held: its id stays unique
+
+    handles = [module.register_forward_pre_hook(hook) for module in names]
+    try:
+        count = 0
+        for batch in batches:
+            seen.clear()
+            model(batch)
+            found = [tuple(members) for _, members in seen.values()]
+            if groups is None:
+                groups = found
+                accumulators = {members[0]: _Accumulator(x.shape[-1], gram) for x, members in seen.values()}
+            elif found != groups:
+                raise CalibrationError("the linears sharing an input changed between calibration batches "
+                                       f"({sorted(set(found) ^ set(groups))[0]})")
+            for x, members in seen.values():
+                accumulators[members[0]].add(x)
+            count += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        seen.clear()
+    if not count:
+        raise CalibrationError("calibrate: no batches")
+    inputs = [InputStats(members, acc.amax, acc.gram, acc.tokens) for members in groups
+              for acc in [accumulators[members[0]]]]
+    return Calibration(inputs, _linear_signature(model))

@@ -1,0 +1,284 @@
+"""Accuracy-recovery recipes as scheme values: smoothing, block rotation, GPTQ and the MSE scale search,
+each a transform the NPU and the reference target run identically.
+
+`apply(scheme, recipe, calibration, model)` returns a selector for `mxfx.backend(scheme=...)`: each linear
+of `model` gets a `Recovered` scheme, a frozen value holding the base scheme, the recipe and its own
+constants (the smooth scale by content, the Gram matrix by calibration identity), so prepared-weight
+caches and activation sharing key on it like on any scheme. Per linear, in real arithmetic:
+
+    y = ((x * s) A) (((W / s) A^-T))^T = x W^T
+
+with s the smoothing scale (bf16, as the kernel multiplies) and A the block-diagonal rotation whose
+blocks are exact in bf16 (mxfx.recovery.rotation). The weight is transformed in fp32 at preparation,
+cast to the activation dtype, and quantized by the base scheme's quantizer, or by GPTQ / the scale
+search on the same grid. Activations: x*s inside npu_dynamic_dual_level_mx_quant(smooth_scale=s) on
+the dual-level scheme without rotation, else an aten.mul in the activation dtype before it; the rotation
+is aten.bmm over the K/b blocks (bf16 in, fp32 accumulation, one rounding to bf16: what the NPU's and
+CPU's bf16 GEMMs compute, up to summation order) before the quantizer.
+"""
+
+import dataclasses
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from mxfx.calibration import Calibration
+from mxfx.recovery.gptq import gptq, round_to_nearest
+from mxfx.recovery.grids import DualLevelGrid, SingleLevelGrid
+from mxfx.recovery.rotation import BlockRotation, rotate
+from mxfx.recovery.smoothing import smooth_scale
+from mxfx.schemes import MXFP4W4A8, MXFP8, DualLevelMXFP4, Scheme, get_scheme, target_ops, tensor_key
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """smooth_alpha: SmoothQuant migration strength (None: no smoothing); rotation: a block rotation
+    (None: none); gptq: GPTQ codes (else round to nearest); scale_search: "floor" (the kernel's rule)
+    or "mse" (per 32-block, floor exponent or one up); damp: GPTQ's relative diagonal damping."""
+
+    smooth_alpha: float | None = None
+    rotation: BlockRotation | None = None
+    gptq: bool = False
+    scale_search: str = "floor"
+    damp: float = 0.01
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.smooth_alpha is not None or self.gptq or self.scale_search != "floor"
+
+
+RECIPES = {
+    "smooth": Recipe(smooth_alpha=0.5),
+    "rotate": Recipe(rotation=BlockRotation(32)),
+    "gptq": Recipe(gptq=True),
+    "smooth+gptq": Recipe(smooth_alpha=0.5, gptq=True),
+    "rotate+gptq": Recipe(rotation=BlockRotation(32), gptq=True),
+    "mse": Recipe(scale_search="mse"),
+    "gptq+mse": Recipe(gptq=True, scale_search="mse"),
+}
+RECOMMENDED = {  # per base scheme, chosen by measurement (README: accuracy recovery); mxfp8: not yet measured
+    "mxfp4_dual": "rotate+gptq",
+    "mxfp4_w4a8": "gptq",
+}
+
+
+def get_recipe(recipe: "str | Recipe", scheme: Scheme) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if recipe == "recommended" and scheme.name not in RECOMMENDED:
+        raise ValueError(f"no recipe is recommended for {scheme.name} yet (none measured); "
+                         f"name one of {', '.join(RECIPES)}")
+    name = RECOMMENDED[scheme.name] if recipe == "recommended" else recipe
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join([*RECIPES, 'recommended'])}")
+    return RECIPES[name]
+
+
+@dataclass(frozen=True, eq=False)
+class Constant:
+    """A tensor inside a scheme value, equal to and hashed as its content."""
+
+    tensor: torch.Tensor
+
+    def __post_init__(self):
+        object.__setattr__(self, "key", tensor_key(self.tensor))
+
+    def __eq__(self, other):
+        return isinstance(other, Constant) and self.key == other.key
+
+    def __hash__(self):
+        return hash(self.key)
+
+
+@dataclass(frozen=True, eq=False)
+class GramOf:
+    """An input's Gram matrix inside a scheme value, equal by the calibration's identity and the input."""
+
+    calibration: Calibration
+    linear: str
+
+    def __eq__(self, other):
+        return isinstance(other, GramOf) and (self.calibration, self.linear) == (other.calibration, other.linear)
+
+    def __hash__(self):
+        return hash((id(self.calibration), self.linear))
+
+    @property
+    def gram(self) -> torch.Tensor:
+        return self.calibration.stats(self.linear).gram
+
+
+@dataclass(frozen=True)
+class Recovered(Scheme):
+    """`base` with `recipe` applied to one linear of input width k (smooth: its bf16 scale [K]; gram:
+    its input's Gram matrix, for GPTQ and the weighted scale search)."""
+
+    base: Scheme = dataclasses.field(default_factory=DualLevelMXFP4)
+    recipe: Recipe = Recipe()
+    k: int = 0
+    smooth: Constant | None = None
+    gram: GramOf | None = None
+
+    @property
+    def name(self):
+        return self.base.name
+
+    @property
+    def description(self):
+        return f"{self.base.description} with {self.recipe}"
+
+    @property
+    def k_multiple(self):
+        return self.base.k_multiple
+
+    @property
+    def label(self):
+        return f"{self.base.label}+{recipe_name(self.recipe)}"
+
+    @property
+    def activation_constants(self) -> tuple[str, ...]:
+        return tuple(name for name, on in (("smooth_scale", self.smooth), ("rotation", self.recipe.rotation)) if on)
+
+    # -- weights -----------------------------------------------------------------------------------
+    def _rotation(self, dtype: torch.dtype, weight: bool) -> torch.Tensor:
+        rotation = self.recipe.rotation
+        return (rotation.weight_blocks(self.k) if weight else rotation.activation_blocks(self.k)).to(dtype)
+
+    def transformed_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """(W / s) A^-T in fp32 (A^-T = A for the orthogonal blocks of the exact Hadamard)."""
+        w = weight.float()
+        if self.smooth is not None:
+            w = w / self.smooth.tensor.float()
+        if self.recipe.rotation is not None:
+            w = rotate(w, self._rotation(torch.float32, weight=True))
+        return w
+
+    def transformed_gram(self) -> torch.Tensor:
+        """The Gram matrix of the activation the quantizer sees, (x s A)^T (x s A), fp64."""
+        h = self.gram.gram.double()
+        if self.smooth is not None:
+            s = self.smooth.tensor.double()
+            h = h * s.unsqueeze(0) * s.unsqueeze(1)
+        if self.recipe.rotation is not None:
+            a = self._rotation(torch.float64, weight=False)
+            h = rotate(rotate(h, a).T, a)  # A^T H A (H symmetric)
+        return h
+
+    def _grid(self, n: int, column_weight):
+        search = self.recipe.scale_search
+        if isinstance(self.base, DualLevelMXFP4):
+            return DualLevelGrid(n, self.k, search, column_weight)
+        if isinstance(self.base, MXFP4W4A8):
+            return SingleLevelGrid(n, self.k, "fp4_e2m1", search, column_weight)
+        if isinstance(self.base, MXFP8):
+            return SingleLevelGrid(n, self.k, "fp8_e4m3", search, column_weight)
+        raise ValueError(f"recipes serve mxfp4_dual, mxfp4_w4a8 and mxfp8, not {self.base.label}")
+
+    def quantize_weight(self, target, weight):
+        w = self.transformed_weight(weight).to(weight.dtype)
+        if not self.recipe.gptq and self.recipe.scale_search == "floor":
+            return self.base.quantize_weight(target, w)
+        h = self.transformed_gram() if self.gram is not None else None
+        grid = self._grid(w.shape[0], None if h is None else torch.diagonal(h).float())
+        if self.recipe.gptq:
+            gptq(w, h, grid, self.recipe.damp)
+        else:
+            round_to_nearest(w, grid)
+        return {name: t.to(weight.device) for name, t in grid.result().items()}
+
+    def layout(self, target, codes, bias, dtype):
+        prepared = dict(self.base.layout(target, codes, bias, dtype))
+        if self.smooth is not None:
+            prepared["smooth_scale"] = self.smooth.tensor.to(dtype)
+        if self.recipe.rotation is not None:
+            prepared["rotation"] = self._rotation(dtype, weight=False)
+        return prepared
+
+    # -- activations and the matmul ----------------------------------------------------------------
+    @property
+    def activation_rule(self) -> Hashable:
+        return (self.base.activation_rule, self.activation_constants)
+
+    def quantize_activation(self, target, x2d, prepared):
+        rotation = self.recipe.rotation
+        fused_smooth = self.smooth is not None and rotation is None and isinstance(self.base, DualLevelMXFP4)
+        if self.smooth is not None and not fused_smooth:
+            x2d = aten.mul.Tensor(x2d, prepared["smooth_scale"])
+        if rotation is not None:
+            blocks = aten.bmm.default(aten.transpose.int(aten.reshape.default(x2d, [-1, self.k // rotation.block,
+                                                                                    rotation.block]), 0, 1),
+                                      prepared["rotation"])
+            x2d = aten.reshape.default(aten.transpose.int(blocks, 0, 1), [-1, self.k])
+        if fused_smooth:
+            return target_ops(target).npu_dynamic_dual_level_mx_quant(x2d, smooth_scale=prepared["smooth_scale"])
+        return self.base.quantize_activation(target, x2d, prepared)
+
+    def matmul(self, target, activation, prepared, dtype):
+        return self.base.matmul(target, activation, prepared, dtype)
+
+
+def recipe_name(recipe: Recipe) -> str:
+    return next((name for name, value in RECIPES.items() if value == recipe), repr(recipe))
+
+
+class RecipeSelector:
+    """Each weight of the model the recipe was applied to -> its Recovered scheme; other weights -> None
+    (left alone, reported as such)."""
+
+    def __init__(self, base: Scheme, recipe: Recipe, schemes: WeakIdKeyDictionary):
+        self.base, self.recipe, self._schemes = base, recipe, schemes
+
+    @property
+    def label(self) -> str:
+        return f"{self.base.label}+{recipe_name(self.recipe)}"
+
+    def scheme_for(self, weight: torch.Tensor) -> Scheme | None:
+        return self._schemes.get(weight)
+
+    def schemes(self) -> list[Scheme]:
+        return list(self._schemes.values())
+
+
+@torch.no_grad()
+def apply(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibration | None,
+          model: torch.nn.Module) -> RecipeSelector:
+    """The selector running `scheme` with `recipe` on `model`'s linears (their weights, by identity).
+    calibration: from mxfx.calibration.calibrate on this model (checked against it); rotation alone
+    needs none."""
+    base = get_scheme(scheme)
+    if not isinstance(base, (DualLevelMXFP4, MXFP4W4A8, MXFP8)) or base.stored:
+        raise ValueError(f"recipes apply to the online schemes mxfp4_dual, mxfp4_w4a8 and mxfp8, not {base.label}")
+    recipe = get_recipe(recipe, base)
+    if recipe.needs_calibration:
+        if calibration is None:
+            raise ValueError(f"recipe {recipe_name(recipe)} needs a calibration (mxfx.calibrate(model, batches))")
+        calibration.check(model)
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    schemes = WeakIdKeyDictionary()
+    smooth: dict[str, Constant] = {}
+    for name, layer in linears.items():
+        k = layer.in_features
+        if base.skip(k) is not None:  # the rewrite skips it for its K: keep the base scheme's reason
+            schemes[layer.weight] = base
+            continue
+        if recipe.rotation is not None:
+            recipe.rotation.check(k, name)
+        stats = calibration.stats(name) if recipe.needs_calibration else None
+        if recipe.gptq and stats.gram is None:
+            raise ValueError(f"linear {name}: GPTQ needs the Gram matrix, which the calibration lacks "
+                             "(calibrate with gram=True)")
+        if recipe.smooth_alpha is not None:
+            first = stats.members[0]
+            if first not in smooth:
+                weights = [linears[member].weight for member in stats.members]
+                s = smooth_scale(stats.amax, weights, recipe.smooth_alpha).to(layer.weight.dtype)
+                smooth[first] = Constant(s)
+        schemes[layer.weight] = Recovered(
+            base=base, recipe=recipe, k=k, smooth=smooth.get(stats.members[0]) if recipe.smooth_alpha else None,
+            gram=GramOf(calibration, name) if stats is not None and stats.gram is not None else None,
+        )
+    return RecipeSelector(base, recipe, schemes)

@@ -1,0 +1,96 @@
+"""Recipe schemes in the graph: the rewrite of a recipe linear against the same linear composed by hand
+from the reference ops, siblings sharing one activation quantization, scheme values as cache keys, and
+the errors."""
+
+import pytest
+import torch
+
+import mxfx
+from mxfx import recipes
+from mxfx.calibration import calibrate
+from mxfx.recipes import Recipe
+from mxfx.recovery.rotation import BlockRotation
+from tests import reference_linear
+from tests.models import tiny_qwen3
+
+
+class One(torch.nn.Module):
+    def __init__(self, k=512, n=64):
+        super().__init__()
+        self.proj = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _inputs(k=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 8, k, generator=g) * torch.linspace(0.05, 20, k)).bfloat16()
+
+
+def _compiled(model, selector):
+    torch._dynamo.reset()
+    be = mxfx.backend(scheme=selector, target="reference")
+    return torch.compile(model, backend=be, fullgraph=True), be
+
+
+@pytest.mark.parametrize("scheme", ["mxfp4_dual", "mxfp4_w4a8", "mxfp8"])
+@pytest.mark.parametrize("rotation", [None, BlockRotation(64, "random", seed=5)])
+def test_the_rewrite_is_smoothing_and_rotation_composed_by_hand(scheme, rotation):
+    torch.manual_seed(0)
+    model, x = One(), _inputs()
+    calibration = calibrate(model, [_inputs(seed=1)], gram=False)
+    selector = recipes.apply(scheme, Recipe(smooth_alpha=0.5, rotation=rotation), calibration, model)
+    compiled, be = _compiled(model, selector)
+    with torch.no_grad():
+        got = compiled(x)
+    assert be.reports[-1].linears[0].outcome == "rewritten"
+
+    w = model.proj.weight.detach()
+    amax_x = _inputs(seed=1).float().abs().reshape(-1, 512).amax(0)
+    s = (amax_x.sqrt() / w.float().abs().amax(0).sqrt()).bfloat16()  # alpha 0.5
+    x_t, w_t = x * s, w.float() / s.float()
+    if rotation is not None:
+        a = torch.block_diag(*rotation.activation_blocks(512))
+        x_t = (x_t.float() @ a.float()).bfloat16()  # bf16 in, fp32 accumulation, one rounding
+        w_t = w_t @ torch.linalg.inv(a).T.float()
+    expected = reference_linear.linear(scheme, x_t, w_t.bfloat16(), None)
+    assert torch.equal(got, expected)
+
+
+def test_siblings_share_one_activation_quantization_and_schemes_are_cache_keys():
+    model = tiny_qwen3(layers=1)
+    batches = [torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    calibration = calibrate(model, batches)
+    selector = recipes.apply("mxfp4_dual", "smooth+gptq", calibration, model)
+    compiled, be = _compiled(model, selector)
+    with torch.no_grad():
+        compiled(batches[0])
+    report = be.reports[-1]
+    assert len(report.rewritten) == 7 and report.activation_quants == 4  # q/k/v share one, gate/up one
+    attention = model.model.layers[0].self_attn
+    q, k, o = (selector.scheme_for(m.weight) for m in (attention.q_proj, attention.k_proj, attention.o_proj))
+    assert q.smooth == k.smooth and q.smooth != o.smooth and q != k  # k's Gram is its own entry
+    again = recipes.apply("mxfp4_dual", "smooth+gptq", calibration, model).scheme_for(attention.q_proj.weight)
+    assert again == q and hash(again) == hash(q)  # a second apply reuses the prepared weights
+    other = recipes.apply("mxfp4_dual", Recipe(smooth_alpha=0.4, gptq=True), calibration, model)
+    assert other.scheme_for(attention.q_proj.weight) != q
+    assert selector.scheme_for(torch.zeros(4, 4)) is None  # a weight of another model is left alone
+
+
+def test_bad_requests_are_refused_by_name():
+    model = One()
+    with pytest.raises(ValueError, match="recipe smooth needs a calibration"):
+        recipes.apply("mxfp4_dual", "smooth", None, model)
+    with pytest.raises(ValueError, match="unknown recipe 'best'"):
+        recipes.apply("mxfp4_dual", "best", None, model)
+    with pytest.raises(ValueError, match="no recipe is recommended for mxfp8 yet"):
+        recipes.apply("mxfp8", "recommended", None, model)
+    with pytest.raises(ValueError, match="recipes apply to the online schemes"):
+        recipes.apply("modelslim", "rotate", None, model)
+    with pytest.raises(ValueError, match="linear proj: rotation block 64 does not divide K=96"):
+        recipes.apply("mxfp4_w4a8", Recipe(rotation=BlockRotation(64)), None, One(k=96))
+    with pytest.raises(ValueError, match="another model"):
+        recipes.apply("mxfp4_dual", "gptq", calibrate(One(k=1024), [_inputs(1024)]), model)
+    with pytest.raises(ValueError, match="linear proj: GPTQ needs the Gram matrix"):
+        recipes.apply("mxfp4_dual", "gptq", calibrate(model, [_inputs()], gram=False), model)
