@@ -61,7 +61,8 @@ class Scheme:
     description: ClassVar[str]
     k_multiple: ClassVar[int]  # K must be a multiple of this (32: the MX block; 512: the dual-level level-0 block)
     weight_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.bfloat16, torch.float16, torch.float32)
-    activation_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.bfloat16, torch.float16)  # what the NPU quantizers take
+    # what the NPU quantizers take
+    activation_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.bfloat16, torch.float16)
     activation_constants: ClassVar[tuple[str, ...]] = ()  # prepared tensors the activation quantization reads
 
     stored: bool = False
@@ -155,7 +156,8 @@ class DualLevelMXFP4(Scheme):
     weight_round_modes: ClassVar[tuple[str, ...]] = FP4_ROUND_MODES
 
     def quantize_weight(self, target, weight):
-        q, level0, level1 = target_ops(target).npu_dynamic_dual_level_mx_quant(weight, round_mode=self.weight_round_mode)
+        quantize = target_ops(target).npu_dynamic_dual_level_mx_quant
+        q, level0, level1 = quantize(weight, round_mode=self.weight_round_mode)
         return {"q": q, "level0": level0, "level1": level1}
 
     def layout(self, target, codes, bias, dtype):
@@ -246,7 +248,8 @@ class MXFP4W4A8(_MXActivation):
         return prepared
 
     def matmul(self, target, activation, prepared, dtype):
-        return self._quant_matmul(target, activation, prepared, dtype, x2_dtype=FLOAT4_E2M1FN_X2, group_sizes=[0, 0, 32])
+        return self._quant_matmul(target, activation, prepared, dtype, x2_dtype=FLOAT4_E2M1FN_X2,
+                                  group_sizes=[0, 0, 32])
 
 
 @dataclass(frozen=True)
