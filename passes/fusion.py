@@ -146,7 +146,8 @@ class Emitter:
             fake = target(*fake_args, **fake_kwargs)
         return self._finish(node, fake, tag)
 
-    def constant(self, name: str, tensor: torch.Tensor, **tag) -> fx.Node:
-        self.gm.register_buffer(name, tensor)
-        node = self.graph.get_attr(name)
+    def constant(self, attr: str, tensor: torch.Tensor, **tag) -> fx.Node:
+        """A buffer on gm read by a get_attr node tagged role "constant" (lift_constants lifts it)."""
+        self.gm.register_buffer(attr, tensor)
+        node = self.graph.get_attr(attr)
         return self._finish(node, self.fake_mode.from_tensor(tensor, static_shapes=True), {"role": "constant", **tag})
