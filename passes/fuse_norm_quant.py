@@ -29,6 +29,7 @@ from .fusion import (
     FusionSkipReason,
     activation_quants,
     erase_unused,
+    fused_quant_args,
     is_call,
     only_used_by,
     output_items,
@@ -42,8 +43,6 @@ aten = torch.ops.aten
 PASS = "fuse_norm_quant"
 
 RMS_NORMS = (torch.nn.functional.rms_norm, torch.rms_norm, aten.rms_norm.default)
-_FUSED_SCALE_ALGS = (0, 1, None)
-_QUANT_DEFAULTS = {"axis": -1, "block_size": 32, "dst_type_max": 0.0, "max_low_bound": 0.0}
 
 
 @dataclass
@@ -162,8 +161,7 @@ class _Fusion:
             return FusionSkipReason.NO_PATTERN, f"the quantized tensor {quant_input(quant)[0]} is not an RMSNorm"
         if quant.target == self.dual:
             return FusionSkipReason.DUAL_LEVEL, "torch_npu has no fused norm + dual-level MXFP4 quantization"
-        args = {**_QUANT_DEFAULTS, **quant.kwargs}
-        if any(args[k] != v for k, v in _QUANT_DEFAULTS.items()) or args.get("scale_alg", 0) not in _FUSED_SCALE_ALGS:
+        if fused_quant_args(quant) is None:
             return FusionSkipReason.QUANT_ARGS, (f"npu_dynamic_mx_quant{quant.kwargs} has no fused form (block 32, "
                                                  "scale_alg 0/1, last axis)")
         vx, vw, vy = value(norm.x), value(norm.weight), value(norm.nodes[-1])
@@ -188,8 +186,7 @@ class _Fusion:
             return why
         residual = _residual_add(norm.x)
         op = "npu_add_rms_norm_dynamic_mx_quant" if residual else "npu_rms_norm_dynamic_mx_quant"
-        kwargs = {"epsilon": norm.eps, "scale_alg": quant.kwargs.get("scale_alg") or 0,
-                  "round_mode": quant.kwargs.get("round_mode", "rint"), "dst_type": quant.kwargs.get("dst_type", 296)}
+        kwargs = {"epsilon": norm.eps, **fused_quant_args(quant)}
         tag = {"role": "activation_quant", "linears": mxfx_tag(quant)["linears"], "linear": mxfx_tag(quant)["linear"],
                "fused": op}
         # the add variant goes where the add was: its x_out replaces the add for every later user

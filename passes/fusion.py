@@ -108,6 +108,19 @@ def quant_input(quant: fx.Node) -> tuple[fx.Node, fx.Node | None]:
     return x, None
 
 
+_QUANT_DEFAULTS = {"axis": -1, "block_size": 32, "dst_type_max": 0.0, "max_low_bound": 0.0}
+
+
+def fused_quant_args(quant: fx.Node) -> dict | None:
+    """What a fused op takes of an npu_dynamic_mx_quant call (dst_type, round_mode, scale_alg), or None when
+    the call uses something no fused op has (another axis or block size, scale_alg 2, dst_type_max, ...)."""
+    args = {**_QUANT_DEFAULTS, **quant.kwargs}
+    if any(args[k] != v for k, v in _QUANT_DEFAULTS.items()) or args.get("scale_alg") not in (0, 1, None):
+        return None
+    return {"dst_type": args.get("dst_type", 296), "round_mode": args.get("round_mode", "rint"),
+            "scale_alg": args.get("scale_alg") or 0}
+
+
 def output_items(node: fx.Node) -> dict[int, fx.Node]:
     """The getitem users of a multi-output node, by index."""
     return {u.args[1]: u for u in node.users if u.op == "call_function" and u.target == operator.getitem}
