@@ -37,14 +37,18 @@ def norm_quant_golden(x32, gamma32, eps, fmt, scale_alg="floor", round_mode="rin
     return values, scale, x_out, rstd
 
 
-def swiglu_quant_golden(x32, activate_left, fmt, scale_alg="floor", round_mode="rint", dtype="bf16"):
-    """(values, scale bytes) of SwiGLU mode 0: the gate is the first half when activate_left, else the
-    second; gate / (1 + exp(-gate)) * other in fp32 (exp rounded once to fp32), cast to the input dtype,
-    MX-quantized."""
+def swiglu_golden(x32, activate_left):
+    """SwiGLU mode 0 in fp32: the gate is the first half when activate_left, else the second;
+    gate / (1 + exp(-gate)) * other (exp rounded once to fp32)."""
     x = np.asarray(x32, dtype=np.float32)
     first, second = np.split(x, 2, axis=-1)
     gate, other = (first, second) if activate_left else (second, first)
     with np.errstate(over="ignore", invalid="ignore"):
         e = np.exp(-gate.astype(np.float64)).astype(np.float32)
-        out = gate / (e + np.float32(1.0)) * other
+        return gate / (e + np.float32(1.0)) * other
+
+
+def swiglu_quant_golden(x32, activate_left, fmt, scale_alg="floor", round_mode="rint", dtype="bf16"):
+    """(values, scale bytes): swiglu_golden cast to the input dtype, MX-quantized."""
+    out = swiglu_golden(x32, activate_left)
     return mx_quantize_golden(round_to_input_dtype(out, dtype), fmt, 32, scale_alg, round_mode, dtype)
