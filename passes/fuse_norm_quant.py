@@ -13,7 +13,6 @@ cast (Qwen3RMSNorm casts, then multiplies in bf16), and the add variant normaliz
 before it is rounded (mxfx/ops/norm_quant.py). x_out itself equals the unfused bf16 add bit for bit.
 """
 
-import logging
 import operator
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
@@ -24,21 +23,17 @@ import torch.fx as fx
 from .fusion import (
     ADDS,
     MULS,
-    Emitter,
     FusionReport,
     FusionSkipReason,
-    activation_quants,
-    erase_unused,
+    QuantFusion,
+    Skip,
     fused_quant_args,
     is_call,
     only_used_by,
-    output_items,
     quant_input,
     value,
 )
-from .quantize_linears import mxfx_tag
 
-log = logging.getLogger("mxfx.passes")
 aten = torch.ops.aten
 PASS = "fuse_norm_quant"
 
@@ -136,27 +131,10 @@ def _residual_add(x: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return (x1, x2) if v1.shape == v2.shape == vx.shape and v1.dtype == v2.dtype == vx.dtype else None
 
 
-class _Fusion:
-    def __init__(self, gm, context):
-        self.gm, self.graph, self.target = gm, gm.graph, context.target
-        self.emit = Emitter(gm, PASS)
-        self.report = NormQuantReport()
+class _Fusion(QuantFusion):
+    report_class = NormQuantReport
 
-    def run(self) -> NormQuantReport:
-        mx, dual = self.target.op("npu_dynamic_mx_quant"), self.target.op("npu_dynamic_dual_level_mx_quant")
-        self.dual = dual
-        for quant in activation_quants(self.graph, (mx, dual)):
-            linears = mxfx_tag(quant)["linears"]
-            if isinstance(outcome := self.fuse(quant), str):
-                self.report.fuse(linears, outcome)
-            else:
-                self.report.skip(linears, *outcome)
-        self.graph.lint()
-        self.gm.recompile()
-        log.info("%s: %s", PASS, self.report.summary())
-        return self.report
-
-    def check(self, quant: fx.Node, norm: RMSNorm | None, chain: set) -> tuple[FusionSkipReason, str] | None:
+    def check(self, quant: fx.Node, norm: RMSNorm | None, chain: set) -> Skip | None:
         if norm is None:
             return FusionSkipReason.NO_PATTERN, f"the quantized tensor {quant_input(quant)[0]} is not an RMSNorm"
         if quant.target == self.dual:
@@ -177,7 +155,7 @@ class _Fusion:
             return FusionSkipReason.ORDER, f"the norm weight {norm.weight} is defined after the residual add"
         return None
 
-    def fuse(self, quant: fx.Node) -> "str | tuple[FusionSkipReason, str]":
+    def fuse(self, quant: fx.Node) -> "str | Skip":
         """The fused op's name, or why the quantization stays."""
         source, flatten = quant_input(quant)
         norm = match_rms_norm(source) if isinstance(source, fx.Node) else None
@@ -187,8 +165,7 @@ class _Fusion:
         residual = _residual_add(norm.x)
         op = "npu_add_rms_norm_dynamic_mx_quant" if residual else "npu_rms_norm_dynamic_mx_quant"
         kwargs = {"epsilon": norm.eps, **fused_quant_args(quant)}
-        tag = {"role": "activation_quant", "linears": mxfx_tag(quant)["linears"], "linear": mxfx_tag(quant)["linear"],
-               "fused": op}
+        tag = self.tag(quant, op)
         # the add variant goes where the add was: its x_out replaces the add for every later user
         with self.graph.inserting_before(norm.x.next if residual else quant):
             fused = self.emit.call(self.target.op(op), (*(residual or (norm.x,)), norm.weight), kwargs, **tag)
@@ -200,11 +177,7 @@ class _Fusion:
             if residual:
                 x_out = self.emit.call(operator.getitem, (fused, 1), **tag)
                 norm.x.replace_all_uses_with(x_out, delete_user_cb=lambda user: user not in chain)
-        outputs = output_items(quant)
-        for index, replacement in ((0, y), (1, scale)):
-            if index in outputs:
-                outputs[index].replace_all_uses_with(replacement)
-        erase_unused(self.graph, [*outputs.values(), quant, *chain, *([norm.x] if residual else [])])
+        self.replace_quant(quant, {0: y, 1: scale}, [*chain, *([norm.x] if residual else [])])
         return op
 
 

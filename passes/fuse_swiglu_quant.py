@@ -8,7 +8,6 @@ the flag explicitly. Numerics: the fused op rounds silu(gate) * up to bf16 once,
 (silu, then the product). Dual-level quantizations have no fused op; gate and up as separate matmuls
 are skipped (run merge_siblings first)."""
 
-import logging
 import operator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -19,21 +18,18 @@ import torch.fx as fx
 from .fusion import (
     MULS,
     RESHAPES,
-    Emitter,
     FusionReport,
     FusionSkipReason,
-    activation_quants,
-    erase_unused,
+    QuantFusion,
+    Skip,
     fused_quant_args,
     is_call,
     only_used_by,
-    output_items,
     quant_input,
     value,
 )
 from .quantize_linears import mxfx_tag
 
-log = logging.getLogger("mxfx.passes")
 aten = torch.ops.aten
 PASS = "fuse_swiglu_quant"
 SILUS = (torch.nn.functional.silu, aten.silu.default)
@@ -56,7 +52,6 @@ def _piece(node) -> tuple[fx.Node, int, list[fx.Node]] | None:
     return node.args[0], node.args[1], [*chain, node]
 
 
-Skip = tuple[FusionSkipReason, str]
 _NO_SWIGLU = (FusionSkipReason.NO_PATTERN, "the quantized tensor is not silu(gate) * up")
 
 
@@ -79,12 +74,8 @@ def _swiglu(product) -> tuple[fx.Node, bool, list[fx.Node]] | Skip:
     return _NO_SWIGLU
 
 
-class _Fusion:
-    def __init__(self, gm, context):
-        self.gm, self.graph, self.target = gm, gm.graph, context.target
-        self.emit = Emitter(gm, PASS)
-        self.report = SwigluQuantReport()
-        self.mx, self.dual = self.target.op("npu_dynamic_mx_quant"), self.target.op("npu_dynamic_dual_level_mx_quant")
+class _Fusion(QuantFusion):
+    report_class = SwigluQuantReport
 
     def fuse(self, quant: fx.Node) -> str | Skip:
         """The fused op's name, or why the quantization stays."""
@@ -102,28 +93,13 @@ class _Fusion:
         chain = {*nodes, *([flatten] if flatten else [])}
         if (shared := only_used_by(nodes, chain | {quant})) is not None:
             return FusionSkipReason.SHARED_OUTPUT, f"{shared} is also used outside the SwiGLU"
-        tag = {"role": "activation_quant", "linears": mxfx_tag(quant)["linears"], "linear": mxfx_tag(quant)["linear"],
-               "fused": "npu_swiglu_mx_quant"}
+        tag = self.tag(quant, "npu_swiglu_mx_quant")
         kwargs = {"activate_left": activate_left, **quant_args}
         with self.graph.inserting_before(quant):
             fused = self.emit.call(self.target.op("npu_swiglu_mx_quant"), (matmul,), kwargs, **tag)
             items = {i: self.emit.call(operator.getitem, (fused, i), **tag) for i in (0, 1)}
-        for index, node in output_items(quant).items():
-            node.replace_all_uses_with(items[index])
-        erase_unused(self.graph, [*output_items(quant).values(), quant, *chain])
+        self.replace_quant(quant, items, chain)
         return "npu_swiglu_mx_quant"
-
-    def run(self) -> SwigluQuantReport:
-        for quant in activation_quants(self.graph, (self.mx, self.dual)):
-            linears = mxfx_tag(quant)["linears"]
-            if isinstance(outcome := self.fuse(quant), str):
-                self.report.fuse(linears, outcome)
-            else:
-                self.report.skip(linears, *outcome)
-        self.graph.lint()
-        self.gm.recompile()
-        log.info("%s: %s", PASS, self.report.summary())
-        return self.report
 
 
 def fuse_swiglu_quant(gm: fx.GraphModule, context) -> SwigluQuantReport:

@@ -4,9 +4,11 @@ tags every new node and gives it a fake value, as quantize_linears does, so that
 lift_constants see a consistent graph."""
 
 import enum
+import logging
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
@@ -16,6 +18,7 @@ from .quantize_linears import mxfx_tag
 from .report import PassReport
 
 aten = torch.ops.aten
+log = logging.getLogger("mxfx.passes")
 
 
 class FusionSkipReason(enum.Enum):
@@ -164,3 +167,46 @@ class Emitter:
         self.gm.register_buffer(attr, tensor)
         node = self.graph.get_attr(attr)
         return self._finish(node, self.fake_mode.from_tensor(tensor, static_shapes=True), {"role": "constant", **tag})
+
+
+Skip = tuple[FusionSkipReason, str]
+
+
+class QuantFusion:
+    """A pass that replaces the rewrite's activation quantizations (and what feeds them) with a fused op:
+    a subclass names its report class and implements fuse(quant) -> the fused op's name, or a Skip."""
+
+    report_class: ClassVar[type]
+
+    def __init__(self, gm: fx.GraphModule, context):
+        self.gm, self.graph, self.target = gm, gm.graph, context.target
+        self.report = self.report_class()
+        self.emit = Emitter(gm, self.report.pass_name)
+        self.mx, self.dual = self.target.op("npu_dynamic_mx_quant"), self.target.op("npu_dynamic_dual_level_mx_quant")
+
+    def fuse(self, quant: fx.Node) -> "str | Skip":
+        raise NotImplementedError
+
+    def tag(self, quant: fx.Node, op: str) -> dict:
+        """The fused nodes' tag: still the linears' activation quantization."""
+        return {"role": "activation_quant", "linears": mxfx_tag(quant)["linears"], "linear": mxfx_tag(quant)["linear"],
+                "fused": op}
+
+    def replace_quant(self, quant: fx.Node, outputs: dict[int, fx.Node], removed: Iterable[fx.Node]) -> None:
+        """Point the quantization's (codes, scales) users at `outputs` and erase what is left unused."""
+        items = output_items(quant)
+        for index, node in items.items():
+            node.replace_all_uses_with(outputs[index])
+        erase_unused(self.graph, [*items.values(), quant, *removed])
+
+    def run(self):
+        for quant in activation_quants(self.graph, (self.mx, self.dual)):
+            linears = mxfx_tag(quant)["linears"]
+            if isinstance(outcome := self.fuse(quant), str):
+                self.report.fuse(linears, outcome)
+            else:
+                self.report.skip(linears, *outcome)
+        self.graph.lint()
+        self.gm.recompile()
+        log.info("%s: %s", self.report.pass_name, self.report.summary())
+        return self.report
