@@ -93,10 +93,11 @@ def perplexity(max_tokens: int | None, seq: int, batch_size: int) -> None:
             compiled = torch.compile(model, backend=backend, dynamic=True, fullgraph=True)
             predictions, loss = evaluation.predictions_and_loss(compiled, batches, batch_size, name)
             row.append((math.exp(loss), predictions))
+        fusions = "; ".join(f"{r.pass_name} {r.summary()}" for r in backend.pipeline_reports[-1].passes[1:-1])
         (unfused, p0), (fused, p1) = row
         agree = (p0 == p1).float().mean().item()
         print(f"{name:<12} unfused {unfused:.4f}  fused {fused:.4f}  ({(fused / unfused - 1) * 100:+.2f}%)  "
-              f"next token fused = unfused {agree:.1%}")
+              f"next token fused = unfused {agree:.1%}\n    {fusions}")
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from .fusion import (
     is_call,
     only_used_by,
     quant_input,
+    size_users,
     value,
 )
 
@@ -84,6 +85,20 @@ def _mean_of_square(node, x32) -> fx.Node | None:
     return None
 
 
+def _float(eps) -> float | None:
+    """eps as a number: a constant, or (torch.compile(dynamic=True) does not specialize float attributes)
+    item() of the graph input Dynamo made of the module's float, read from its example value. The fused
+    op takes eps as an attribute, as torch_npu's does, so the compiled graph keeps the value it was
+    compiled with, like the constant form."""
+    if isinstance(eps, float):
+        return eps
+    if is_call(eps, methods=("item",)) and eps.args[0].op == "placeholder":
+        graph_arg = eps.args[0].meta.get("grapharg")
+        if graph_arg is not None and not graph_arg.is_tensor and graph_arg.example is not None:
+            return float(graph_arg.example)
+    return None
+
+
 def _decomposed(output: fx.Node) -> RMSNorm | None:
     """weight * (x32 * rsqrt(mean(x32 ** 2, -1, keepdim=True) + eps)).to(dtype), x32 = x.to(float32)."""
     if not is_call(output, MULS):
@@ -99,8 +114,9 @@ def _decomposed(output: fx.Node) -> RMSNorm | None:
             add_eps = rsqrt.args[0]
             if not is_call(add_eps, ADDS) or add_eps.kwargs:
                 continue
-            mean, eps = add_eps.args[:2] if isinstance(add_eps.args[0], fx.Node) else add_eps.args[1::-1]
-            if isinstance(eps, float) and isinstance(weight, fx.Node) and (square := _mean_of_square(mean, x32)):
+            mean, eps = add_eps.args[:2] if _mean_of_square(add_eps.args[0], x32) else add_eps.args[1::-1]
+            eps = _float(eps)
+            if eps is not None and isinstance(weight, fx.Node) and (square := _mean_of_square(mean, x32)):
                 return RMSNorm(x, weight, eps, (x32, square, mean, add_eps, rsqrt, scaled, cast, output))
     return None
 
@@ -148,8 +164,9 @@ class _Fusion(QuantFusion):
         if vx.dtype not in (torch.bfloat16, torch.float16) or vy.dtype != vx.dtype or vw.dim() != 1 \
                 or vw.dtype not in (vx.dtype, torch.float32):
             return FusionSkipReason.DTYPE, f"norm {vx.dtype} -> {vy.dtype}, weight {vw.dtype} {list(vw.shape)}"
-        if (shared := only_used_by(norm.nodes, chain | {quant})) is not None:
-            others = [u.name for u in shared.users if u not in chain | {quant}]
+        allowed = chain | {quant, *size_users(norm.nodes[-1])}  # sizes are rewired to the norm's input
+        if (shared := only_used_by(norm.nodes, allowed)) is not None:
+            others = [u.name for u in shared.users if u not in allowed]
             return FusionSkipReason.SHARED_OUTPUT, f"{shared} (part of the norm) is also used by {others}"
         if _residual_add(norm.x) and not _precedes(self.graph, norm.weight, norm.x):
             return FusionSkipReason.ORDER, f"the norm weight {norm.weight} is defined after the residual add"
@@ -166,6 +183,8 @@ class _Fusion(QuantFusion):
         op = "npu_add_rms_norm_dynamic_mx_quant" if residual else "npu_rms_norm_dynamic_mx_quant"
         kwargs = {"epsilon": norm.eps, **fused_quant_args(quant)}
         tag = self.tag(quant, op)
+        for size in size_users(norm.nodes[-1]):
+            size.replace_input_with(norm.nodes[-1], norm.x)
         # the add variant goes where the add was: its x_out replaces the add for every later user
         with self.graph.inserting_before(norm.x.next if residual else quant):
             fused = self.emit.call(self.target.op(op), (*(residual or (norm.x,)), norm.weight), kwargs, **tag)

@@ -26,6 +26,7 @@ from .fusion import (
     is_call,
     only_used_by,
     quant_input,
+    size_users,
     value,
 )
 from .quantize_linears import mxfx_tag
@@ -91,9 +92,15 @@ class _Fusion(QuantFusion):
         if value(matmul) is None or value(matmul).dim() != 2:
             return FusionSkipReason.NO_SHAPE, "the merged matmul has no [M, 2I] shape metadata"
         chain = {*nodes, *([flatten] if flatten else [])}
-        if (shared := only_used_by(nodes, chain | {quant})) is not None:
+        product, restore = nodes[0], nodes[2]  # the gate piece's reshape back to [..., I], if any
+        sizes = size_users(product)
+        if sizes and not is_call(restore, RESHAPES):
+            return FusionSkipReason.SHARED_OUTPUT, f"{product}'s sizes are read and no reshape gives them"
+        if (shared := only_used_by(nodes, chain | {quant, *sizes})) is not None:
             return FusionSkipReason.SHARED_OUTPUT, f"{shared} is also used outside the SwiGLU"
         tag = self.tag(quant, "npu_swiglu_mx_quant")
+        for size in sizes:  # the product's dims are the gate's: its reshape's shape argument has them
+            size.replace_all_uses_with(restore.args[1][size.args[1]])
         kwargs = {"activate_left": activate_left, **quant_args}
         with self.graph.inserting_before(quant):
             fused = self.emit.call(self.target.op("npu_swiglu_mx_quant"), (matmul,), kwargs, **tag)

@@ -92,6 +92,11 @@ def value(node):
     return node.meta.get("val", node.meta.get("example_value")) if isinstance(node, fx.Node) else None
 
 
+def size_users(node: fx.Node) -> list[fx.Node]:
+    """The aten.sym_size.int(node, dim) users a rewrite adds under dynamic shapes (they read no values)."""
+    return [u for u in node.users if u.op == "call_function" and u.target == aten.sym_size.int]
+
+
 def only_used_by(nodes: Iterable[fx.Node], allowed: set[fx.Node]) -> fx.Node | None:
     """The first node with a user outside `allowed`, or None."""
     return next((n for n in nodes if any(u not in allowed for u in n.users)), None)

@@ -307,3 +307,19 @@ def test_fusions_on_target_npu_call_the_fused_torch_npu_ops(torch_npu, scheme):
     assert run["npu_rms_norm_dynamic_mx_quant"] == 1 and run["npu_add_rms_norm_dynamic_mx_quant"] == 3
     assert run["npu_swiglu_mx_quant"] == 2 and run["npu_quant_matmul"] == 8
     assert all(args["activate_left"] is True for name, args in calls if name == "npu_swiglu_mx_quant")
+
+
+def test_fusions_under_dynamic_shapes():
+    """dynamic=True: eps arrives as item() of a graph input and the rewrite reads sizes with sym_size; the
+    fusions still apply and compute what the static compile computes."""
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(4))
+    model, fusions = tiny_qwen3(), (*passes.DEFAULT_PASSES, *passes.FUSION_PASSES)
+    logits = []
+    for dynamic in (True, False):
+        torch._dynamo.reset()
+        backend = mxfx.backend("mxfp8", target="reference", passes=fusions)
+        with torch.no_grad():
+            logits.append(torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=True)(ids).logits)
+        _, merge, norm, swiglu, _ = backend.pipeline_reports[-1].passes
+        assert (len(merge.fused), len(norm.fused), len(swiglu.fused)) == (4, 4, 2), dynamic
+    assert torch.equal(*logits)
