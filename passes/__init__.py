@@ -5,14 +5,22 @@ They know FX graphs, the schemes (mxfx.schemes) and the target table (mxfx.targe
 torchair or a device: the ops a rewrite emits come from the target."""
 
 from .find_linears import LinearSite, find_linears
+from .fuse_norm_quant import fuse_norm_quant
+from .fuse_swiglu_quant import fuse_swiglu_quant
+from .fusion import FusionReport, FusionSite, FusionSkipReason
 from .lift_constants import lift_constants
-from .pipeline import DEFAULT_PASSES, GraphPass, PassContext, rewrite_linears, run_passes
+from .merge_siblings import merge_siblings
+from .pipeline import DEFAULT_PASSES, FUSION_PASSES, GraphPass, PassContext, rewrite_linears, run_passes
 from .quantize_linears import CONSTANT_PREFIX, RewriteError, mxfx_tag, prepare_weight, quantize_linears
 from .report import LiftReport, LinearReport, PassReport, PipelineReport, RewriteReport
 
 __all__ = [
     "CONSTANT_PREFIX",
     "DEFAULT_PASSES",
+    "FUSION_PASSES",
+    "FusionReport",
+    "FusionSite",
+    "FusionSkipReason",
     "GraphPass",
     "LiftReport",
     "LinearReport",
@@ -23,7 +31,10 @@ __all__ = [
     "RewriteError",
     "RewriteReport",
     "find_linears",
+    "fuse_norm_quant",
+    "fuse_swiglu_quant",
     "lift_constants",
+    "merge_siblings",
     "mxfx_tag",
     "prepare_weight",
     "quantize_linears",

@@ -14,6 +14,9 @@ from mxfx.schemes import Scheme, SchemeSelector
 from mxfx.selection import ALL, Selection
 from mxfx.targets import Target
 
+from .fuse_norm_quant import fuse_norm_quant
+from .fuse_swiglu_quant import fuse_swiglu_quant
+from .merge_siblings import merge_siblings
 from .quantize_linears import Prepare, prepare_weight, quantize_linears
 from .report import PassReport, PipelineReport, RewriteReport
 
@@ -42,6 +45,9 @@ def rewrite_linears(gm: fx.GraphModule, context: PassContext) -> RewriteReport:
 
 
 DEFAULT_PASSES: tuple[GraphPass, ...] = (rewrite_linears,)
+# Opt-in, after DEFAULT_PASSES: they change numerics (the NPU's fused arithmetic, not the unfused graph's),
+# so they are not in the default until the measured accuracy says so (README, "Fusions").
+FUSION_PASSES: tuple[GraphPass, ...] = (merge_siblings, fuse_norm_quant, fuse_swiglu_quant)
 
 
 def run_passes(gm: fx.GraphModule, graph_passes: Iterable[GraphPass], context: PassContext) -> PipelineReport:
@@ -49,7 +55,8 @@ def run_passes(gm: fx.GraphModule, graph_passes: Iterable[GraphPass], context: P
     for graph_pass in graph_passes:
         result = graph_pass(gm, context)
         if not isinstance(result, PassReport):
-            raise TypeError(f"graph pass {getattr(graph_pass, '__name__', graph_pass)!r} returned {type(result).__name__}, "
+            name = getattr(graph_pass, "__name__", graph_pass)
+            raise TypeError(f"graph pass {name!r} returned {type(result).__name__}, "
                             "not a PassReport")
         log.debug("%s: %s", result.pass_name, result.summary())
         report.passes.append(result)

@@ -207,7 +207,8 @@ class _Rewrite:
         with self.graph.inserting_before(site.node):
             prepared, tensors, entry.bytes_after = self.emit_constants(site, fqn, weight, bias, x.dtype, scheme)
             activation = self.emit_activation_quant(site.input, x, scheme, tensors, prepared, fqn)
-            self.tracer.tag = {"pass": PASS, "role": "matmul", "linear": fqn}
+            # weight / bias: where the linear's tensors come from (site names), for passes that re-prepare them
+            self.tracer.tag = {"pass": PASS, "role": "matmul", "linear": fqn, "weight": site.weight, "bias": site.bias}
             y = scheme.matmul(self.target, activation, prepared, x.dtype)
             if getattr(self.fake_value(site.node), "requires_grad", False):  # a gradient would flow: refuse it
                 self.tracer.tag = {"pass": PASS, "role": "grad_guard", "linear": fqn}

@@ -17,7 +17,8 @@ import mxfx.ops  # noqa: F401
 
 mx = torch.ops.mxfx
 OPS = ("npu_dynamic_dual_level_mx_quant", "npu_dual_level_quant_matmul", "npu_dynamic_mx_quant",
-       "npu_quant_matmul", "npu_format_cast", "npu_convert_weight_to_int4pack", "npu_weight_quant_batchmatmul")
+       "npu_quant_matmul", "npu_format_cast", "npu_convert_weight_to_int4pack", "npu_weight_quant_batchmatmul",
+       "npu_rms_norm_dynamic_mx_quant", "npu_add_rms_norm_dynamic_mx_quant", "npu_swiglu_mx_quant")
 E8M0, E4M3, FP4, NZ = 293, 292, 296, 29
 
 calls: list[tuple[str, dict]] = []
@@ -50,7 +51,8 @@ def _mx_quant(input, *, axis=-1, round_mode="rint", dst_type=FP4, block_size=32,
               max_low_bound=0.0):
     _check(input.dtype in (torch.bfloat16, torch.float16, torch.float32), f"input {input.dtype}")
     _check(isinstance(dst_type, int) and dst_type in (E4M3, FP4), f"dst_type {dst_type!r} (an int: 292 or 296)")
-    calls.append(("npu_dynamic_mx_quant", {"input": tuple(input.shape), "dst_type": dst_type, "round_mode": round_mode}))
+    calls.append(("npu_dynamic_mx_quant",
+                  {"input": tuple(input.shape), "dst_type": dst_type, "round_mode": round_mode}))
     return mx.npu_dynamic_mx_quant(input, axis=axis, round_mode=round_mode, dst_type=dst_type,
                                    block_size=block_size, scale_alg=scale_alg)
 
@@ -106,7 +108,8 @@ def _quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None,
         _check(x2.dtype == torch.float8_e4m3fn and (bias is None or bias.dtype == torch.float32), "MXFP8 weight / bias")
     calls.append(("npu_quant_matmul", {"x1": tuple(x1.shape), "x2": tuple(x2.shape), "group_sizes": list(group_sizes)}))
     return mx.npu_quant_matmul(x1, x2, scale, pertoken_scale=pertoken_scale, bias=bias, output_dtype=output_dtype,
-                               x1_dtype=x1_dtype, x2_dtype=x2_dtype, pertoken_scale_dtype=pertoken_scale_dtype, scale_dtype=scale_dtype,
+                               x1_dtype=x1_dtype, x2_dtype=x2_dtype, pertoken_scale_dtype=pertoken_scale_dtype,
+                               scale_dtype=scale_dtype,
                                group_sizes=group_sizes)
 
 
@@ -133,10 +136,47 @@ def _weight_quant_matmul(x, weight, antiquant_scale, antiquant_offset=None, quan
                                            antiquant_group_size=group)
 
 
+def _check_norm(x, gamma, dst_type, scale_alg):
+    _check(x.dtype in (torch.bfloat16, torch.float16) and 1 <= x.dim() <= 7, f"x {x.dtype} {x.dim()}-D")
+    _check(gamma.dim() == 1 and gamma.shape[0] == x.shape[-1] and gamma.dtype in (x.dtype, torch.float32),
+           f"gamma {gamma.dtype} {list(gamma.shape)}")
+    _check(isinstance(dst_type, int) and dst_type in (E4M3, FP4), f"dst_type {dst_type!r} (an int: 292 or 296)")
+    _check(scale_alg in (0, 1) and (scale_alg == 0 or dst_type == E4M3), f"scale_alg {scale_alg} for {dst_type}")
+
+
+def _rms_norm_quant(x, gamma, *, beta=None, epsilon=1e-6, scale_alg=0, round_mode="rint", dst_type=FP4):
+    _check_norm(x, gamma, dst_type, scale_alg)
+    calls.append(("npu_rms_norm_dynamic_mx_quant", {"x": tuple(x.shape), "epsilon": epsilon, "dst_type": dst_type}))
+    return mx.npu_rms_norm_dynamic_mx_quant(x, gamma, beta=beta, epsilon=epsilon, scale_alg=scale_alg,
+                                            round_mode=round_mode, dst_type=dst_type)
+
+
+def _add_rms_norm_quant(x1, x2, gamma, *, beta=None, epsilon=1e-6, scale_alg=0, round_mode="rint", dst_type=FP4):
+    _check_norm(x1, gamma, dst_type, scale_alg)
+    _check(x1.shape == x2.shape and x1.dtype == x2.dtype, "x1 and x2 must match")
+    calls.append(("npu_add_rms_norm_dynamic_mx_quant",
+                  {"x1": tuple(x1.shape), "epsilon": epsilon, "dst_type": dst_type}))
+    return mx.npu_add_rms_norm_dynamic_mx_quant(x1, x2, gamma, beta=beta, epsilon=epsilon, scale_alg=scale_alg,
+                                                round_mode=round_mode, dst_type=dst_type)
+
+
+def _swiglu_quant(x, *, group_index=None, activate_dim=-1, activate_left=False, swiglu_mode=0, clamp_limit=7.0,
+                  glu_alpha=1.702, glu_bias=1.0, group_mode=0, axis=-1, dst_type=FP4, round_mode="rint", scale_alg=0,
+                  max_dtype_value=0.0):
+    _check(x.dtype in (torch.bfloat16, torch.float16) and x.dim() >= 2 and x.shape[activate_dim] % 2 == 0,
+           f"x {x.dtype} {list(x.shape)}")
+    _check(isinstance(dst_type, int) and dst_type in (E4M3, FP4), f"dst_type {dst_type!r} (an int: 292 or 296)")
+    calls.append(("npu_swiglu_mx_quant", {"x": tuple(x.shape), "activate_left": activate_left, "dst_type": dst_type}))
+    return mx.npu_swiglu_mx_quant(x, group_index=group_index, activate_dim=activate_dim, activate_left=activate_left,
+                                  swiglu_mode=swiglu_mode, axis=axis, dst_type=dst_type, round_mode=round_mode,
+                                  scale_alg=scale_alg, max_dtype_value=max_dtype_value)
+
+
 _KERNELS = {"npu_dynamic_dual_level_mx_quant": _dual_level_quant, "npu_dynamic_mx_quant": _mx_quant,
             "npu_format_cast": _format_cast, "npu_dual_level_quant_matmul": _dual_level_matmul,
             "npu_quant_matmul": _quant_matmul, "npu_convert_weight_to_int4pack": _int4pack,
-            "npu_weight_quant_batchmatmul": _weight_quant_matmul}
+            "npu_weight_quant_batchmatmul": _weight_quant_matmul, "npu_rms_norm_dynamic_mx_quant": _rms_norm_quant,
+            "npu_add_rms_norm_dynamic_mx_quant": _add_rms_norm_quant, "npu_swiglu_mx_quant": _swiglu_quant}
 
 
 def _format_cast_fake(self, acl_format, *, customize_dtype=None, input_dtype=None):

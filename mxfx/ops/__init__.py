@@ -2,4 +2,12 @@
 (same argument names, order, defaults, output shapes and dtypes), each with a CPU reference kernel
 built on mxfx.formats and a fake kernel for tracing. Importing this package registers them."""
 
-from . import format_cast, inference_only, matmul, quant, weight_quant  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    format_cast,
+    inference_only,
+    matmul,
+    norm_quant,
+    quant,
+    swiglu_quant,
+    weight_quant,
+)
