@@ -6,7 +6,9 @@ Before each call the watch compares every source weight (and bias) of the graph'
 they were prepared from: identity, version counter and data pointer (exact, and cheap), plus, for CPU
 tensors, 16 elements sampled across the tensor, which catch writes through `.data` (those bypass the
 version counter). A changed weight is prepared again and copied into its constants in place, so
-inner compilers that froze the constants' addresses (torchair) read the new values too.
+inner compilers that froze the constants' addresses (torchair) read the new values too. Constants a
+later pass built from several weights (merged siblings: tag "sources") are not prepared again: a change
+of those weights raises, asking for a new compile, rather than running stale constants.
 """
 
 import logging
@@ -46,7 +48,12 @@ class WeightWatch:
     def __init__(self, placeholders: list[str], inputs: list, tags: list[dict], target: Target):
         self.target, self.groups = target, {}
         index = {name: i for i, name in enumerate(placeholders)}
+        self.frozen = {}  # linear -> input indices of the weights its merged constants came from
         for position, tag in enumerate(tags):
+            if "source" not in tag:
+                inputs_of = [index[name] for pair in tag.get("sources", ()) for name in pair if name in index]
+                self.frozen.setdefault(tag["linear"], inputs_of)
+                continue
             weight, bias, dtype, scheme = tag["source"]
             if weight not in index or (bias is not None and bias not in index):
                 continue  # a get_attr weight: not a graph input, nothing can replace it between calls
@@ -55,8 +62,14 @@ class WeightWatch:
             group[5].append((position, tag["name"]))
         self.states = {key: (_state(inputs[g[0]]), _state(None if g[1] is None else inputs[g[1]]))
                        for key, g in self.groups.items()}
+        self.frozen_states = {linear: [_state(inputs[i]) for i in positions]
+                              for linear, positions in self.frozen.items()}
 
     def refresh(self, args: tuple, constants: list[torch.Tensor]) -> None:
+        for linear, positions in self.frozen.items():
+            if not all(_same(_state(args[i]), was) for i, was in zip(positions, self.frozen_states[linear])):
+                raise RuntimeError(f"mxfx: the weights of the merged linears {linear} changed after compiling; merged "
+                                   "constants are not prepared again: compile again (torch._dynamo.reset())")
         for key, (wi, bi, scheme, dtype, linear, slots) in self.groups.items():
             weight, bias = args[wi], None if bi is None else args[bi]
             now = (_state(weight), _state(bias))

@@ -103,7 +103,8 @@ class _Merge:
             prepared = scheme.layout(target, merged, bias, dtype)
         stem = self._stem()
         first = matmuls[0]
-        tag = {"linear": "+".join(linears), "linears": linears}
+        # "sources": the merged linears' weight and bias inputs (the backend's weight watch refuses their updates)
+        tag = {"linear": "+".join(linears), "linears": linears, "sources": [(t["weight"], t["bias"]) for t in tags]}
         with self.graph.inserting_before(first):
             constants = {name: self.emit.constant(f"{stem}_{name}", t, name=name, **tag)
                          for name, t in prepared.items()}

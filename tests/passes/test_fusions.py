@@ -323,3 +323,19 @@ def test_fusions_under_dynamic_shapes():
         _, merge, norm, swiglu, _ = backend.pipeline_reports[-1].passes
         assert (len(merge.fused), len(norm.fused), len(swiglu.fused)) == (4, 4, 2), dynamic
     assert torch.equal(*logits)
+
+
+def test_an_update_of_merged_weights_asks_for_a_new_compile():
+    """Merged constants come from several weights, which the backend's watch does not prepare again: an
+    update of one of them raises instead of running the stale merged weight."""
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(5))
+    model = tiny_qwen3(layers=1)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=mxfx.backend("mxfp8", target="reference",
+                                                         passes=(*passes.DEFAULT_PASSES, *passes.FUSION_PASSES)))
+    with torch.no_grad():
+        compiled(ids)
+        model.model.layers[0].self_attn.k_proj.weight.mul_(2)
+        with pytest.raises(RuntimeError, match="merged linears .*k_proj.* changed after compiling"):
+            compiled(ids)
+    torch._dynamo.reset()
