@@ -181,8 +181,9 @@ class Backend:
         return SCHEMES[DEFAULT_SCHEME]
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+        target = self.target  # "auto" probes the device (and may warn): once per graph
         try:
-            graph, lifted = self.rewrite(gm, example_inputs)
+            graph, lifted = self.rewrite(gm, example_inputs, target)
         except (MXFXCompileError, RewriteError) as error:
             warnings.warn(f"mxfx: {error}", stacklevel=2)
             if self.fallback == "eager":
@@ -192,7 +193,7 @@ class Backend:
         if self.inner.constants_as_parameters:
             constants = [torch.nn.Parameter(t, requires_grad=False) for t in constants]
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        watch = WeightWatch(placeholders, example_inputs, lifted.tags, self.target)
+        watch = WeightWatch(placeholders, example_inputs, lifted.tags, target)
         compiled = self.inner.compile(graph, [*example_inputs, *constants])
 
         def run(*args):
@@ -201,9 +202,11 @@ class Backend:
 
         return run
 
-    def rewrite(self, gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, LiftReport]:
-        """The rewritten copy of a Dynamo graph and the constants to append to its inputs."""
-        target = self.target
+    def rewrite(self, gm: fx.GraphModule, example_inputs: list,
+                target: Target | None = None) -> tuple[fx.GraphModule, LiftReport]:
+        """The rewritten copy of a Dynamo graph and the constants to append to its inputs (target: the
+        backend's, resolved by the caller or here)."""
+        target = target or self.target
         if target.name == "npu":
             try:
                 npu_support.install()

@@ -234,8 +234,7 @@ class _Rewrite:
 
     def report_other_matmul(self, other: MatmulWeight) -> None:
         """List a weight the graph multiplies by outside a linear (reported, never rewritten)."""
-        name = other.node.name if other.node.op == "placeholder" else other.node.target
-        tensor = self.resolve_tensor(name, other.node)
+        tensor = self.resolve_tensor(other.node.name, other.node)
         if not isinstance(tensor, torch.Tensor):  # an activation, not a weight
             return
         shape, conv1d = list(tensor.shape), other.op == "addmm" and tensor.dim() == 2

@@ -84,11 +84,12 @@ def test_npus_older_than_ascend_950(monkeypatch):
     with pytest.raises(Exception, match="predates Ascend 950"), pytest.warns(UserWarning, match="predates"):
         torch.compile(tiny_qwen3(layers=1), backend=mxfx.backend(target="npu"), fullgraph=True)(IDS)
     torch._dynamo.reset()
-    with pytest.warns(UserWarning, match="CPU reference target instead"):
+    with pytest.warns(UserWarning, match="CPU reference target instead") as warned:
         be = mxfx.backend(target="auto")
         with torch.no_grad():
             torch.compile(tiny_qwen3(layers=1), backend=be, fullgraph=True)(IDS)
     assert be.reports[-1].target == "reference"
+    assert sum("CPU reference target instead" in str(w.message) for w in warned) == 1, "the device is probed once"
 
 
 def test_auto_target(monkeypatch):
