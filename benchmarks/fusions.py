@@ -71,7 +71,7 @@ def graph_costs(layers: int, seq: int) -> None:
     for name in SCHEMES:
         gm, weights, _ = trace(model, ids)
         context = PassContext(name, get_target("reference"), weights)
-        run_passes(gm, passes.DEFAULT_PASSES, context)
+        run_passes(gm, passes.UNFUSED_PASSES, context)
         ops0, bytes0 = layer_costs(gm, set(weights), layers, seq)
         report = run_passes(gm, passes.FUSION_PASSES, context)
         ops1, bytes1 = layer_costs(gm, set(weights), layers, seq)
@@ -87,7 +87,7 @@ def perplexity(max_tokens: int | None, seq: int, batch_size: int) -> None:
     print(f"shipped model, {batches[:, 1:].numel():,} held-out tokens: bf16 perplexity {math.exp(loss):.4f}")
     for name in SCHEMES:
         row = []
-        for pipeline in (passes.DEFAULT_PASSES, (*passes.DEFAULT_PASSES, *passes.FUSION_PASSES)):
+        for pipeline in (passes.UNFUSED_PASSES, passes.DEFAULT_PASSES):
             torch._dynamo.reset()
             backend = mxfx.backend(name, target="reference", passes=pipeline)
             compiled = torch.compile(model, backend=backend, dynamic=True, fullgraph=True)

@@ -84,9 +84,15 @@ class Calibration:
             raise CalibrationError(f"linear {missing[0]} of the model has no calibration statistics "
                                    f"({len(missing)} such)")
         for name, shape in linears.items():
-            if self.signature[name] != shape:
-                raise CalibrationError(f"the calibration is for another model: linear {name} is [N, K] = "
-                                       f"{list(shape)} in the model, {list(self.signature[name])} in the calibration")
+            self.check_linear(name, shape)
+
+    def check_linear(self, fqn: str, shape: tuple[int, int]) -> None:
+        """Raise unless linear `fqn` was calibrated with weight shape [N, K] = shape."""
+        if fqn not in self.signature:
+            raise CalibrationError(f"linear {fqn} has no calibration statistics (a calibration for another model?)")
+        if self.signature[fqn] != tuple(shape):
+            raise CalibrationError(f"the calibration is for another model: linear {fqn} is [N, K] = {list(shape)} "
+                                   f"here, {list(self.signature[fqn])} in the calibration")
 
     # -- files ---------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:

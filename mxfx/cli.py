@@ -1,4 +1,5 @@
-"""The `mxfx` command line: demo, eval, inspect, quantize, and formats (a numerics report on a random tensor)."""
+"""The `mxfx` command line: demo, eval, inspect, quantize, calibrate, and formats (a numerics report on a random
+tensor)."""
 
 import argparse
 import sys
@@ -154,11 +155,63 @@ def _check_positions(args, model, prompt_tokens: int) -> None:
                          f"use --new-tokens {max(0, positions - prompt_tokens)} or less")
 
 
-def _read_text(path: str) -> str:
+def _read_text(path: str, option: str = "--text") -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"--text {path} is not UTF-8 text ({error.reason} at byte {error.start})") from error
+        raise ValueError(f"{option} {path} is not UTF-8 text ({error.reason} at byte {error.start})") from error
+
+
+def _calibration(args, model, tokens: evaluation.Tokenizer):
+    """--calibration FILE (checked against the model), else calibrate on --calibration-text (default: the
+    shipped text's training topics, never the held-out ones the evaluation reads)."""
+    from . import textdata
+    from .calibration import Calibration, calibrate
+
+    if getattr(args, "calibration", None):
+        calibration = Calibration.load(args.calibration)
+        calibration.check(model)
+        return calibration
+    if args.calibration_text:
+        source, documents = args.calibration_text, [_read_text(args.calibration_text, "--calibration-text")]
+    else:
+        source, documents = "the training topics", textdata.texts(textdata.split()[0])
+    stream = textdata.stream(documents, tokens.encode, tokens.end)
+    if min(len(stream) - 1, args.calibration_tokens) < args.seq:
+        raise ValueError(f"calibration: {source} has {len(stream)} tokens and --calibration-tokens is "
+                         f"{args.calibration_tokens}: less than one window (--seq {args.seq})")
+    batches = evaluation.windows(stream, args.seq, args.calibration_tokens)[:, :-1]
+    start = time.perf_counter()
+    calibration = calibrate(model, batches.split(args.batch_size))
+    print(f"calibrated on {batches.numel():,} tokens of {source} in {time.perf_counter() - start:.1f} s")
+    return calibration
+
+
+def _runs(args, model, tokens: evaluation.Tokenizer) -> list:
+    """Each --scheme plain ("none") and with each other --recipe, in that order; a scheme without a
+    recommended recipe runs plain only, and says so."""
+    from . import recipes
+
+    asked = getattr(args, "recipe", None) or ["none"]
+    if asked == ["none"]:
+        return list(args.scheme)
+    if args.scheme == ["modelslim"]:
+        raise ValueError(f"--model {args.model} is a quantized checkpoint: its codes are fixed, so --recipe "
+                         f"{' '.join(asked)} cannot apply (recipes run when quantizing a bf16 model)")
+    needs = any(recipe != "none" and recipes.get_recipe(recipe, SCHEMES[scheme]).needs_calibration
+                for scheme in args.scheme for recipe in asked
+                if recipe != "recommended" or scheme in recipes.RECOMMENDED)
+    calibration = _calibration(args, model, tokens) if needs else None
+    runs = []
+    for scheme in args.scheme:
+        for recipe in asked:
+            if recipe == "none":
+                runs.append(scheme)
+            elif recipe == "recommended" and scheme not in recipes.RECOMMENDED:
+                print(f"{scheme}: no recipe is recommended for it yet (none measured); it runs plain")
+            else:
+                runs.append(recipes.apply(scheme, recipe, calibration, model))
+    return runs
 
 
 def _first_words(text: str, characters: int = 40) -> str:
@@ -181,7 +234,8 @@ def _evaluate_folder(args) -> int:
     prompt_ids = tokens.encode(prompt) if prompt and args.new_tokens else None
     _check_positions(args, model, len(prompt_ids or []))
     stream = textdata.stream(documents, tokens.encode, tokens.end)
-    result = evaluation.evaluate(model, stream, args.scheme, seq=args.seq, batch_size=args.batch_size,
+    runs = _runs(args, model, tokens)
+    result = evaluation.evaluate(model, stream, runs, seq=args.seq, batch_size=args.batch_size,
                                  max_tokens=args.max_tokens, prompt=prompt_ids, end=tokens.end,
                                  new_tokens=args.new_tokens)
     if args.scheme == ["modelslim"]:
@@ -199,7 +253,8 @@ def _inspect(args) -> int:
     from .dynamo_backend import backend
 
     model = _load(args)
-    for scheme in args.scheme:
+    tokens = evaluation.Tokenizer(Path(args.model), model)
+    for scheme in _runs(args, model, tokens):
         be = backend(scheme, target="reference")
 
         def rewrite_only(gm, example_inputs, be=be):
@@ -222,6 +277,14 @@ def _quantize(args) -> int:
     from .checkpoint import quantize
 
     print(f"wrote {quantize(args.model, args.scheme, args.out)}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    model = evaluation.load_model(args.model)
+    calibration = _calibration(args, model, evaluation.Tokenizer(Path(args.model), model))
+    calibration.save(args.out)
+    print(f"wrote {args.out}: {calibration}")
     return 0
 
 
@@ -274,6 +337,21 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--scheme", nargs="+", choices=list(SCHEMES), default=None,
                          help="schemes to compile with (default: all; a quantized checkpoint runs its stored one)")
 
+    def calibration_args(sub):
+        sub.add_argument("--calibration-text", help="calibrate on this UTF-8 text instead (default: the shipped "
+                                                    "text's training topics, never the held-out ones)")
+        sub.add_argument("--calibration-tokens", type=at_least(1), default=16384,
+                         help="calibrate on at most this many tokens, in windows of --seq")
+
+    def recipe_args(sub, default):
+        from .recipes import RECIPES
+
+        sub.add_argument("--recipe", nargs="+", choices=["none", "recommended", *RECIPES], default=default,
+                         help="accuracy-recovery recipes to run each scheme with ('none': plain round to nearest; "
+                              "'recommended': the measured best per scheme)")
+        sub.add_argument("--calibration", help="a calibration file (mxfx calibrate) for the recipes that read one")
+        calibration_args(sub)
+
     demo = command("demo", _evaluate_folder, "the shipped tiny Qwen3 on held-out reference-manual text, every scheme")
     evaluate = command("eval", _evaluate_folder, "the same measurements on any local Qwen3 folder")
     for sub, default_model, default_prompt in ((demo, str(evaluation.SHIPPED_MODEL), "The with statement"),
@@ -289,13 +367,23 @@ def parser() -> argparse.ArgumentParser:
                          help="prompt of the greedy continuations ('' for none; default for eval: the first "
                               "words of the evaluation text)")
         sub.add_argument("--new-tokens", type=at_least(0), default=40, help="tokens per greedy continuation (0: none)")
+        recipe_args(sub, ["none", "recommended"] if sub is demo else ["none"])
     evaluate.add_argument("--plot", help="write a PNG of per-layer SQNR per scheme (needs matplotlib)")
     inspect = command("inspect", _inspect, "the rewrite table of a model folder, without running it")
     model_args(inspect)
+    recipe_args(inspect, ["none"])
+    inspect.add_argument("--seq", type=at_least(1), default=256, help="tokens per calibration window")
+    inspect.add_argument("--batch-size", type=at_least(1), default=8, help="calibration windows per forward")
     quantize = command("quantize", _quantize, "write a quantized checkpoint (msmodelslim layout) of a model folder")
     quantize.add_argument("--model", required=True, help="a local Hugging Face folder with bf16 weights")
     quantize.add_argument("--scheme", required=True, choices=list(SCHEMES))
     quantize.add_argument("--out", required=True, help="the new checkpoint folder (must not exist)")
+    calibrate = command("calibrate", _calibrate, "write a calibration file (per-input statistics the recipes read)")
+    calibrate.add_argument("--model", required=True, help="a local Hugging Face folder with bf16 weights")
+    calibrate.add_argument("--out", required=True, help="the calibration file to write (safetensors)")
+    calibrate.add_argument("--seq", type=at_least(1), default=256, help="tokens per calibration window")
+    calibrate.add_argument("--batch-size", type=at_least(1), default=8, help="windows per forward")
+    calibration_args(calibrate)
     return top
 
 

@@ -2,7 +2,7 @@
 `backend="mxfx"`.
 
 On each Dynamo graph: copy it (Dynamo's graph and the user's model are never changed), run the pass
-pipeline on the copy (passes.DEFAULT_PASSES: the linear rewrite; then passes.lift_constants, which
+pipeline on the copy (passes.DEFAULT_PASSES: the linear rewrite and the fusions; then passes.lift_constants, which
 makes the prepared constants new graph inputs with static fake values, so that an NPU graph compiler
 can freeze them), and hand the graph to the inner compiler (eager, inductor, or any backend callable).
 Prepared weights are cached per weight tensor (identity and version), scheme value and target
@@ -22,6 +22,8 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
+from mxfx import recipes
+from mxfx.calibration import Calibration
 from mxfx.ops import npu as npu_support
 from mxfx.prepared import PREPARED, PreparedWeights
 from mxfx.schemes import MODELSLIM, SCHEMES, Scheme, SchemeSelector, get_scheme
@@ -31,12 +33,14 @@ from mxfx.targets import Target, get_target
 from mxfx.weight_watch import WeightWatch
 from passes import (
     DEFAULT_PASSES,
+    UNFUSED_PASSES,
     GraphPass,
     LiftReport,
     PassContext,
     PipelineReport,
     RewriteError,
     RewriteReport,
+    find_linears,
     lift_constants,
     run_passes,
 )
@@ -127,6 +131,14 @@ def _inner_compiler(inner) -> InnerCompiler:
     raise ValueError(f"inner must be 'eager', 'inductor', 'torchair' or a backend callable, got {inner!r}")
 
 
+def _passes(passes: Iterable[GraphPass] | None, fuse: bool | None) -> tuple[GraphPass, ...]:
+    if passes is not None and fuse is not None:
+        raise ValueError("give either passes (the whole pipeline) or fuse, not both")
+    if passes is None:
+        return UNFUSED_PASSES if fuse is False else DEFAULT_PASSES
+    return tuple(passes)
+
+
 class Backend:
     """A torch.compile backend that quantizes linears; keeps the reports of every graph it compiled
     (`reports`: the linear rewrite's, `pipeline_reports`: every pass's)."""
@@ -134,25 +146,32 @@ class Backend:
     def __init__(self, scheme: "str | Scheme | SchemeSelector | None" = None, target: "str | Target" = "auto",
                  inner="eager", include=None, exclude=None, report: "Callable[[RewriteReport], None] | None" = None,
                  fallback: str | None = None, progress: bool | None = None, cache: PreparedWeights = PREPARED,
-                 passes: Iterable[GraphPass] = DEFAULT_PASSES, default_exclude: bool = True):
+                 passes: Iterable[GraphPass] | None = None, default_exclude: bool = True, fuse: bool | None = None,
+                 recipe: "str | recipes.Recipe | None" = None, calibration: Calibration | None = None):
         if fallback not in (None, "eager"):
             raise ValueError(f"fallback must be None or 'eager', got {fallback!r}")
         if report is not None and not callable(report):
             raise TypeError(f"report must be a callable taking the RewriteReport (e.g. print), got {report!r}")
         self.scheme = None if scheme is None else get_scheme(scheme)
+        if recipe is None and calibration is not None:
+            raise ValueError("a calibration serves a recipe: give recipe= too (mxfx.recipes.RECIPES, or 'recommended')")
+        if recipe is not None:  # refused here, not at the first compile
+            _, recipe = recipes.check_recipe(self.scheme or DEFAULT_SCHEME, recipe, calibration)
+        self.recipe, self.calibration = recipe, calibration
         self.target_name = target if isinstance(target, str) else target.name
         if target != "auto":
             get_target(target)  # an unknown name fails here, not at the first compile
         self.inner = _inner_compiler(inner)
         self.select = Selection.of(include, exclude, default_exclude)
-        self.passes = tuple(passes)
+        self.passes = _passes(passes, fuse)
         self.report_callback, self.fallback, self.progress, self.cache = report, fallback, progress, cache
         self.reports: list[RewriteReport] = []
         self.pipeline_reports: list[PipelineReport] = []
 
     def __repr__(self) -> str:
         scheme = DEFAULT_SCHEME if self.scheme is None else self.scheme.label
-        return f"mxfx.backend(scheme={scheme!r}, target={self.target_name!r}, inner={self.inner.name!r})"
+        recipe = "" if self.recipe is None else f", recipe={recipes.recipe_name(self.recipe)!r}"
+        return f"mxfx.backend(scheme={scheme!r}{recipe}, target={self.target_name!r}, inner={self.inner.name!r})"
 
     @property
     def target(self) -> Target:
@@ -171,9 +190,13 @@ class Backend:
         warnings.warn(f"mxfx: nothing quantized in this graph ({len(report.linears)} matmul weights{why})",
                       stacklevel=4)
 
-    def scheme_for_graph(self, weights: dict[str, torch.Tensor]) -> "Scheme | SchemeSelector":
-        """The scheme given, else the stored codes for a graph whose weights came from a quantized
-        checkpoint, else mxfp4_dual."""
+    def scheme_for_graph(self, graph: fx.GraphModule, weights: dict[str, torch.Tensor]) -> "Scheme | SchemeSelector":
+        """The scheme given (with the recipe, on the graph's selected linears), else the stored codes for a
+        graph whose weights came from a quantized checkpoint, else mxfp4_dual."""
+        if self.recipe is not None:
+            linears = {site.fqn: weights[site.weight] for site in find_linears(graph)
+                       if site.fqn and site.weight in weights and self.select.skip(site.fqn) is None}
+            return recipes.select(self.scheme or DEFAULT_SCHEME, self.recipe, self.calibration, linears)
         if self.scheme is not None:
             return self.scheme
         if any(weight in STORED_WEIGHTS for weight in weights.values()):
@@ -214,7 +237,7 @@ class Backend:
                 raise MXFXCompileError(str(error)) from error
         graph = _copy(gm)
         weights = _weights(graph, example_inputs)
-        scheme = self.scheme_for_graph(weights)
+        scheme = self.scheme_for_graph(graph, weights)
         disable = None if self.progress is None else not self.progress  # None: only on a terminal
         with tqdm(desc=f"mxfx: preparing {scheme.label} weights", unit="weight", disable=disable, leave=False) as bar:
 
@@ -224,7 +247,8 @@ class Backend:
                 return tensors
 
             fake_mode = torch._guards.detect_fake_mode(example_inputs)
-            context = PassContext(scheme, target, weights, self.select, prepare, fake_mode)
+            context = PassContext(scheme, target, weights, self.select, prepare, fake_mode,
+                                  self.cache.prepare_merged, self.cache.discard_prepared)
             pipeline = run_passes(graph, self.passes, context)
         report = next(iter(pipeline.get(RewriteReport)), None)
         if report is not None:
@@ -247,7 +271,9 @@ class Backend:
 def backend(scheme: "str | Scheme | SchemeSelector | None" = None, target: str = "auto", inner="eager",
             include=None, exclude=None, report: "Callable[[RewriteReport], None] | None" = None,
             fallback: str | None = None, progress: bool | None = None,
-            passes: Iterable[GraphPass] = DEFAULT_PASSES, default_exclude: bool = True) -> Backend:
+            passes: Iterable[GraphPass] | None = None, default_exclude: bool = True,
+            fuse: bool | None = None, recipe: "str | recipes.Recipe | None" = None,
+            calibration: Calibration | None = None) -> Backend:
     """A configured mxfx backend for torch.compile.
 
     scheme: "mxfp4_dual" | "mxfp4_w4a8" | "mxfp8" | "modelslim" (a checkpoint's stored codes) | a Scheme
@@ -257,11 +283,14 @@ def backend(scheme: "str | Scheme | SchemeSelector | None" = None, target: str =
     string is one pattern); exclude adds to the default exclusions (lm_head, embeddings), which
     default_exclude=False drops. report: called with each graph's RewriteReport (all are also kept in
     .reports). fallback="eager": warn and run the graph unquantized instead of raising. progress: show
-    weight preparation (None: only on a terminal). passes: the graph passes to run, in order
-    (passes.DEFAULT_PASSES: the linear rewrite); constants are lifted after them.
+    weight preparation (None: only on a terminal). passes: the graph passes to run, in order (default
+    passes.DEFAULT_PASSES: the linear rewrite, then the fusions: merged siblings, norm + quant, SwiGLU +
+    quant); constants are lifted after them. fuse=False: the rewrite alone (passes.UNFUSED_PASSES).
+    recipe: an accuracy-recovery recipe (mxfx.recipes.RECIPES name, "recommended" or a Recipe) on the
+    scheme; calibration: what it reads (mxfx.calibrate(model, batches) on the same model).
     """
     return Backend(scheme, target, inner, include, exclude, report, fallback, progress, passes=passes,
-                   default_exclude=default_exclude)
+                   default_exclude=default_exclude, fuse=fuse, recipe=recipe, calibration=calibration)
 
 
 mxfx_backend = backend()

@@ -14,7 +14,7 @@ from mxfx import textdata
 from mxfx.dynamo_backend import backend
 from mxfx.metrics import sqnr_db
 from mxfx.prepared import PREPARED, PreparedWeights
-from mxfx.schemes import get_scheme
+from mxfx.schemes import SchemeSelector, get_scheme
 from mxfx.targets import get_target
 from passes import RewriteReport
 
@@ -118,7 +118,7 @@ def layer_inputs(model, batch: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def layer_sqnr(model, inputs: dict[str, torch.Tensor], scheme: str, names: list[str],
+def layer_sqnr(model, inputs: dict[str, torch.Tensor], scheme: "str | SchemeSelector", names: list[str],
                cache: PreparedWeights = PREPARED) -> dict[str, float]:
     """Per named nn.Linear: SQNR (dB) of the quantized layer's output against the bf16 layer's, both fed
     the bf16 model's own input to that layer (`layer_inputs`); a name that is no nn.Linear gets none."""
@@ -171,10 +171,11 @@ class Evaluation:
     results: list[SchemeResult]
 
 
-def evaluate(model, stream: torch.Tensor, schemes: list[str], seq: int = 256, batch_size: int = 8,
+def evaluate(model, stream: torch.Tensor, schemes: "list[str | SchemeSelector]", seq: int = 256, batch_size: int = 8,
              max_tokens: int | None = None, prompt: list[int] | None = None, new_tokens: int = 40,
              end: int | None = None) -> Evaluation:
-    """bf16 against each scheme (compiled with mxfx on the reference target) on the same windows."""
+    """bf16 against each scheme (a name, or a selector such as a recipe's; compiled with mxfx on the
+    reference target) on the same windows."""
     batches = windows(stream, seq, max_tokens)
     start = time.perf_counter()
     bf16_predictions, bf16_loss = predictions_and_loss(model, batches, batch_size, "bf16")
@@ -191,11 +192,11 @@ def evaluate(model, stream: torch.Tensor, schemes: list[str], seq: int = 256, ba
             compiled(batches[:batch_size, :-1])  # compile (the first call)
         compile_s = time.perf_counter() - start
         start = time.perf_counter()
-        predictions, loss = predictions_and_loss(compiled, batches, batch_size, scheme)
+        predictions, loss = predictions_and_loss(compiled, batches, batch_size, get_scheme(scheme).label)
         run_s = time.perf_counter() - start
         report = be.reports[-1]
         results.append(SchemeResult(
-            scheme, math.exp(loss), (predictions == bf16_predictions).float().mean().item(),
+            get_scheme(scheme).label, math.exp(loss), (predictions == bf16_predictions).float().mean().item(),
             compile_s, run_s, report,
             layer_sqnr(model, inputs, scheme, [r.fqn for r in report.rewritten]),
             continuation(compiled, prompt, new_tokens, end) if prompt else [],

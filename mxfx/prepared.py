@@ -1,5 +1,6 @@
 """The prepared-weight cache: what a scheme's `prepare` returns, kept per (weight, bias, scheme value,
-target, activation dtype), so recompiles, second compiles and evaluations reuse it."""
+target, activation dtype), so recompiles, second compiles and evaluations reuse it; and the merged
+preparation of sibling linears (one matmul over their weights concatenated along N)."""
 
 import torch
 
@@ -7,6 +8,28 @@ from mxfx.metrics import nbytes
 from mxfx.schemes import Scheme, Tensors
 from mxfx.targets import Target
 from mxfx.tensor_cache import TensorCache
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along N (dim 0), bytewise for dtypes torch.cat has no CPU kernel for (float8)."""
+    dtype = tensors[0].dtype
+    if dtype.itemsize == 1 and dtype.is_floating_point:
+        return torch.cat([t.view(torch.uint8) for t in tensors]).view(dtype)
+    return torch.cat(tensors)
+
+
+@torch.no_grad()
+def prepare_merged(scheme: Scheme, target: Target, weights: list[torch.Tensor], biases: list, dtype) -> Tensors:
+    """What one matmul over sibling linears reads: their codes and biases concatenated along N, laid out by
+    the scheme. Exact for the per-row schemes: the codes of the concatenated weight are the concatenated codes."""
+    codes = [scheme.weight_codes(target, w, dtype) for w in weights]
+    merged = {name: _cat([c[name] for c in codes]) for name in codes[0]}
+    bias = None if biases[0] is None else torch.cat(biases)
+    return scheme.layout(target, merged, bias, dtype)
+
+
+def _sources(weights: list[torch.Tensor], biases: list) -> tuple[torch.Tensor, ...]:
+    return (*weights, *(b for b in biases if b is not None))
 
 
 class PreparedWeights(TensorCache):
@@ -20,9 +43,18 @@ class PreparedWeights(TensorCache):
 
     def prepare(self, scheme: Scheme, target: Target, weight: torch.Tensor, bias: torch.Tensor | None,
                 dtype: torch.dtype) -> Tensors:
-        sources = (weight,) if bias is None else (weight, bias)
-        return self.get(sources, lambda: scheme.prepare(target, weight, bias, dtype),
+        return self.get(_sources([weight], [bias]), lambda: scheme.prepare(target, weight, bias, dtype),
                         (bias is None, scheme, target, dtype))
+
+    def discard_prepared(self, scheme: Scheme, target: Target, weight: torch.Tensor, bias: torch.Tensor | None,
+                         dtype: torch.dtype) -> None:
+        """Drop a linear's prepared tensors (merge_siblings replaced them with merged ones)."""
+        self.discard(_sources([weight], [bias]), (bias is None, scheme, target, dtype))
+
+    def prepare_merged(self, scheme: Scheme, target: Target, weights: list[torch.Tensor], biases: list,
+                       dtype: torch.dtype) -> Tensors:
+        return self.get(_sources(weights, biases), lambda: prepare_merged(scheme, target, weights, biases, dtype),
+                        ("merged", len(weights), biases[0] is None, scheme, target, dtype))
 
 
 PREPARED = PreparedWeights()  # process-wide: a second torch.compile of the same model reuses it

@@ -18,7 +18,7 @@ CPU's bf16 GEMMs compute, up to summation order) before the quantizer.
 """
 
 import dataclasses
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -243,42 +243,62 @@ class RecipeSelector:
         return list(self._schemes.values())
 
 
+def check_recipe(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibration | None) -> tuple:
+    """(base scheme, recipe) after refusing what cannot run: a recipe a scheme does not serve, a calibrated
+    recipe without a calibration."""
+    base = get_scheme(scheme)
+    if not isinstance(base, (DualLevelMXFP4, MXFP4W4A8, MXFP8)) or base.stored:
+        raise ValueError(f"recipes apply to the online schemes mxfp4_dual, mxfp4_w4a8 and mxfp8, not {base.label}")
+    recipe = get_recipe(recipe, base)
+    if recipe.needs_calibration and calibration is None:
+        raise ValueError(f"recipe {recipe_name(recipe)} needs a calibration (mxfx.calibrate(model, batches))")
+    return base, recipe
+
+
 @torch.no_grad()
+def select(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibration | None,
+           weights: Mapping[str, torch.Tensor]) -> RecipeSelector:
+    """The selector running `scheme` with `recipe` on the linears `weights` (FQN -> weight [N, K], by
+    identity): a model's (apply) or one graph's (the backend). Each linear is checked against the
+    calibration (its statistics and shape); the linears sharing its input must be among `weights`."""
+    base, recipe = check_recipe(scheme, recipe, calibration)
+    schemes = WeakIdKeyDictionary()
+    smooth: dict[str, Constant] = {}
+    for name, weight in weights.items():
+        k = weight.shape[1]
+        if base.skip(k) is not None:  # the rewrite skips it for its K: keep the base scheme's reason
+            schemes[weight] = base
+            continue
+        if recipe.rotation is not None:
+            recipe.rotation.check(k, name)
+        stats = None
+        if recipe.needs_calibration:
+            calibration.check_linear(name, tuple(weight.shape))
+            stats = calibration.stats(name)
+        if recipe.gptq and stats.gram is None:
+            raise ValueError(f"linear {name}: GPTQ needs the Gram matrix, which the calibration lacks "
+                             "(calibrate with gram=True)")
+        if recipe.smooth_alpha is not None and stats.members[0] not in smooth:
+            missing = [member for member in stats.members if member not in weights]
+            if missing:
+                raise ValueError(f"linear {name}: the smoothing of its input needs the weights of {missing}, "
+                                 "which read the same input but are not given")
+            s = smooth_scale(stats.amax, [weights[member] for member in stats.members], recipe.smooth_alpha)
+            smooth[stats.members[0]] = Constant(s.to(weight.dtype))
+        schemes[weight] = Recovered(
+            base=base, recipe=recipe, k=k, smooth=smooth.get(stats.members[0]) if recipe.smooth_alpha else None,
+            gram=GramOf(calibration, name) if stats is not None and stats.gram is not None else None,
+        )
+    return RecipeSelector(base, recipe, schemes)
+
+
 def apply(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibration | None,
           model: torch.nn.Module) -> RecipeSelector:
     """The selector running `scheme` with `recipe` on `model`'s linears (their weights, by identity).
     calibration: from mxfx.calibration.calibrate on this model (checked against it); rotation alone
     needs none."""
-    base = get_scheme(scheme)
-    if not isinstance(base, (DualLevelMXFP4, MXFP4W4A8, MXFP8)) or base.stored:
-        raise ValueError(f"recipes apply to the online schemes mxfp4_dual, mxfp4_w4a8 and mxfp8, not {base.label}")
-    recipe = get_recipe(recipe, base)
+    base, recipe = check_recipe(scheme, recipe, calibration)
     if recipe.needs_calibration:
-        if calibration is None:
-            raise ValueError(f"recipe {recipe_name(recipe)} needs a calibration (mxfx.calibrate(model, batches))")
         calibration.check(model)
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    schemes = WeakIdKeyDictionary()
-    smooth: dict[str, Constant] = {}
-    for name, layer in linears.items():
-        k = layer.in_features
-        if base.skip(k) is not None:  # the rewrite skips it for its K: keep the base scheme's reason
-            schemes[layer.weight] = base
-            continue
-        if recipe.rotation is not None:
-            recipe.rotation.check(k, name)
-        stats = calibration.stats(name) if recipe.needs_calibration else None
-        if recipe.gptq and stats.gram is None:
-            raise ValueError(f"linear {name}: GPTQ needs the Gram matrix, which the calibration lacks "
-                             "(calibrate with gram=True)")
-        if recipe.smooth_alpha is not None:
-            first = stats.members[0]
-            if first not in smooth:
-                weights = [linears[member].weight for member in stats.members]
-                s = smooth_scale(stats.amax, weights, recipe.smooth_alpha).to(layer.weight.dtype)
-                smooth[first] = Constant(s)
-        schemes[layer.weight] = Recovered(
-            base=base, recipe=recipe, k=k, smooth=smooth.get(stats.members[0]) if recipe.smooth_alpha else None,
-            gram=GramOf(calibration, name) if stats is not None and stats.gram is not None else None,
-        )
-    return RecipeSelector(base, recipe, schemes)
+    weights = {name: m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return select(base, recipe, calibration, weights)

@@ -44,5 +44,9 @@ class TensorCache:
                 weakref.finalize(t, self._forget, slot)
         return value
 
+    def discard(self, sources: tuple[torch.Tensor, ...], extra: tuple = ()) -> None:
+        """Drop the entry of `sources` (any version) and `extra`, if there is one."""
+        self._forget((*(id(t) for t in sources), *extra))
+
     def _forget(self, slot: tuple) -> None:
         self._entries.pop(self._latest.pop(slot, None), None)

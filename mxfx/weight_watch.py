@@ -6,15 +6,16 @@ Before each call the watch compares every source weight (and bias) of the graph'
 they were prepared from: identity, version counter and data pointer (exact, and cheap), plus, for CPU
 tensors, 16 elements sampled across the tensor, which catch writes through `.data` (those bypass the
 version counter). A changed weight is prepared again and copied into its constants in place, so
-inner compilers that froze the constants' addresses (torchair) read the new values too. Constants a
-later pass built from several weights (merged siblings: tag "sources") are not prepared again: a change
-of those weights raises, asking for a new compile, rather than running stale constants.
+inner compilers that froze the constants' addresses (torchair) read the new values too; constants a
+later pass built from several weights (merged siblings: tag "sources") are merged again from all of them.
 """
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
+from mxfx.prepared import prepare_merged
 from mxfx.targets import Target
 from mxfx.tensor_cache import version
 
@@ -41,48 +42,77 @@ def _same(a: tuple | None, b: tuple | None) -> bool:
     return a[:3] == b[:3] and (a[3] is None or b[3] is None or torch.equal(a[3], b[3]))
 
 
+@dataclass
+class _Group:
+    """Constants prepared from the same weights: pairs (weight input index, bias input index or None), one
+    pair per linear (several for merged siblings), the scheme and dtype, and [(constant index, name)]."""
+
+    pairs: list[tuple[int, int | None]]
+    scheme: object
+    dtype: torch.dtype
+    linear: str
+    slots: list[tuple[int, str]]
+    states: list = None
+
+    def tensors(self, args) -> list[tuple]:
+        return [(args[w], None if b is None else args[b]) for w, b in self.pairs]
+
+    def snapshot(self, args) -> list:
+        return [(_state(w), _state(b)) for w, b in self.tensors(args)]
+
+    def prepare(self, target: Target, args) -> dict[str, torch.Tensor]:
+        (weight, bias), *more = self.tensors(args)
+        if not more:
+            return self.scheme.prepare(target, weight, bias, self.dtype)
+        weights, biases = zip(*self.tensors(args))
+        return prepare_merged(self.scheme, target, list(weights), list(biases), self.dtype)
+
+
+def _sources(tag: dict) -> tuple | None:
+    """(pairs of weight / bias names, dtype, scheme) a constant was prepared from."""
+    if "source" in tag:
+        weight, bias, dtype, scheme = tag["source"]
+        return ((weight, bias),), dtype, scheme
+    if "sources" in tag:
+        pairs, dtype, scheme = tag["sources"]
+        return tuple(pairs), dtype, scheme
+    return None
+
+
 class WeightWatch:
-    """One entry per prepared source: (weight input index, bias input index or None, scheme, dtype,
-    linear, [(constant index, prepared name)], the sources' state when prepared)."""
+    """One group per set of prepared sources; their state when prepared is compared before each call."""
 
     def __init__(self, placeholders: list[str], inputs: list, tags: list[dict], target: Target):
         self.target, self.groups = target, {}
         index = {name: i for i, name in enumerate(placeholders)}
-        self.frozen = {}  # linear -> input indices of the weights its merged constants came from
         for position, tag in enumerate(tags):
-            if "source" not in tag:
-                inputs_of = [index[name] for pair in tag.get("sources", ()) for name in pair if name in index]
-                self.frozen.setdefault(tag["linear"], inputs_of)
+            sources = _sources(tag)
+            if sources is None:
                 continue
-            weight, bias, dtype, scheme = tag["source"]
-            if weight not in index or (bias is not None and bias not in index):
+            pairs, dtype, scheme = sources
+            if any(w not in index or (b is not None and b not in index) for w, b in pairs):
                 continue  # a get_attr weight: not a graph input, nothing can replace it between calls
-            group = self.groups.setdefault(tag["source"], [index[weight], None if bias is None else index[bias],
-                                                           scheme, dtype, tag["linear"], []])
-            group[5].append((position, tag["name"]))
-        self.states = {key: (_state(inputs[g[0]]), _state(None if g[1] is None else inputs[g[1]]))
-                       for key, g in self.groups.items()}
-        self.frozen_states = {linear: [_state(inputs[i]) for i in positions]
-                              for linear, positions in self.frozen.items()}
+            key = (pairs, dtype, scheme)
+            if key not in self.groups:
+                self.groups[key] = _Group([(index[w], None if b is None else index[b]) for w, b in pairs],
+                                          scheme, dtype, tag["linear"], [])
+            self.groups[key].slots.append((position, tag["name"]))
+        for group in self.groups.values():
+            group.states = group.snapshot(inputs)
 
     def refresh(self, args: tuple, constants: list[torch.Tensor]) -> None:
-        for linear, positions in self.frozen.items():
-            if not all(_same(_state(args[i]), was) for i, was in zip(positions, self.frozen_states[linear])):
-                raise RuntimeError(f"mxfx: the weights of the merged linears {linear} changed after compiling; merged "
-                                   "constants are not prepared again: compile again (torch._dynamo.reset())")
-        for key, (wi, bi, scheme, dtype, linear, slots) in self.groups.items():
-            weight, bias = args[wi], None if bi is None else args[bi]
-            now = (_state(weight), _state(bias))
-            if all(_same(a, b) for a, b in zip(now, self.states[key])):
+        for group in self.groups.values():
+            now = group.snapshot(args)
+            if all(_same(a, b) for pair, was in zip(now, group.states) for a, b in zip(pair, was)):
                 continue
-            log.info("mxfx: the weights of %s changed since they were prepared; preparing them again", linear)
-            prepared = scheme.prepare(self.target, weight, bias, dtype)
-            inference = any(constants[position].is_inference() for position, _ in slots)  # compiled in inference mode
+            log.info("mxfx: the weights of %s changed since they were prepared; preparing them again", group.linear)
+            prepared = group.prepare(self.target, args)
+            inference = any(constants[position].is_inference() for position, _ in group.slots)  # compiled so
             with torch.no_grad(), torch.inference_mode(inference):
-                for position, name in slots:
+                for position, name in group.slots:
                     if prepared[name].shape != constants[position].shape:
-                        raise RuntimeError(f"mxfx: {linear}'s new weight gives {name} of shape "
+                        raise RuntimeError(f"mxfx: {group.linear}'s new weight gives {name} of shape "
                                            f"{list(prepared[name].shape)}, the compiled graph has "
                                            f"{list(constants[position].shape)}: compile again")
                     constants[position].copy_(prepared[name])
-            self.states[key] = now
+            group.states = now

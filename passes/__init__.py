@@ -10,7 +10,15 @@ from .fuse_swiglu_quant import fuse_swiglu_quant
 from .fusion import FusionReport, FusionSite, FusionSkipReason
 from .lift_constants import lift_constants
 from .merge_siblings import merge_siblings
-from .pipeline import DEFAULT_PASSES, FUSION_PASSES, GraphPass, PassContext, rewrite_linears, run_passes
+from .pipeline import (
+    DEFAULT_PASSES,
+    FUSION_PASSES,
+    UNFUSED_PASSES,
+    GraphPass,
+    PassContext,
+    rewrite_linears,
+    run_passes,
+)
 from .quantize_linears import CONSTANT_PREFIX, RewriteError, mxfx_tag, prepare_weight, quantize_linears
 from .report import LiftReport, LinearReport, PassReport, PipelineReport, RewriteReport
 
@@ -18,6 +26,7 @@ __all__ = [
     "CONSTANT_PREFIX",
     "DEFAULT_PASSES",
     "FUSION_PASSES",
+    "UNFUSED_PASSES",
     "FusionReport",
     "FusionSite",
     "FusionSkipReason",

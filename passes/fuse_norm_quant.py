@@ -3,8 +3,10 @@ residual add -> RMSNorm -> quant becomes npu_add_rms_norm_dynamic_mx_quant (whos
 
 Runs after the linear rewrite and starts from its activation quantizations (tag role "activation_quant").
 The norm is matched as Dynamo records transformers' Qwen3RMSNorm (x.to(float32) -> pow(2) -> mean(-1,
-keepdim) -> add(eps) -> rsqrt -> mul -> to(dtype) -> weight * it) or as F.rms_norm / torch.rms_norm with a
-weight; eps, dst_type, scale_alg and round_mode come from the graph. FP8 and FP4 destinations fuse; a
+keepdim) -> add(eps) -> rsqrt -> mul -> to(dtype) -> weight * it), as aot_autograd decomposes it (the
+same chain in aten ops: _to_copy / convert_element_type, pow.Tensor_Scalar, mean.dim, add, rsqrt, mul), or
+as F.rms_norm / torch.rms_norm with a weight;
+eps, dst_type, scale_alg and round_mode come from the graph. FP8 and FP4 destinations fuse; a
 dual-level quantization has no fused op, a norm whose output (or any intermediate) has other users is left
 alone, and so is a quantization the fused ops cannot express (block size, scale_alg 2, dst_type_max).
 
@@ -35,7 +37,7 @@ from .fusion import (
     value,
 )
 
-aten = torch.ops.aten
+aten, prims = torch.ops.aten, torch.ops.prims
 PASS = "fuse_norm_quant"
 
 RMS_NORMS = (torch.nn.functional.rms_norm, torch.rms_norm, aten.rms_norm.default)
@@ -63,24 +65,39 @@ def _other(node: fx.Node, operand: fx.Node):
     return b if a is operand else a
 
 
-def _upcast_input(node) -> fx.Node | None:
-    """x for x.to(torch.float32) / x.float() / x.to(dtype=torch.float32)."""
+def _cast(node) -> tuple[fx.Node, torch.dtype | None] | None:
+    """(x, dtype) for a dtype cast of x: x.to(dtype) / x.float() in Dynamo graphs, aten._to_copy(x, dtype=)
+    / prims.convert_element_type(x, dtype) in aot ones."""
     if is_call(node, methods=("float",)):
-        return node.args[0]
-    if is_call(node, methods=("to",)) and torch.float32 in (*node.args[1:], node.kwargs.get("dtype")):
-        return node.args[0]
+        return node.args[0], torch.float32
+    if is_call(node, methods=("to",)):
+        dtypes = [a for a in (*node.args[1:], node.kwargs.get("dtype")) if isinstance(a, torch.dtype)]
+        return node.args[0], dtypes[0] if dtypes else None
+    if is_call(node, (aten._to_copy.default,)) and set(node.kwargs) <= {"dtype"}:
+        return node.args[0], node.kwargs.get("dtype")
+    if is_call(node, (prims.convert_element_type.default,)):
+        return node.args[0], node.args[1]
     return None
+
+
+def _upcast_input(node) -> fx.Node | None:
+    """x for a cast of x to float32."""
+    cast = _cast(node)
+    return cast[0] if cast is not None and cast[1] == torch.float32 else None
 
 
 def _mean_of_square(node, x32) -> fx.Node | None:
     """The pow node of mean(pow(x32, 2), -1, keepdim=True)."""
-    if not is_call(node, (torch.mean,), ("mean",)):
+    if not is_call(node, (torch.mean, aten.mean.dim), ("mean",)):
         return None
     dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    if dims not in (-1, [-1], (-1,)) or not node.kwargs.get("keepdim", len(node.args) > 2 and node.args[2]):
+    last = value(x32).dim() - 1 if isinstance(value(x32), torch.Tensor) else -1
+    if dims not in (-1, [-1], (-1,), [last], (last,)) or not node.kwargs.get("keepdim", len(node.args) > 2
+                                                                             and node.args[2]):
         return None
     square = node.args[0]
-    if is_call(square, (torch.pow, operator.pow), ("pow",)) and square.args[0] is x32 and _const(square.args[1], 2):
+    if (is_call(square, (torch.pow, operator.pow, aten.pow.Tensor_Scalar), ("pow",)) and square.args[0] is x32
+            and _const(square.args[1], 2)):
         return square
     return None
 
@@ -104,12 +121,12 @@ def _decomposed(output: fx.Node) -> RMSNorm | None:
     if not is_call(output, MULS):
         return None
     for cast in output.args[:2]:
-        if not is_call(cast, methods=("to",)) or not is_call(cast.args[0], MULS):
+        if _cast(cast) is None or not is_call(cast.args[0], MULS):
             continue
         weight, scaled = _other(output, cast), cast.args[0]
         for rsqrt in scaled.args[:2]:
             x32 = _other(scaled, rsqrt)
-            if not is_call(rsqrt, (torch.rsqrt,), ("rsqrt",)) or (x := _upcast_input(x32)) is None:
+            if not is_call(rsqrt, (torch.rsqrt, aten.rsqrt.default), ("rsqrt",)) or (x := _upcast_input(x32)) is None:
                 continue
             add_eps = rsqrt.args[0]
             if not is_call(add_eps, ADDS) or add_eps.kwargs:

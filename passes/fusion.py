@@ -108,12 +108,22 @@ def activation_quants(graph: fx.Graph, ops: tuple) -> list[fx.Node]:
             if n.op == "call_function" and n.target in ops and mxfx_tag(n).get("role") == "activation_quant"]
 
 
+def _flattens(node) -> bool:
+    """node reshapes its input to [M, K], keeping the last dim: the rewrite's flattening, or the graph's own
+    view before aten.mm in aot graphs."""
+    if not is_call(node, RESHAPES):
+        return False
+    if mxfx_tag(node).get("role") == "activation_quant":
+        return True
+    before, after = value(node.args[0]), value(node)
+    return (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and after.dim() == 2
+            and before.dim() > 2 and after.shape[-1] == before.shape[-1])
+
+
 def quant_input(quant: fx.Node) -> tuple[fx.Node, fx.Node | None]:
-    """(the tensor quantized, the rewrite's flattening reshape or None)."""
+    """(the tensor quantized, the flattening reshape before the quantization or None)."""
     x = quant.args[0]
-    if is_call(x, RESHAPES) and mxfx_tag(x).get("role") == "activation_quant":
-        return x.args[0], x
-    return x, None
+    return (x.args[0], x) if _flattens(x) else (x, None)
 
 
 _QUANT_DEFAULTS = {"axis": -1, "block_size": 32, "dst_type_max": 0.0, "max_low_bound": 0.0}

@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from mxfx.schemes import MXFP4W4A8, MXFP8, DualLevelMXFP4, get_scheme
 
@@ -50,14 +51,6 @@ def _groups(graph: fx.Graph) -> list[list[fx.Node]]:
             operands = tuple(n for n in node.all_input_nodes if not _is_constant(n))
             groups.setdefault((node.target, operands), []).append(node)
     return list(groups.values())
-
-
-def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate along N (dim 0), bytewise for dtypes torch.cat has no CPU kernel for (float8)."""
-    dtype = tensors[0].dtype
-    if dtype.itemsize == 1 and dtype.is_floating_point:
-        return torch.cat([t.view(torch.uint8) for t in tensors]).view(dtype)
-    return torch.cat(tensors)
 
 
 class _Merge:
@@ -96,15 +89,16 @@ class _Merge:
             self.report.skip(linears, *why)
             return
         scheme, target, dtype = schemes[0], self.context.target, value(matmuls[0]).dtype
-        with torch.no_grad():
-            codes = [scheme.weight_codes(target, w, dtype) for w in weights]
-            merged = {name: _cat([c[name] for c in codes]) for name in codes[0]}
-            bias = None if biases[0] is None else torch.cat(biases)
-            prepared = scheme.layout(target, merged, bias, dtype)
+        with unset_fake_temporarily():  # real weights; aot_autograd runs an engine's passes under its fake mode
+            prepared = self.context.prepare_merged(scheme, target, weights, biases, dtype)
+        for weight, bias in zip(weights, biases):  # the siblings' own constants are not kept (nor cached)
+            self.context.discard_prepared(scheme, target, weight, bias, dtype)
         stem = self._stem()
         first = matmuls[0]
-        # "sources": the merged linears' weight and bias inputs (the backend's weight watch refuses their updates)
-        tag = {"linear": "+".join(linears), "linears": linears, "sources": [(t["weight"], t["bias"]) for t in tags]}
+        # "sources": the merged linears' weight and bias inputs, dtype and scheme (the weight watch merges them
+        # again when one changes)
+        tag = {"linear": "+".join(linears), "linears": linears,
+               "sources": ([(t["weight"], t["bias"]) for t in tags], dtype, scheme)}
         with self.graph.inserting_before(first):
             constants = {name: self.emit.constant(f"{stem}_{name}", t, name=name, **tag)
                          for name, t in prepared.items()}

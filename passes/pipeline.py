@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from mxfx.prepared import prepare_merged
 from mxfx.schemes import Scheme, SchemeSelector
 from mxfx.selection import ALL, Selection
 from mxfx.targets import Target
@@ -23,6 +24,10 @@ from .report import PassReport, PipelineReport, RewriteReport
 log = logging.getLogger("mxfx.passes")
 
 
+def keep_prepared(scheme, target, weight, bias, dtype) -> None:
+    """The default discard_prepared: without a cache there is nothing to drop."""
+
+
 @dataclass
 class PassContext:
     """What one compile gives every pass."""
@@ -33,6 +38,9 @@ class PassContext:
     select: Selection = ALL
     prepare: Prepare = prepare_weight
     fake_mode: FakeTensorMode | None = None
+    # merge_siblings: the siblings' merged constants, and what to do with their own (a cache drops them)
+    prepare_merged: Callable = prepare_merged
+    discard_prepared: Callable = keep_prepared
 
 
 GraphPass = Callable[[fx.GraphModule, PassContext], PassReport]
@@ -44,10 +52,11 @@ def rewrite_linears(gm: fx.GraphModule, context: PassContext) -> RewriteReport:
                             prepare=context.prepare)
 
 
-DEFAULT_PASSES: tuple[GraphPass, ...] = (rewrite_linears,)
-# Opt-in, after DEFAULT_PASSES: they change numerics (the NPU's fused arithmetic, not the unfused graph's),
-# so they are not in the default until the measured accuracy says so (README, "Fusions").
+UNFUSED_PASSES: tuple[GraphPass, ...] = (rewrite_linears,)
+# After the rewrite. On both targets by default: the reference runs the NPU's graph, fused arithmetic
+# included (README, "Fusions": what the fused norm's rounding does to perplexity).
 FUSION_PASSES: tuple[GraphPass, ...] = (merge_siblings, fuse_norm_quant, fuse_swiglu_quant)
+DEFAULT_PASSES: tuple[GraphPass, ...] = (*UNFUSED_PASSES, *FUSION_PASSES)
 
 
 def run_passes(gm: fx.GraphModule, graph_passes: Iterable[GraphPass], context: PassContext) -> PipelineReport:

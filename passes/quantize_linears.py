@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 
 from mxfx.metrics import nbytes
 from mxfx.schemes import Scheme, SchemeSelector, Tensors, get_scheme
@@ -30,6 +30,7 @@ from .find_linears import LinearSite, MatmulWeight, find_linears, find_other_mat
 from .report import LinearReport, RewriteReport
 
 aten = torch.ops.aten
+AOT_VIEWS = (aten.t.default, aten.permute.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 log = logging.getLogger("mxfx.passes")
 
 PASS = "quantize_linears"
@@ -224,10 +225,13 @@ class _Rewrite:
             new_nodes.append(node)
             node = node.next
         site.node.replace_all_uses_with(y.node)
-        transposed = site.node.args[-1] if site.form == "aten_mm" else None
+        # an aot graph's own views of the weight (t) and the activation (to [M, K]; siblings each have one
+        # and share one quantization) go when the linear was their last user
+        views = (site.node.args[-1], site.input) if site.form == "aten_mm" else ()
         self.graph.erase_node(site.node)
-        if transposed is not None and not transposed.users:
-            self.graph.erase_node(transposed)
+        for view in views:
+            if view.op == "call_function" and view.target in AOT_VIEWS and not view.users:
+                self.graph.erase_node(view)
         self.propagate_meta(new_nodes)
         entry.outcome = "rewritten"
         log.debug("%s: %s rewritten with %s (K=%s, N=%s)", PASS, fqn, scheme.label, entry.k, entry.n)
@@ -256,7 +260,8 @@ class _Rewrite:
         and their bytes (bias excluded)."""
         key = (site.weight, site.bias, dtype, scheme)
         if key not in self.prepared:
-            tensors = self.prepare(scheme, self.target, weight, bias, dtype)
+            with unset_fake_temporarily():  # real weights; aot_autograd runs an engine's passes under its fake mode
+                tensors = self.prepare(scheme, self.target, weight, bias, dtype)
             stem = self.unused_stem(re.sub(r"\W", "_", f"{CONSTANT_PREFIX}{site.weight}"))
             nodes = {}
             for name, tensor in tensors.items():

@@ -151,3 +151,42 @@ def test_continuation_uses_a_kv_cache_and_compiles_two_graphs_whatever_the_lengt
         graphs.append(counters["stats"]["unique_graphs"])
     torch._dynamo.reset()
     assert graphs[0] == graphs[1] <= 2
+
+
+def test_recipes_run_next_to_plain_rounding_from_a_calibration_file(byte_model, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("Alpha beta gamma delta epsilon zeta eta theta iota kappa. " * 20)
+    calibration = tmp_path / "calibration.safetensors"
+    argv = ["calibrate", "--model", str(byte_model), "--out", str(calibration), "--calibration-text", str(text),
+            "--seq", "32"]
+    assert cli.main(argv) == 0
+    assert f"calibrated on {(len(text.read_text()) // 32) * 32:,} tokens of {text}" in capsys.readouterr().out
+    argv = ["eval", "--model", str(byte_model), "--scheme", "mxfp4_w4a8", "mxfp8", "--recipe", "none", "gptq",
+            "recommended", "--calibration", str(calibration), "--text", str(text), "--seq", "32", "--max-tokens",
+            "64", "--new-tokens", "0"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[0] for line in out.splitlines() if line.startswith("mxfp")]
+    assert rows == ["mxfp4_w4a8", "mxfp4_w4a8+gptq", "mxfp8", "mxfp8+gptq"]  # each scheme plain, then its recipes
+    assert "mxfp8: no recipe is recommended for it yet (none measured); it runs plain" in out
+    assert cli.main(["inspect", "--model", str(byte_model), "--scheme", "mxfp4_dual", "--recipe", "rotate"]) == 0
+    assert "mxfp4_dual+rotate" in capsys.readouterr().out
+
+
+def test_recipe_inputs_that_cannot_serve_are_refused_by_name(byte_model, tmp_path, capsys):
+    other = tmp_path / "other"
+    config = Qwen3Config(vocab_size=257, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=64)
+    Qwen3ForCausalLM(config).to(torch.bfloat16).save_pretrained(other)
+    calibration = tmp_path / "other.safetensors"
+    assert cli.main(["calibrate", "--model", str(other), "--out", str(calibration), "--seq", "32",
+                     "--calibration-tokens", "64"]) == 0
+    base = ["eval", "--model", str(byte_model), "--scheme", "mxfp4_dual", "--seq", "32", *QUICK]
+    assert cli.main([*base, "--recipe", "gptq", "--calibration", str(calibration)]) == 2
+    assert "the calibration is for another model: linear model.layers.0.self_attn.q_proj" in capsys.readouterr().err
+    assert cli.main([*base, "--recipe", "gptq", "--calibration-tokens", "16"]) == 2
+    assert "--calibration-tokens is 16: less than one window (--seq 32)" in capsys.readouterr().err
+    checkpoint = tmp_path / "q"
+    assert cli.main(["quantize", "--model", str(byte_model), "--scheme", "mxfp8", "--out", str(checkpoint)]) == 0
+    assert cli.main(["eval", "--model", str(checkpoint), "--recipe", "gptq", "--seq", "32", *QUICK]) == 2
+    assert "is a quantized checkpoint: its codes are fixed, so --recipe gptq cannot apply" in capsys.readouterr().err

@@ -41,10 +41,12 @@ def torch_npu(monkeypatch):
 def test_qwen3_on_target_npu_calls_the_scheme_table_and_matches_the_reference(torch_npu, scheme):
     model = tiny_qwen3()
     with torch.no_grad():
-        npu = torch.compile(model, backend=Backend(scheme, target="npu", cache=PreparedWeights()), fullgraph=True)(IDS)
+        npu = torch.compile(model, backend=Backend(scheme, target="npu", cache=PreparedWeights(), fuse=False),
+                            fullgraph=True)(IDS)
         calls = list(npu_standin.calls)
         torch._dynamo.reset()
-        reference = torch.compile(model, backend=mxfx.backend(scheme, target="reference"), fullgraph=True)(IDS)
+        reference = torch.compile(model, backend=mxfx.backend(scheme, target="reference", fuse=False),
+                                  fullgraph=True)(IDS)
     assert torch.equal(npu.logits, reference.logits)
     preparation, quant, matmul = EXPECTED[scheme]
     prepared = len(preparation) * 14
@@ -53,6 +55,31 @@ def test_qwen3_on_target_npu_calls_the_scheme_table_and_matches_the_reference(to
     assert run == {quant: 8, matmul: 14}, "2 layers x (4 activation quantizations, 7 matmuls)"
     first_matmul = next(args for name, args in calls if name == matmul)
     assert first_matmul["x1"][0] == 16, "the activation is flattened to [batch * seq, K]"
+
+
+@pytest.mark.parametrize("scheme", list(EXPECTED))
+def test_the_fused_graph_on_target_npu_calls_the_fused_ops_and_matches_the_reference(torch_npu, scheme):
+    """The default pipeline: per layer one matmul for q/k/v and one for gate/up (their codes merged once at
+    compile time), the norms' quantizations fused into the norms and down_proj's into the SwiGLU, except on
+    the dual-level scheme, which has no fused quantizer."""
+    model = tiny_qwen3()
+    with torch.no_grad():
+        npu = torch.compile(model, backend=Backend(scheme, target="npu", cache=PreparedWeights()), fullgraph=True)(IDS)
+        calls = list(npu_standin.calls)
+        torch._dynamo.reset()
+        reference = torch.compile(model, backend=mxfx.backend(scheme, target="reference"), fullgraph=True)(IDS)
+    assert torch.equal(npu.logits, reference.logits)
+    preparation, quant, matmul = EXPECTED[scheme]
+    merged = [op for op in preparation if op != "npu_format_cast"] * 3 + preparation[1:]  # q/k/v codes, one layout
+    merged += [op for op in preparation if op != "npu_format_cast"] * 2 + preparation[1:]  # gate/up
+    prepared = len(preparation) * 14 + len(merged) * 2
+    assert [name for name, _ in calls[:prepared]] == preparation * 14 + merged * 2
+    run = Counter(name for name, _ in calls[prepared:])
+    if scheme == "mxfp4_dual":
+        assert run == {quant: 8, matmul: 8}, "2 layers x (4 activation quantizations, 4 matmuls)"
+    else:
+        assert run == {"npu_rms_norm_dynamic_mx_quant": 1, "npu_add_rms_norm_dynamic_mx_quant": 3,
+                       "npu_swiglu_mx_quant": 2, quant: 2, matmul: 8}, "o_proj's input alone is quantized alone"
 
 
 def test_the_fake_kernel_mxfx_adds_for_the_dual_level_matmul(torch_npu):
@@ -143,7 +170,7 @@ def test_torchair_inner_gets_the_users_config_and_frozen_parameter_constants(mon
     assert seen["config"] is config and config.mode == "reduce-overhead" and config.experimental_config.frozen_parameter
     constants = [t for t in seen["inputs"]
                  if isinstance(t, torch.nn.Parameter) and t.dtype in (torch.float8_e4m3fn, torch.uint8)]
-    assert len(constants) == 14, "7 weights and 7 scales, each a frozen Parameter"
+    assert len(constants) == 8, "4 matmuls after merging (q/k/v, o, gate/up, down): weights and scales, frozen"
     assert torch.equal(got.logits, expected.logits)
 
 
@@ -159,8 +186,9 @@ def test_a_checkpoint_on_target_npu_feeds_the_stored_codes_to_the_device_ops(tor
         torch._dynamo.reset()
         reference = torch.compile(model, backend=mxfx.backend("modelslim", target="reference"))(ids)
     assert torch.equal(npu.logits, reference.logits)
-    assert calls.count("npu_format_cast") == 28, "stored codes are NZ-cast on the device, never re-quantized"
-    assert "npu_dynamic_dual_level_mx_quant" not in calls[:28] and "npu_dynamic_mx_quant" not in calls[:28]
+    # stored codes are NZ-cast on the device, never re-quantized: 28 linears, then the 8 merged q/k/v, gate/up
+    assert calls.count("npu_format_cast") == 28 + 8
+    assert "npu_dynamic_dual_level_mx_quant" not in calls[:36] and "npu_dynamic_mx_quant" not in calls[:36]
 
 
 def test_an_int4_checkpoint_on_target_npu_packs_each_weight_once_and_matches_the_reference(torch_npu, tmp_path):

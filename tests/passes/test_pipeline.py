@@ -58,7 +58,7 @@ def test_lift_constants_makes_the_tagged_constants_inputs():
 
 
 def test_the_backend_runs_its_passes_in_order_then_lifts():
-    be = mxfx.backend("mxfp8", target="reference", passes=(*passes.DEFAULT_PASSES, count_quants))
+    be = mxfx.backend("mxfp8", target="reference", passes=(*passes.UNFUSED_PASSES, count_quants))
     torch._dynamo.reset()
     with torch.no_grad():
         torch.compile(tiny_qwen3(layers=1), backend=be, fullgraph=True)(torch.zeros(1, 8, dtype=torch.long))
@@ -87,3 +87,44 @@ def test_the_rewrite_logs_each_linear(caplog):
     messages = [r.getMessage() for r in caplog.records if r.name == "mxfx.passes"]
     assert "quantize_linears: q rewritten with mxfp4_dual (K=512, N=512)" in messages
     assert messages[-1].startswith("quantize_linears: 4 rewritten, 0 skipped")
+
+
+def test_fusions_are_on_by_default_and_fuse_false_turns_them_off():
+    assert mxfx.backend().passes == passes.DEFAULT_PASSES == (*passes.UNFUSED_PASSES, *passes.FUSION_PASSES)
+    assert mxfx.backend(fuse=False).passes == passes.UNFUSED_PASSES
+    with pytest.raises(ValueError, match="either passes .* or fuse, not both"):
+        mxfx.backend(fuse=True, passes=passes.UNFUSED_PASSES)
+
+
+def test_an_engine_runs_the_pipeline_as_a_custom_pass_on_its_aot_autograd_graph():
+    """A serving engine owns its compile pipeline (aot_autograd, then its own passes): it hands mxfx the
+    post-autograd forward graph with the weights as inputs. The rewrite and every fusion match there as on
+    the Dynamo graph, and the logits are the mxfx backend's, bit for bit."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    model, ids = tiny_qwen3(layers=1), torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    reports = []
+
+    def engine(gm, example_inputs):
+        def forward_compiler(fw, fw_inputs):
+            placeholders = [n.name for n in fw.graph.nodes if n.op == "placeholder"]
+            weights = {name: t for name, t in zip(placeholders, example_inputs) if isinstance(t, torch.nn.Parameter)}
+            context = PassContext("mxfp8", get_target("reference"), weights,
+                                  fake_mode=torch._guards.detect_fake_mode(fw_inputs))
+            reports.append(run_passes(fw, passes.DEFAULT_PASSES, context))
+            return make_boxed_func(fw.forward)
+
+        return aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs)
+
+    with torch.no_grad():
+        torch._dynamo.reset()
+        got = torch.compile(model, backend=engine, fullgraph=True)(ids).logits
+        torch._dynamo.reset()
+        expected = torch.compile(model, backend=mxfx.backend("mxfp8", target="reference"), fullgraph=True)(ids).logits
+    torch._dynamo.reset()
+    rewrite, merge, norm, swiglu = reports[-1].passes
+    assert len(rewrite.rewritten) == 7
+    assert [len(site.linears) for site in merge.fused] == [3, 2]
+    assert len(norm.fused) == 2 and len(swiglu.fused) == 1
+    assert torch.equal(got, expected)

@@ -94,3 +94,38 @@ def test_bad_requests_are_refused_by_name():
         recipes.apply("mxfp4_dual", "gptq", calibrate(One(k=1024), [_inputs(1024)]), model)
     with pytest.raises(ValueError, match="linear proj: GPTQ needs the Gram matrix"):
         recipes.apply("mxfp4_dual", "gptq", calibrate(model, [_inputs()], gram=False), model)
+
+
+def test_the_backend_runs_a_recipe_on_each_graphs_linears():
+    """backend(recipe=, calibration=) builds the recipe's schemes from the graph's own linears: the same
+    logits as the selector recipes.apply builds from the model, and the excluded lm_head stays bf16."""
+    model = tiny_qwen3(layers=1)
+    batches = [torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    calibration = calibrate(model, batches)
+    compiled, by_model = _compiled(model, recipes.apply("mxfp4_w4a8", "smooth+gptq", calibration, model))
+    with torch.no_grad():
+        expected = compiled(batches[0]).logits
+    torch._dynamo.reset()
+    be = mxfx.backend("mxfp4_w4a8", target="reference", recipe="smooth+gptq", calibration=calibration)
+    with torch.no_grad():
+        got = torch.compile(model, backend=be, fullgraph=True)(batches[0]).logits
+    torch._dynamo.reset()
+    assert torch.equal(got, expected)
+    assert "recipe='smooth+gptq'" in repr(be)
+    assert {r.scheme for r in be.reports[-1].rewritten} == {"mxfp4_w4a8+smooth+gptq"}
+    assert "lm_head" in {r.fqn for r in be.reports[-1].skipped}
+
+
+def test_the_backend_refuses_a_recipe_it_cannot_run_when_made():
+    with pytest.raises(ValueError, match="recipe gptq needs a calibration"):
+        mxfx.backend("mxfp4_dual", recipe="gptq")
+    with pytest.raises(ValueError, match="a calibration serves a recipe"):
+        mxfx.backend("mxfp4_dual", calibration=calibrate(One(), [_inputs()]))
+    with pytest.raises(ValueError, match="recipes apply to the online schemes"):
+        mxfx.backend("modelslim", recipe="rotate")
+    model = tiny_qwen3(layers=1)
+    be = mxfx.backend("mxfp4_dual", target="reference", recipe="gptq", calibration=calibrate(One(), [_inputs()]))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="has no calibration statistics"):
+        torch.compile(model, backend=be, fullgraph=True)(torch.zeros(1, 4, dtype=torch.long))
+    torch._dynamo.reset()
