@@ -77,18 +77,19 @@ def _grouped_product(a, sa, b, sb, level0) -> torch.Tensor:
 def _mx_product(a, fmt_a, a_paired, b, fmt_b, b_paired, k, n, nz_c0=None, level0=None) -> torch.Tensor:
     """fp32 [M, N]: a the activation codes [M, K or K/2] with its paired scales [M, K/64, 2]; b the
     weight's bytes, ND [N, K or K/2] or (nz_c0) its FRACTAL_NZ storage, b_paired [N, K/64, 2]."""
-    groups = -(-k // GROUP)
-    sa = e8m0_decode(from_paired_scales(a_paired, groups))
-    b_scale = b_paired.view(torch.uint8)
-    out = native.try_mx_matmul(a.view(torch.uint8), fmt_a, sa, b.view(torch.uint8), fmt_b, b_scale, k, n, nz_c0,
+    a_scale, b_scale = (s if s.dtype == torch.uint8 else s.view(torch.uint8) for s in (a_paired, b_paired))
+    out = native.try_mx_matmul(a.view(torch.uint8), fmt_a, a_scale, b.view(torch.uint8), fmt_b, b_scale, k, n, nz_c0,
                                level0)
     if out is not None:
         return out
+    groups = -(-k // GROUP)
+    sa = e8m0_decode(from_paired_scales(a_scale, groups))
     kbytes = k if fmt_b == "fp8_e4m3" else k // 2
     b_nd = b if nz_c0 is None else nz_to_nd(b.view(torch.uint8), n, kbytes, c0=nz_c0)
     if fmt_b == "fp8_e4m3":
         b_nd = b_nd.view(torch.float8_e4m3fn)
     sb = e8m0_decode(from_paired_scales(b_scale, groups))
+    level0 = None if level0 is None else tuple(t.float() for t in level0)
     return _grouped_product(_element_values(a, fmt_a, k), sa, _element_values(b_nd, fmt_b, k), sb, level0)
 
 
@@ -124,7 +125,7 @@ def _dual_level_quant_matmul(x1, x2, x1_level0_scale, x2_level0_scale, x1_level1
     """x2 is the FP4 weight [N, K/2] as the emulated NZ layout that mxfx::npu_format_cast returns."""
     m, k, n = _dual_level_shapes(x1, x2, x1_level0_scale, x2_level0_scale, x1_level1_scale, x2_level1_scale)
     acc = _mx_product(x1, "fp4_e2m1", x1_level1_scale, x2.contiguous(), "fp4_e2m1", x2_level1_scale, k, n,
-                      nz_c0=x2.shape[-1], level0=(x1_level0_scale.float(), x2_level0_scale.float()))
+                      nz_c0=x2.shape[-1], level0=(x1_level0_scale, x2_level0_scale))
     return _finish(acc, bias, from_scalar_type(output_dtype))
 
 

@@ -146,7 +146,7 @@ def _build() -> ctypes.CDLL:
         fn.restype = ctypes.c_int
     lib.e2m1_encode_f32.argtypes = [p, _I64, _INT, p]
     lib.e2m1_encode_f32.restype = None
-    lib.mx_pairs.argtypes = [p, _I64, _I64, _I64, _INT, _INT, _I64, p]
+    lib.mx_pairs.argtypes = [p, _I64, _I64, _I64, _INT, _INT, _I64, p, p, _I64, _I64, _I64, p]
     lib.mx_pairs.restype = ctypes.c_int
     lib.mx_matmul.argtypes = [p, p, _I64, _I64, p, _INT, *[_I64] * 5, p, *[_I64] * 4, p, p, *[_I64] * 4, p, _I64, _INT]
     lib.mx_matmul.restype = ctypes.c_int
@@ -321,9 +321,9 @@ def try_mx_matmul(a: torch.Tensor, fmt_a: str, a_scale: torch.Tensor, b: torch.T
                   b_scale: torch.Tensor, k: int, n: int, nz_c0: int | None = None,
                   level0: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
     """fp32 [M, N] of an MX matmul from packed operands (arguments already checked), or None where the
-    call does not go native. a: codes [M, K] (E4M3) or [M, K/2] (packed FP4) bytes, a_scale: fp32 [M,
-    ceil(K/32)]; b: the weight's bytes, ND [N, K or K/2] (any row stride) or, with nz_c0, the contiguous
-    FRACTAL_NZ storage [ceil(Kb/c0), ceil(N/16), 16, c0] of them; b_scale: uint8 [N, ceil(K/64), 2], any
+    call does not go native. a: codes [M, K] (E4M3) or [M, K/2] (packed FP4) bytes; b: the weight's
+    bytes, ND [N, K or K/2] (any row stride) or, with nz_c0, the contiguous FRACTAL_NZ storage
+    [ceil(Kb/c0), ceil(N/16), 16, c0] of them; a_scale, b_scale: uint8 [M or N, ceil(K/64), 2], any
     strides; level0: (fp32 [M, ceil(K/512)], fp32 [ceil(K/512), N]) for the dual-level matmul."""
     if a.device.type != "cpu" or b.device.type != "cpu":
         return None
@@ -335,8 +335,9 @@ def try_mx_matmul(a: torch.Tensor, fmt_a: str, a_scale: torch.Tensor, b: torch.T
     if a.stride(-1) != 1:
         a = a.contiguous()
     pairs = torch.empty(m, 16 * groups, dtype=torch.int32)
-    _check(lib.mx_pairs(a.data_ptr(), m, a.stride(0), k, fa, fb, 16 * groups, pairs.data_ptr()))
-    a_scale = a_scale.float().contiguous()
+    sa = torch.empty(m, groups, dtype=torch.float32)
+    _check(lib.mx_pairs(a.data_ptr(), m, a.stride(0), k, fa, fb, 16 * groups, pairs.data_ptr(), a_scale.data_ptr(),
+                        *a_scale.stride(), sa.data_ptr()))
     if nz_c0 is None:
         if b.stride(-1) != 1:
             b = b.contiguous()
@@ -346,8 +347,8 @@ def try_mx_matmul(a: torch.Tensor, fmt_a: str, a_scale: torch.Tensor, b: torch.T
     kbytes = k if fmt_b == "fp8_e4m3" else k // 2
     l0a = l0b = None
     if level0 is not None:
-        l0a = level0[0].float().contiguous()
-        l0b = level0[1].float()
+        l0a, l0b = (t if t.dtype == torch.float32 else t.float() for t in level0)
+        l0a = l0a.contiguous()
         if l0b.stride(-1) != 1:
             l0b = l0b.contiguous()
     out = torch.empty(m, n, dtype=torch.float32)
@@ -355,7 +356,7 @@ def try_mx_matmul(a: torch.Tensor, fmt_a: str, a_scale: torch.Tensor, b: torch.T
 
     def call(start: int, count: int) -> int:
         return lib.mx_matmul(
-            pairs.data_ptr(), a_scale.data_ptr(), m, k, b.data_ptr(), fb, s_n, s_nb, s_cb, c0, kbytes,
+            pairs.data_ptr(), sa.data_ptr(), m, k, b.data_ptr(), fb, s_n, s_nb, s_cb, c0, kbytes,
             b_scale.data_ptr(), *b_scale.stride(), _readable_bytes(b_scale),
             None if l0a is None else l0a.data_ptr(), None if l0b is None else l0b.data_ptr(),
             0 if l0b is None else l0b.stride(0), start, count, n, out.data_ptr(), n, vector)

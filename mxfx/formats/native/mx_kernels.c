@@ -484,11 +484,15 @@ INLINE int64_t pair_low(int64_t kp, int fmt_w) {
 INLINE int64_t pair_half(int fmt_w) { return fmt_w == FMT_E2M1 ? 4 : 2; }
 
 /* The activation [rows, k] (packed FP4 or E4M3 bytes, row stride ldx bytes) as bf16 pairs [rows,
-   pairs]: pairs = 16 * groups, elements past k are 0. */
+   pairs]: pairs = 16 * groups, elements past k are 0; and its E8M0 scales (byte (r, g) at scale + r * s_m
+   + (g / 2) * s_p + (g % 2) * s_2) as fp32 [rows, groups]. */
 int mx_pairs(const uint8_t *x, int64_t rows, int64_t ldx, int64_t k, int fmt_x, int fmt_w, int64_t pairs,
-             uint32_t *out) {
+             uint32_t *out, const uint8_t *scale, int64_t s_m, int64_t s_p, int64_t s_2, float *scale_out) {
     if (rows < 0 || k <= 0 || pairs * 2 < k || pairs % PAIRS) return -1;
-    int64_t half = pair_half(fmt_w);
+    int64_t half = pair_half(fmt_w), groups = (k + 31) / 32;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t g = 0; g < groups; g++)
+            scale_out[r * groups + g] = e8m0_f32(scale[r * s_m + (g >> 1) * s_p + (g & 1) * s_2]);
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *xr = x + r * ldx;
         for (int64_t kp = 0; kp < pairs; kp++) {
@@ -579,13 +583,37 @@ static void decode_group_avx(const weight_t *w, int64_t n0, int lanes, int64_t g
             (short)0xBF00, (short)0x8000, 0x40C0, 0x4080, 0x4040, 0x4000, 0x3FC0, 0x3F80, 0x3F00, 0x0000,
             (short)0xC0C0, (short)0xC080, (short)0xC040, (short)0xC000, (short)0xBFC0, (short)0xBF80,
             (short)0xBF00, (short)0x8000, 0x40C0, 0x4080, 0x4040, 0x4000, 0x3FC0, 0x3F80, 0x3F00, 0x0000);
+        /* the lanes' 16 bytes as rows, four to a register, transposed: v[j] = dword j of every lane */
         const uint8_t *base = weight_byte(w, n0, 16 * g);
+        __m512i z[4], u[4], v[4];
+        for (int q = 0; q < 4; q++) {
+            if (w->s_n == 16 && lanes == 16) {
+                z[q] = _mm512_loadu_si512(base + 64 * q);
+                continue;
+            }
+            __m128i row[4];
+            for (int i = 0; i < 4; i++)
+                row[i] = _mm_maskz_loadu_epi8(4 * q + i < lanes ? 0xFFFF : 0, base + (4 * q + i) * w->s_n);
+            z[q] = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(row[0]), row[1], 1),
+                                                         row[2], 2), row[3], 3);
+        }
+        const __m512i ia = _mm512_set_epi32(29, 25, 21, 17, 13, 9, 5, 1, 28, 24, 20, 16, 12, 8, 4, 0);
+        const __m512i ib = _mm512_add_epi32(ia, _mm512_set1_epi32(2));
+        const __m512i lo = _mm512_set_epi32(23, 22, 21, 20, 19, 18, 17, 16, 7, 6, 5, 4, 3, 2, 1, 0);
+        const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+        u[0] = _mm512_permutex2var_epi32(z[0], ia, z[1]);
+        u[1] = _mm512_permutex2var_epi32(z[0], ib, z[1]);
+        u[2] = _mm512_permutex2var_epi32(z[2], ia, z[3]);
+        u[3] = _mm512_permutex2var_epi32(z[2], ib, z[3]);
+        v[0] = _mm512_permutex2var_epi32(u[0], lo, u[2]);
+        v[1] = _mm512_permutex2var_epi32(u[0], hi, u[2]);
+        v[2] = _mm512_permutex2var_epi32(u[1], lo, u[3]);
+        v[3] = _mm512_permutex2var_epi32(u[1], hi, u[3]);
         for (int j = 0; j < 4; j++) { /* 4 bytes = elements 8j .. 8j + 7 */
-            __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, offsets, base + 4 * j, 1);
-            _mm512_store_si512(out + 4 * j + 0, _mm512_permutexvar_epi16(v, lut));
-            _mm512_store_si512(out + 4 * j + 1, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut));
-            _mm512_store_si512(out + 4 * j + 2, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), lut));
-            _mm512_store_si512(out + 4 * j + 3, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), lut));
+            _mm512_store_si512(out + 4 * j + 0, _mm512_permutexvar_epi16(v[j], lut));
+            _mm512_store_si512(out + 4 * j + 1, _mm512_permutexvar_epi16(_mm512_srli_epi16(v[j], 4), lut));
+            _mm512_store_si512(out + 4 * j + 2, _mm512_permutexvar_epi16(_mm512_srli_epi16(v[j], 8), lut));
+            _mm512_store_si512(out + 4 * j + 3, _mm512_permutexvar_epi16(_mm512_srli_epi16(v[j], 12), lut));
         }
     } else {
         const __m512i sub = _mm512_set_epi16( /* m * 2**-9 for m < 8 (indices 0..7; the rest unused) */
@@ -724,13 +752,15 @@ int mx_matmul(const uint32_t *act, const float *sa, int64_t m, int64_t k, const 
     if (!scratch) return -3;
     uint32_t *wbuf = (uint32_t *)(scratch + (64 - (uintptr_t)scratch % 64));
     float *sbuf = (float *)(wbuf + CHUNK * PAIRS * 16), *pbuf = sbuf + CHUNK * 16;
-    for (int64_t n0 = n_start; n0 < n_start + count; n0 += 16) {
-        int lanes = (int)(n_start + count - n0 < 16 ? n_start + count - n0 : 16);
-        for (int64_t r = 0; r < m; r++)
-            for (int l = 0; l < lanes; l++) out[r * ldo + n0 + l] = 0.0f;
-        for (int64_t ch = 0; ch < groups0; ch++) {
-            int64_t g_first = ch * CHUNK;
-            int gc = (int)(groups - g_first < CHUNK ? groups - g_first : CHUNK);
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t l = 0; l < count; l++) out[r * ldo + n_start + l] = 0.0f;
+    /* chunk by chunk, the lanes' blocks inside: an NZ weight is read in storage order, and the
+       activation's chunk stays in cache across the blocks */
+    for (int64_t ch = 0; ch < groups0; ch++) {
+        int64_t g_first = ch * CHUNK;
+        int gc = (int)(groups - g_first < CHUNK ? groups - g_first : CHUNK);
+        for (int64_t n0 = n_start; n0 < n_start + count; n0 += 16) {
+            int lanes = (int)(n_start + count - n0 < 16 ? n_start + count - n0 : 16);
             for (int g = 0; g < gc; g++) {
                 uint32_t *dst = wbuf + g * PAIRS * 16;
                 int64_t gg = g_first + g;
