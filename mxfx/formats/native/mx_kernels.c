@@ -571,10 +571,21 @@ static void partials_scalar(const uint32_t *act, int64_t lda, int rows, int64_t 
 #include <immintrin.h>
 #define HAVE_BF16_DOT 1
 
+/* z[q] holds 4 dwords of each of the lanes 4q .. 4q + 3 (lane-major); v[j] = dword j of the 16 lanes */
+INLINE void transpose16x4(const __m512i *z, __m512i *v) {
+    const __m512i ia = _mm512_set_epi32(29, 25, 21, 17, 13, 9, 5, 1, 28, 24, 20, 16, 12, 8, 4, 0);
+    const __m512i ib = _mm512_add_epi32(ia, _mm512_set1_epi32(2));
+    const __m512i lo = _mm512_set_epi32(23, 22, 21, 20, 19, 18, 17, 16, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+    __m512i u0 = _mm512_permutex2var_epi32(z[0], ia, z[1]), u1 = _mm512_permutex2var_epi32(z[0], ib, z[1]);
+    __m512i u2 = _mm512_permutex2var_epi32(z[2], ia, z[3]), u3 = _mm512_permutex2var_epi32(z[2], ib, z[3]);
+    v[0] = _mm512_permutex2var_epi32(u0, lo, u2);
+    v[1] = _mm512_permutex2var_epi32(u0, hi, u2);
+    v[2] = _mm512_permutex2var_epi32(u1, lo, u3);
+    v[3] = _mm512_permutex2var_epi32(u1, hi, u3);
+}
+
 static void decode_group_avx(const weight_t *w, int64_t n0, int lanes, int64_t g, uint32_t *restrict dst) {
-    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __mmask16 mask = (__mmask16)((1u << lanes) - 1u);
-    const __m512i offsets = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)w->s_n));
     __m512i *out = (__m512i *)dst;
     if (w->fmt == FMT_E2M1) {
         /* vpermw reads 5 index bits per word: the table repeats the 16 codes */
@@ -585,7 +596,7 @@ static void decode_group_avx(const weight_t *w, int64_t n0, int lanes, int64_t g
             (short)0xBF00, (short)0x8000, 0x40C0, 0x4080, 0x4040, 0x4000, 0x3FC0, 0x3F80, 0x3F00, 0x0000);
         /* the lanes' 16 bytes as rows, four to a register, transposed: v[j] = dword j of every lane */
         const uint8_t *base = weight_byte(w, n0, 16 * g);
-        __m512i z[4], u[4], v[4];
+        __m512i z[4], v[4];
         for (int q = 0; q < 4; q++) {
             if (w->s_n == 16 && lanes == 16) {
                 z[q] = _mm512_loadu_si512(base + 64 * q);
@@ -597,18 +608,7 @@ static void decode_group_avx(const weight_t *w, int64_t n0, int lanes, int64_t g
             z[q] = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(row[0]), row[1], 1),
                                                          row[2], 2), row[3], 3);
         }
-        const __m512i ia = _mm512_set_epi32(29, 25, 21, 17, 13, 9, 5, 1, 28, 24, 20, 16, 12, 8, 4, 0);
-        const __m512i ib = _mm512_add_epi32(ia, _mm512_set1_epi32(2));
-        const __m512i lo = _mm512_set_epi32(23, 22, 21, 20, 19, 18, 17, 16, 7, 6, 5, 4, 3, 2, 1, 0);
-        const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
-        u[0] = _mm512_permutex2var_epi32(z[0], ia, z[1]);
-        u[1] = _mm512_permutex2var_epi32(z[0], ib, z[1]);
-        u[2] = _mm512_permutex2var_epi32(z[2], ia, z[3]);
-        u[3] = _mm512_permutex2var_epi32(z[2], ib, z[3]);
-        v[0] = _mm512_permutex2var_epi32(u[0], lo, u[2]);
-        v[1] = _mm512_permutex2var_epi32(u[0], hi, u[2]);
-        v[2] = _mm512_permutex2var_epi32(u[1], lo, u[3]);
-        v[3] = _mm512_permutex2var_epi32(u[1], hi, u[3]);
+        transpose16x4(z, v);
         for (int j = 0; j < 4; j++) { /* 4 bytes = elements 8j .. 8j + 7 */
             _mm512_store_si512(out + 4 * j + 0, _mm512_permutexvar_epi16(v[j], lut));
             _mm512_store_si512(out + 4 * j + 1, _mm512_permutexvar_epi16(_mm512_srli_epi16(v[j], 4), lut));
@@ -619,9 +619,21 @@ static void decode_group_avx(const weight_t *w, int64_t n0, int lanes, int64_t g
         const __m512i sub = _mm512_set_epi16( /* m * 2**-9 for m < 8 (indices 0..7; the rest unused) */
             0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
             0x3C60, 0x3C40, 0x3C20, 0x3C00, 0x3BC0, 0x3B80, 0x3B00, 0x0000);
+        /* the lanes' 32 bytes, two lanes to a register, then each half of 16 bytes transposed */
         const uint8_t *base = weight_byte(w, n0, 32 * g);
+        __m512i y[8], z[4], vv[8];
+        for (int i = 0; i < 8; i++) {
+            __m256i r0 = _mm256_maskz_loadu_epi8(2 * i < lanes ? 0xFFFFFFFFu : 0, base + 2 * i * w->s_n);
+            __m256i r1 = _mm256_maskz_loadu_epi8(2 * i + 1 < lanes ? 0xFFFFFFFFu : 0, base + (2 * i + 1) * w->s_n);
+            y[i] = _mm512_inserti64x4(_mm512_castsi256_si512(r0), r1, 1);
+        }
+        for (int h = 0; h < 2; h++) {
+            for (int q = 0; q < 4; q++)
+                z[q] = h ? _mm512_shuffle_i32x4(y[2 * q], y[2 * q + 1], 0xDD) : _mm512_shuffle_i32x4(y[2 * q], y[2 * q + 1], 0x88);
+            transpose16x4(z, vv + 4 * h);
+        }
         for (int j = 0; j < 8; j++) { /* 4 bytes = elements 4j .. 4j + 3 */
-            __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, offsets, base + 4 * j, 1);
+            __m512i v = vv[j];
             __m512i bytes[2] = {_mm512_and_si512(v, _mm512_set1_epi16(0xFF)), _mm512_srli_epi16(v, 8)};
             for (int t = 0; t < 2; t++) {
                 __m512i x = bytes[t], mag = _mm512_and_si512(x, _mm512_set1_epi16(0x7F));
