@@ -571,6 +571,21 @@ static void partials_scalar(const uint32_t *act, int64_t lda, int rows, int64_t 
 #include <immintrin.h>
 #define HAVE_BF16_DOT 1
 
+/* E4M3 magnitudes 0 .. 127 as bf16 (127: NaN) */
+static const uint16_t E4M3_BF16[128] __attribute__((aligned(64))) = {
+    0x0000, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60, 0x3C80, 0x3C90, 0x3CA0, 0x3CB0,
+    0x3CC0, 0x3CD0, 0x3CE0, 0x3CF0, 0x3D00, 0x3D10, 0x3D20, 0x3D30, 0x3D40, 0x3D50, 0x3D60, 0x3D70,
+    0x3D80, 0x3D90, 0x3DA0, 0x3DB0, 0x3DC0, 0x3DD0, 0x3DE0, 0x3DF0, 0x3E00, 0x3E10, 0x3E20, 0x3E30,
+    0x3E40, 0x3E50, 0x3E60, 0x3E70, 0x3E80, 0x3E90, 0x3EA0, 0x3EB0, 0x3EC0, 0x3ED0, 0x3EE0, 0x3EF0,
+    0x3F00, 0x3F10, 0x3F20, 0x3F30, 0x3F40, 0x3F50, 0x3F60, 0x3F70, 0x3F80, 0x3F90, 0x3FA0, 0x3FB0,
+    0x3FC0, 0x3FD0, 0x3FE0, 0x3FF0, 0x4000, 0x4010, 0x4020, 0x4030, 0x4040, 0x4050, 0x4060, 0x4070,
+    0x4080, 0x4090, 0x40A0, 0x40B0, 0x40C0, 0x40D0, 0x40E0, 0x40F0, 0x4100, 0x4110, 0x4120, 0x4130,
+    0x4140, 0x4150, 0x4160, 0x4170, 0x4180, 0x4190, 0x41A0, 0x41B0, 0x41C0, 0x41D0, 0x41E0, 0x41F0,
+    0x4200, 0x4210, 0x4220, 0x4230, 0x4240, 0x4250, 0x4260, 0x4270, 0x4280, 0x4290, 0x42A0, 0x42B0,
+    0x42C0, 0x42D0, 0x42E0, 0x42F0, 0x4300, 0x4310, 0x4320, 0x4330, 0x4340, 0x4350, 0x4360, 0x4370,
+    0x4380, 0x4390, 0x43A0, 0x43B0, 0x43C0, 0x43D0, 0x43E0, 0x7FC0,
+};
+
 /* z[q] holds 4 dwords of each of the lanes 4q .. 4q + 3 (lane-major); v[j] = dword j of the 16 lanes */
 INLINE void transpose16x4(const __m512i *z, __m512i *v) {
     const __m512i ia = _mm512_set_epi32(29, 25, 21, 17, 13, 9, 5, 1, 28, 24, 20, 16, 12, 8, 4, 0);
@@ -616,9 +631,10 @@ static void decode_group_avx(const weight_t *w, int64_t n0, int lanes, int64_t g
             _mm512_store_si512(out + 4 * j + 3, _mm512_permutexvar_epi16(_mm512_srli_epi16(v[j], 12), lut));
         }
     } else {
-        const __m512i sub = _mm512_set_epi16( /* m * 2**-9 for m < 8 (indices 0..7; the rest unused) */
-            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-            0x3C60, 0x3C40, 0x3C20, 0x3C00, 0x3BC0, 0x3B80, 0x3B00, 0x0000);
+        /* E4M3 magnitude -> bf16 from two 64-entry tables (vpermi2w reads 6 index bits; bit 6 picks the
+           table), the sign moved from bit 7 to bit 15 */
+        const __m512i t0 = _mm512_load_si512(E4M3_BF16), t1 = _mm512_load_si512(E4M3_BF16 + 32);
+        const __m512i t2 = _mm512_load_si512(E4M3_BF16 + 64), t3 = _mm512_load_si512(E4M3_BF16 + 96);
         /* the lanes' 32 bytes, two lanes to a register, then each half of 16 bytes transposed */
         const uint8_t *base = weight_byte(w, n0, 32 * g);
         __m512i y[8], z[4], vv[8];
@@ -634,14 +650,13 @@ static void decode_group_avx(const weight_t *w, int64_t n0, int lanes, int64_t g
         }
         for (int j = 0; j < 8; j++) { /* 4 bytes = elements 4j .. 4j + 3 */
             __m512i v = vv[j];
-            __m512i bytes[2] = {_mm512_and_si512(v, _mm512_set1_epi16(0xFF)), _mm512_srli_epi16(v, 8)};
+            __m512i bytes[2] = {v, _mm512_srli_epi16(v, 8)}; /* each word's low byte is the element */
             for (int t = 0; t < 2; t++) {
-                __m512i x = bytes[t], mag = _mm512_and_si512(x, _mm512_set1_epi16(0x7F));
-                __m512i r = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(120 << 7));
-                r = _mm512_mask_permutexvar_epi16(r, _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)), mag, sub);
-                r = _mm512_mask_mov_epi16(r, _mm512_cmpeq_epi16_mask(mag, _mm512_set1_epi16(0x7F)),
-                                          _mm512_set1_epi16(0x7FC0));
-                r = _mm512_or_si512(r, _mm512_slli_epi16(_mm512_and_si512(x, _mm512_set1_epi16(0x80)), 8));
+                __m512i x = bytes[t];
+                __m512i r = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(x, _mm512_set1_epi16(0x40)),
+                                                    _mm512_permutex2var_epi16(t0, x, t1),
+                                                    _mm512_permutex2var_epi16(t2, x, t3));
+                r = _mm512_ternarylogic_epi32(r, _mm512_slli_epi16(x, 8), _mm512_set1_epi16((short)0x8000), 0xF8);
                 _mm512_store_si512(out + 2 * j + t, r);
             }
         }
