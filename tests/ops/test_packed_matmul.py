@@ -91,7 +91,17 @@ class Operands:
             b = np.abs(self.values(self.b, self.fb)) * scale(self.sb)
             return 2.0**-18 * (a @ b.T)
 
-    def run(self):
+    def run(self, device="cpu"):
+        """The op's fp32 result (on the CPU), the operands on `device`."""
+        if device != "cpu":
+            moved = {name: getattr(self, name) for name in ("a", "b", "sa", "sb", "l0a", "l0b")}
+            try:
+                for name, t in moved.items():
+                    setattr(self, name, t.to(device))
+                return self.run().cpu()
+            finally:
+                for name, t in moved.items():
+                    setattr(self, name, t)
         pa, pb = self.paired(self.sa), self.paired(self.sb)
         if self.mode == "dual":
             x2 = ops.npu_format_cast(self.b.view(torch.int8), 29)
@@ -198,6 +208,15 @@ def test_the_c_paths_agree_bit_for_bit_and_threads_do_not_change_the_result(mode
         monkeypatch.setenv("MXFX_MATMUL", "portable")
         assert native.matmul_path() == "portable"
         assert torch.equal(operands.run(), vector)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_matches_the_golden_order(mode):
+    """On CUDA the torch code runs (decoded operands, one group at a time), in the same order."""
+    for m, k, n in ((1, 1024, 40), (9, 528, 33)):
+        operands = Operands(mode, m, k, n, seed=11)
+        assert_matches(operands.run("cuda"), operands)
 
 
 def test_fp8_values_are_exact_in_bf16():
