@@ -1,17 +1,23 @@
 """mxfx::npu_dual_level_quant_matmul and mxfx::npu_quant_matmul (its MX modes): torch_npu's quantized
-matmuls, argument for argument, with a CPU reference that dequantizes the operands exactly in fp32
-(element times E8M0 power of two) and accumulates in fp32: per level-0 group of 512 one batched
-matmul, scaled by level0(x1) * level0(x2) and summed over the groups in order, then the bias in fp32,
-then a single cast to the output dtype (ops-nn golden, notes/npu_ops.md §3.1, §4.3). The order of the
-additions inside a group is the BLAS's: the NPU's own order is not documented."""
+matmuls, argument for argument, with a CPU (and CUDA) reference in the ops-nn golden's order
+(notes/npu_ops.md §3.1, §4.3): per 32-group the sum of the element products in fp32, times the x1 then
+the x2 E8M0 scale, accumulated over the groups in order (dual level: over the 16 groups of each level-0
+group, scaled by level0(x1) * level0(x2), those accumulated in order), then the bias in fp32, then a
+single cast to the output dtype. The products of FP4/FP8 elements are exact in fp32, and so are the
+32-sums of FP4 x FP4 (any order); FP8 sums round, in the order mx_kernels.c documents (the NPU's own
+order inside a group is not documented).
+
+On the CPU the native kernels (mxfx.formats.native.try_mx_matmul) read the prepared operands where they
+lie, packed weight bytes (ND or NZ) and scales, decoding in registers: nothing is decoded ahead of a
+call or kept. Elsewhere (CUDA; MXFX_KERNELS=torch; no C compiler) torch decodes both operands on each
+call and follows the same order, one group at a time."""
 
 import math
 from typing import NamedTuple
 
 import torch
 
-from mxfx.formats import dequantize_mx, from_paired_scales, nz_to_nd
-from mxfx.tensor_cache import TensorCache
+from mxfx.formats import e2m1_decode, e8m0_decode, from_paired_scales, native, nz_to_nd, unpack_fp4
 
 from .dtypes import from_scalar_type, tensor_dtype
 from .format_cast import FP4_NZ_C0_BYTES
@@ -32,17 +38,59 @@ torch.library.define(
 LEVEL0 = 512
 
 
-# The weight operand decoded to the fp32 GEMM layout, kept while the weight constant lives: a graph calls
-# the matmul with the same constants every time, and unpacking and decoding them on each call would
-# cost 10-40x the GEMM at M=1. The NPU reads the packed bytes itself; this is an emulation speed-up
-# that holds 4 bytes per weight element.
-DECODED_WEIGHTS = TensorCache()
+GROUP = 32
 
 
-def _mx_operand(q: torch.Tensor, paired_scale: torch.Tensor, fmt: str, k: int) -> torch.Tensor:
-    """fp32 [rows, K] = element * 2**(scale - 127); exact (a power-of-two product)."""
-    scale = from_paired_scales(paired_scale, math.ceil(k / 32))
-    return dequantize_mx(q, scale, fmt)
+def _element_values(codes: torch.Tensor, fmt: str, k: int) -> torch.Tensor:
+    """fp32 [rows, ceil(K/32) * 32] element values (no scale), zero padded."""
+    values = e2m1_decode(unpack_fp4(codes.view(torch.uint8))) if fmt == "fp4_e2m1" else codes.float()
+    return torch.nn.functional.pad(values, (0, -(-k // GROUP) * GROUP - k))
+
+
+def _in_order(terms: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """start + terms[0] + terms[1] + ... added left to right (torch's sum does not promise an order)."""
+    acc = torch.zeros_like(terms[0]) if start is None else start
+    for term in terms:
+        acc = acc + term
+    return acc
+
+
+def _grouped_product(a, sa, b, sb, level0) -> torch.Tensor:
+    """The golden's order in torch: a [M, Kp] and b [N, Kp] element values, sa [M, G] and sb [N, G] scale
+    values; level0 (l0a [M, G0], l0b [G0, N]) or None. One level-0 group (16 groups) at a time."""
+    m, n, groups = a.shape[0], b.shape[0], sa.shape[1]
+    acc = a.new_zeros(m, n)
+    for g0, first in enumerate(range(0, groups, LEVEL0 // GROUP)):
+        part = slice(first, min(groups, first + LEVEL0 // GROUP))
+        count = part.stop - first
+        a_g = a[:, first * GROUP:part.stop * GROUP].reshape(m, count, GROUP).transpose(0, 1)
+        b_g = b[:, first * GROUP:part.stop * GROUP].reshape(n, count, GROUP).permute(1, 2, 0)
+        partial = torch.bmm(a_g, b_g)  # [count, M, N], one 32-sum per element
+        scaled = (partial * sa[:, part].t().unsqueeze(-1)) * sb[:, part].t().unsqueeze(1)
+        if level0 is None:
+            acc = _in_order(scaled, acc)
+        else:
+            acc = acc + (level0[0][:, g0:g0 + 1] * level0[1][g0:g0 + 1]) * _in_order(scaled)
+    return acc
+
+
+def _mx_product(a, fmt_a, a_paired, b, fmt_b, b_paired, k, n, nz_c0=None, level0=None) -> torch.Tensor:
+    """fp32 [M, N]: a the activation codes [M, K or K/2] with its paired scales [M, K/64, 2]; b the
+    weight's bytes, ND [N, K or K/2] or (nz_c0) its FRACTAL_NZ storage, b_paired [N, K/64, 2]."""
+    a_scale, b_scale = (s if s.dtype == torch.uint8 else s.view(torch.uint8) for s in (a_paired, b_paired))
+    out = native.try_mx_matmul(a.view(torch.uint8), fmt_a, a_scale, b.view(torch.uint8), fmt_b, b_scale, k, n, nz_c0,
+                               level0)
+    if out is not None:
+        return out
+    groups = -(-k // GROUP)
+    sa = e8m0_decode(from_paired_scales(a_scale, groups))
+    kbytes = k if fmt_b == "fp8_e4m3" else k // 2
+    b_nd = b if nz_c0 is None else nz_to_nd(b.view(torch.uint8), n, kbytes, c0=nz_c0)
+    if fmt_b == "fp8_e4m3":
+        b_nd = b_nd.view(torch.float8_e4m3fn)
+    sb = e8m0_decode(from_paired_scales(b_scale, groups))
+    level0 = None if level0 is None else tuple(t.float() for t in level0)
+    return _grouped_product(_element_values(a, fmt_a, k), sa, _element_values(b_nd, fmt_b, k), sb, level0)
 
 
 def _finish(acc: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -76,19 +124,9 @@ def _dual_level_quant_matmul(x1, x2, x1_level0_scale, x2_level0_scale, x1_level1
                              *, bias=None, output_dtype=15):
     """x2 is the FP4 weight [N, K/2] as the emulated NZ layout that mxfx::npu_format_cast returns."""
     m, k, n = _dual_level_shapes(x1, x2, x1_level0_scale, x2_level0_scale, x1_level1_scale, x2_level1_scale)
-    groups0 = x1_level0_scale.shape[1]
-    pad = groups0 * LEVEL0 - k
-
-    def decode_weight():  # [G0, 512, N]
-        b = _mx_operand(nz_to_nd(x2, n, k // 2), x2_level1_scale, "fp4_e2m1", k)
-        return torch.nn.functional.pad(b, (0, pad)).view(n, groups0, LEVEL0).permute(1, 2, 0).contiguous()
-
-    b = DECODED_WEIGHTS.get((x2, x2_level1_scale), decode_weight)
-    a = _mx_operand(x1, x1_level1_scale, "fp4_e2m1", k)
-    a = torch.nn.functional.pad(a, (0, pad)).view(m, groups0, LEVEL0).transpose(0, 1)  # [G0, M, 512]
-    partial = torch.bmm(a, b)  # [G0, M, N]
-    scale0 = x1_level0_scale.t().unsqueeze(-1) * x2_level0_scale.unsqueeze(1)  # [G0, M, N]
-    return _finish((scale0 * partial).sum(0), bias, from_scalar_type(output_dtype))
+    acc = _mx_product(x1, "fp4_e2m1", x1_level1_scale, x2.contiguous(), "fp4_e2m1", x2_level1_scale, k, n,
+                      nz_c0=x2.shape[-1], level0=(x1_level0_scale, x2_level0_scale))
+    return _finish(acc, bias, from_scalar_type(output_dtype))
 
 
 @torch.library.register_fake("mxfx::npu_dual_level_quant_matmul")
@@ -187,17 +225,14 @@ def _quant_matmul_call(x1, x2, scale, offset, pertoken_scale, output_dtype, x1_d
     return _MXCall(fmt1, fmt2, m, k, n, nz)
 
 
-def _weight_bytes(x2, call: _MXCall) -> torch.Tensor:
-    """The weight as ND [N, K] (FP8) or [N, K/2] packed FP4 bytes, from whichever layout x2 has."""
+def _weight_bytes(x2, call: _MXCall) -> tuple[torch.Tensor, int | None]:
+    """The weight's bytes as the matmul reads them in place: ND [N, K] (FP8) or [N, K/2] (packed FP4), or
+    the NZ storage of [N, K/2] with its c0; the cast of [K/2, N] (K-major) is laid out ND for the call."""
     if not call.nz:
-        return x2.t()
+        return x2.t(), None
     if x2.is_contiguous():  # the cast of [K/2, N], passed as is
-        return nz_to_nd(x2.view(torch.uint8), call.k // 2, call.n, c0=FP4_NZ_C0_BYTES).t()
-    return nz_to_nd(x2.transpose(-1, -2).view(torch.uint8), call.n, call.k // 2, c0=FP4_NZ_C0_BYTES)
-
-
-def _packed(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.uint8) if t.dtype in (torch.float4_e2m1fn_x2, torch.int8) else t
+        return nz_to_nd(x2.view(torch.uint8), call.k // 2, call.n, c0=FP4_NZ_C0_BYTES).t(), None
+    return x2.transpose(-1, -2), FP4_NZ_C0_BYTES
 
 
 @torch.library.register_kernel("mxfx::npu_quant_matmul", ("cpu", "cuda"))
@@ -211,12 +246,9 @@ def _quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None,
     call = _quant_matmul_call(x1, x2, scale, offset, pertoken_scale, output_dtype, x1_dtype, x2_dtype,
                               pertoken_scale_dtype, scale_dtype, group_sizes, y_scale)
 
-    def decode_weight():
-        return _mx_operand(_packed(_weight_bytes(x2, call)), scale.transpose(0, 1), call.fmt2, call.k).t().contiguous()
-
-    b = DECODED_WEIGHTS.get((x2, scale), decode_weight)
-    a = _mx_operand(_packed(x1), pertoken_scale, call.fmt1, call.k)
-    return _finish(a @ b, bias, from_scalar_type(output_dtype))
+    weight, nz_c0 = _weight_bytes(x2, call)
+    acc = _mx_product(x1, call.fmt1, pertoken_scale, weight, call.fmt2, scale.transpose(0, 1), call.k, call.n, nz_c0)
+    return _finish(acc, bias, from_scalar_type(output_dtype))
 
 
 @torch.library.register_fake("mxfx::npu_quant_matmul")

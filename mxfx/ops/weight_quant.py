@@ -13,8 +13,9 @@ op-plugin's ConvertWeightToINT4PackKernelNpuOpApi.cpp.
 import torch
 
 from mxfx.formats import pack_int4, unpack_int4
+from mxfx.tensor_cache import TensorCache
 
-from .matmul import DECODED_WEIGHTS, _finish
+from .matmul import _finish
 
 torch.library.define(
     "mxfx::npu_weight_quant_batchmatmul",
@@ -25,6 +26,9 @@ torch.library.define(
 torch.library.define("mxfx::npu_convert_weight_to_int4pack", "(Tensor weight, int inner_k_tiles=0) -> Tensor")
 
 INT4_PER_INT32 = 8
+# The int4 weight dequantized to fp32 [K, N], kept while the weight constant lives (decoding on each call
+# costs 10-40x the GEMM at M=1). Unlike the MX matmuls, this one still holds 4 bytes per weight element.
+DECODED_WEIGHTS = TensorCache()
 BIAS_DTYPES = {torch.bfloat16: torch.float32, torch.float16: torch.float16}
 
 

@@ -283,3 +283,34 @@ def dual_level_dequantize_golden(values, level0, level1_bytes):
 
 def num_blocks(k, block):
     return math.ceil(k / block)
+
+
+# ------------------------------------------------------------------------------------------ matmuls
+
+
+def mx_matmul_golden(a, a_scale_bytes, b, b_scale_bytes, level0=None):
+    """The MX matmuls in the ops-nn golden's order (dual_level_quant_batch_matmul golden.py,
+    aclnnQuantMatmulV5's MX formula): a [M, K] and b [N, K] element values (K a multiple of 32, zero
+    padded), E8M0 scale bytes [M, K/32] and [N, K/32]; level0 (fp32 [M, K/512], fp32 [K/512, N]) for the
+    dual level. Each group's 32 products are summed exactly (float64) and rounded once to fp32: the
+    golden's value for FP4 x FP4, whose sums are exact in any order. Then, in fp32: acc += p * sa * sb per
+    group in order (dual level: per level-0 group, then acc += l0a * l0b * acc0). Returns fp32 [M, N]."""
+    m, k = a.shape
+    n, groups = b.shape[0], k // 32
+    partial = np.einsum("mgi,ngi->gmn", a.reshape(m, groups, 32).astype(np.float64),
+                        b.reshape(n, groups, 32).astype(np.float64)).astype(np.float32)
+    sa = e8m0_value(a_scale_bytes).astype(np.float32)
+    sb = e8m0_value(b_scale_bytes).astype(np.float32)
+    acc = np.zeros((m, n), np.float32)
+    with np.errstate(all="ignore"):
+        for g0 in range(math.ceil(groups / 16)):
+            acc0 = np.zeros((m, n), np.float32)
+            for g in range(16 * g0, min(groups, 16 * g0 + 16)):
+                term = partial[g] * sa[:, g, None] * sb[None, :, g]
+                if level0 is None:
+                    acc = acc + term
+                else:
+                    acc0 = acc0 + term
+            if level0 is not None:
+                acc = acc + level0[0][:, g0, None] * level0[1][None, g0, :] * acc0
+    return acc

@@ -1,4 +1,5 @@
-"""Native (C) kernels for quantize_dual_level and quantize_mx, bit-identical to the torch code.
+"""Native (C) kernels for quantize_dual_level and quantize_mx, bit-identical to the torch code, and the
+MX matmuls that read packed operands (mx_matmul: the order of their arithmetic is in mx_kernels.c).
 
 mx_kernels.c is compiled on first use with the system C compiler (-O3 -march=native, never -ffast-math),
 cached under ${XDG_CACHE_HOME:-~/.cache}/mxfx/ keyed by source, flags, compiler and CPU, and loaded
@@ -10,6 +11,10 @@ The implementation is chosen by the environment variable MXFX_KERNELS (read at e
   torch   never native;
   native  native where it covers the call; RuntimeError if the kernel cannot be built.
 `use(mode)` overrides the variable for a `with` block (tests and benchmarks use it).
+
+The matmul takes the AVX512-BF16 path (VDPBF16PS) where the CPU and compiler have it, else plain C fp32;
+MXFX_MATMUL=portable (read at each call) forces the plain C path. Both compute the same sums in the
+same order, so their results are identical.
 """
 
 import contextlib
@@ -35,7 +40,7 @@ _SOURCE = Path(__file__).with_name("mx_kernels.c")
 # only cost them the fast kernels
 _FLAGS = ["-std=c99", "-O3", "-march=native", "-ffp-contract=off", "-Wall", "-Wextra",
           *(["-Werror"] if os.environ.get("CI") else []), "-shared", "-fPIC"]
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 # below this many elements one call on the caller's thread beats handing work to the pool
 _MIN_PARALLEL_ELEMENTS = 1 << 18
 
@@ -141,6 +146,11 @@ def _build() -> ctypes.CDLL:
         fn.restype = ctypes.c_int
     lib.e2m1_encode_f32.argtypes = [p, _I64, _INT, p]
     lib.e2m1_encode_f32.restype = None
+    lib.mx_pairs.argtypes = [p, _I64, _I64, _I64, _INT, _INT, _I64, p, p, _I64, _I64, _I64, p]
+    lib.mx_pairs.restype = ctypes.c_int
+    lib.mx_matmul.argtypes = [p, p, _I64, _I64, p, _INT, *[_I64] * 5, p, *[_I64] * 4, p, p, *[_I64] * 4, p, _I64, _INT]
+    lib.mx_matmul.restype = ctypes.c_int
+    lib.mx_matmul_isa.restype = ctypes.c_int
     return lib
 
 
@@ -198,11 +208,13 @@ def _pool() -> ThreadPoolExecutor:
     return _state["pool"]
 
 
-def _run_rows(call, rows: int, k: int) -> None:
-    """call(row_start, row_count) over all rows, split across threads when the work is large enough.
-    Every range has finished when this returns or raises: the kernels write into the caller's tensors."""
-    chunks = min(torch.get_num_threads(), rows, max(1, rows * k // _MIN_PARALLEL_ELEMENTS))
-    bounds = [rows * i // chunks for i in range(chunks + 1)]
+def _run_rows(call, rows: int, k: int, unit: int = 1) -> None:
+    """call(row_start, row_count) over all rows, split across threads when the work is large enough,
+    each range starting at a multiple of unit. Every range has finished when this returns or raises:
+    the kernels write into the caller's tensors."""
+    units = -(-rows // unit)
+    chunks = max(1, min(torch.get_num_threads(), units, rows * k // _MIN_PARALLEL_ELEMENTS))
+    bounds = [min(rows, unit * (units * i // chunks)) for i in range(chunks + 1)]
     futures = [_pool().submit(call, bounds[i], bounds[i + 1] - bounds[i]) for i in range(1, chunks)]
     try:
         first = call(bounds[0], bounds[1])  # the caller's thread takes the first range
@@ -285,3 +297,69 @@ def e2m1_encode_f32(x: torch.Tensor, round_mode: str) -> torch.Tensor:
     codes = torch.empty(x.numel(), dtype=torch.uint8)
     lib.e2m1_encode_f32(x.data_ptr(), x.numel(), _ROUND_MODES[round_mode], codes.data_ptr())
     return codes
+
+
+# ------------------------------------------------------------------------------------- matmul
+
+_MATMUL_PATHS = ("auto", "portable")
+
+
+def matmul_path() -> str:
+    """The matmul kernel calls take now: "avx512_bf16" or "portable" (see the module docstring)."""
+    chosen = os.environ.get("MXFX_MATMUL", "auto").strip().lower() or "auto"
+    if chosen not in _MATMUL_PATHS:
+        raise ValueError(f"MXFX_MATMUL must be one of {_MATMUL_PATHS}, got {chosen!r}")
+    lib = _library()
+    return "avx512_bf16" if chosen == "auto" and lib is not None and lib.mx_matmul_isa() else "portable"
+
+
+def _readable_bytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+
+
+def try_mx_matmul(a: torch.Tensor, fmt_a: str, a_scale: torch.Tensor, b: torch.Tensor, fmt_b: str,
+                  b_scale: torch.Tensor, k: int, n: int, nz_c0: int | None = None,
+                  level0: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+    """fp32 [M, N] of an MX matmul from packed operands (arguments already checked), or None where the
+    call does not go native. a: codes [M, K] (E4M3) or [M, K/2] (packed FP4) bytes; b: the weight's
+    bytes, ND [N, K or K/2] (any row stride) or, with nz_c0, the contiguous FRACTAL_NZ storage
+    [ceil(Kb/c0), ceil(N/16), 16, c0] of them; a_scale, b_scale: uint8 [M or N, ceil(K/64), 2], any
+    strides; level0: (fp32 [M, ceil(K/512)], fp32 [ceil(K/512), N]) for the dual-level matmul."""
+    if a.device.type != "cpu" or b.device.type != "cpu":
+        return None
+    lib = _native_library()
+    if lib is None:
+        return None
+    m, groups = a.shape[0], -(-k // 32)
+    fa, fb = _FORMATS[fmt_a], _FORMATS[fmt_b]
+    if a.stride(-1) != 1:
+        a = a.contiguous()
+    pairs = torch.empty(m, 16 * groups, dtype=torch.int32)
+    sa = torch.empty(m, groups, dtype=torch.float32)
+    _check(lib.mx_pairs(a.data_ptr(), m, a.stride(0), k, fa, fb, 16 * groups, pairs.data_ptr(), a_scale.data_ptr(),
+                        *a_scale.stride(), sa.data_ptr()))
+    if nz_c0 is None:
+        if b.stride(-1) != 1:
+            b = b.contiguous()
+        s_n, s_nb, s_cb, c0 = b.stride(0), 16 * b.stride(0), 0, 1 << 40
+    else:
+        s_n, s_nb, s_cb, c0 = nz_c0, 16 * nz_c0, b.shape[1] * 16 * nz_c0, nz_c0
+    kbytes = k if fmt_b == "fp8_e4m3" else k // 2
+    l0a = l0b = None
+    if level0 is not None:
+        l0a, l0b = (t if t.dtype == torch.float32 else t.float() for t in level0)
+        l0a = l0a.contiguous()
+        if l0b.stride(-1) != 1:
+            l0b = l0b.contiguous()
+    out = torch.empty(m, n, dtype=torch.float32)
+    vector = int(matmul_path() == "avx512_bf16")
+
+    def call(start: int, count: int) -> int:
+        return lib.mx_matmul(
+            pairs.data_ptr(), sa.data_ptr(), m, k, b.data_ptr(), fb, s_n, s_nb, s_cb, c0, kbytes,
+            b_scale.data_ptr(), *b_scale.stride(), _readable_bytes(b_scale),
+            None if l0a is None else l0a.data_ptr(), None if l0b is None else l0b.data_ptr(),
+            0 if l0b is None else l0b.stride(0), start, count, n, out.data_ptr(), n, vector)
+
+    _run_rows(call, n, max(m, 1) * k, unit=16)
+    return out

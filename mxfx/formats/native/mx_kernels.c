@@ -10,9 +10,10 @@
  * small (musl: 128 KiB): no large local buffers.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-#define MXFX_ABI_VERSION 1
+#define MXFX_ABI_VERSION 2
 
 enum { RM_RINT = 0, RM_ROUND = 1, RM_FLOOR = 2 };
 enum { ALG_FLOOR = 0, ALG_OCP = 1, ALG_RCEIL = 2 };
@@ -428,4 +429,417 @@ void e2m1_encode_f32(const float *x, int64_t n, int rm, uint8_t *codes) {
         codes[i] = (uint8_t)(rm == RM_RINT ? e2m1_code(v, RM_RINT)
                              : rm == RM_ROUND ? e2m1_code(v, RM_ROUND) : e2m1_code(v, RM_FLOOR));
     }
+}
+
+/* ---- quantized matmuls from packed operands (mxfx.ops.matmul) ----
+ *
+ * out[m, n] (fp32) of an MX matmul, reading the weight's packed bytes (FP4 nibbles or E4M3 bytes, ND or
+ * FRACTAL_NZ) and its E8M0 scales where they lie; nothing is decoded ahead of the call. The order of the
+ * arithmetic, on both paths (AVX512-BF16 and portable C) alike:
+ *   p[g]  = the 32 products of group g summed in fp32 from 0, pair by pair in the pairing below, the high
+ *           element of a pair added before the low one (VDPBF16PS's order, Intel SDM); every product of
+ *           two FP4/FP8 values is exact in fp32, and so is the whole sum for FP4 x FP4;
+ *   single level (npu_quant_matmul):  acc = 0; for g in order: acc = acc + (p[g] * sa[m, g]) * sb[n, g]
+ *   dual level: for each level-0 group G: acc0 = 0; for g in G: acc0 = acc0 + (p[g] * sa) * sb;
+ *               acc = acc + (l0a[m, G] * l0b[G, n]) * acc0        (acc = 0 before the first G)
+ * as the ops-nn golden orders the groups and scales. Pairing (which two elements share a bf16 pair, set
+ * by the weight's format): FP4, in each 8 elements 0..7 the pairs (t, t + 4); E4M3, in each 4 elements
+ * the pairs (t, t + 2). The activation is handed in already decoded to bf16 pairs in that pairing
+ * (mx_pairs, once per call); E8M0 bytes decode as 2**(b - 127), 0xFF as NaN.
+ *
+ * Weight bytes: byte (n, c) at b + (n / 16) * s_nb + (n % 16) * s_n + (c / c0) * s_cb + c % c0 (ND: s_nb =
+ * 16 s_n, c0 larger than a row, s_cb = 0; NZ: the fractal strides). Weight scale (n, g) at
+ * sb + n * sb_n + (g / 2) * sb_p + (g % 2) * sb_2, of which sb_limit bytes from sb are readable.
+ * Callers split n over threads in multiples of 16 (one lane per n, 16 n at a time).
+ */
+
+#define PAIRS 16 /* bf16 pairs per 32-group */
+#define CHUNK 16 /* groups decoded at once: one level-0 group of 512 */
+#define ROWS 8   /* activation rows whose partial sums are computed together */
+
+INLINE float bf16_f32(uint32_t h) { return f32_of(h << 16); }
+
+INLINE uint32_t e2m1_bf16(uint32_t code) {
+    static const uint16_t values[16] = {0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
+                                        0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0};
+    return values[code & 15u];
+}
+
+INLINE uint32_t e4m3_bf16(uint32_t byte) {
+    uint32_t mag = byte & 0x7Fu, sign = (byte & 0x80u) << 8;
+    uint32_t r = mag == 0x7Fu ? 0x7FC0u                                    /* NaN */
+                 : mag >= 8u  ? (mag << 4) + (120u << 7)                    /* normal: rebias the exponent */
+                              : bits_of((float)mag * 0x1.0p-9f) >> 16;     /* subnormal, exact */
+    return r | sign;
+}
+
+INLINE float e8m0_f32(uint32_t byte) {
+    return f32_of(byte == 0xFFu ? 0x7FC00000u : byte == 0 ? 0x00400000u : byte << 23);
+}
+
+/* element index of the low half of pair kp (the high half is + half) for a weight format */
+INLINE int64_t pair_low(int64_t kp, int fmt_w) {
+    return fmt_w == FMT_E2M1 ? 8 * (kp >> 2) + (kp & 3) : 4 * (kp >> 1) + (kp & 1);
+}
+INLINE int64_t pair_half(int fmt_w) { return fmt_w == FMT_E2M1 ? 4 : 2; }
+
+/* The activation [rows, k] (packed FP4 or E4M3 bytes, row stride ldx bytes) as bf16 pairs [rows,
+   pairs]: pairs = 16 * groups, elements past k are 0; and its E8M0 scales (byte (r, g) at scale + r * s_m
+   + (g / 2) * s_p + (g % 2) * s_2) as fp32 [rows, groups]. */
+int mx_pairs(const uint8_t *x, int64_t rows, int64_t ldx, int64_t k, int fmt_x, int fmt_w, int64_t pairs,
+             uint32_t *out, const uint8_t *scale, int64_t s_m, int64_t s_p, int64_t s_2, float *scale_out) {
+    if (rows < 0 || k <= 0 || pairs * 2 < k || pairs % PAIRS) return -1;
+    int64_t half = pair_half(fmt_w), groups = (k + 31) / 32;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t g = 0; g < groups; g++)
+            scale_out[r * groups + g] = e8m0_f32(scale[r * s_m + (g >> 1) * s_p + (g & 1) * s_2]);
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *xr = x + r * ldx;
+        for (int64_t kp = 0; kp < pairs; kp++) {
+            int64_t e[2] = {pair_low(kp, fmt_w), pair_low(kp, fmt_w) + half};
+            uint32_t v[2];
+            for (int i = 0; i < 2; i++) {
+                if (e[i] >= k) v[i] = 0;
+                else if (fmt_x == FMT_E2M1) v[i] = e2m1_bf16(xr[e[i] >> 1] >> (4 * (e[i] & 1)));
+                else v[i] = e4m3_bf16(xr[e[i]]);
+            }
+            out[r * pairs + kp] = v[0] | (v[1] << 16);
+        }
+    }
+    return 0;
+}
+
+typedef struct {
+    const uint8_t *b;
+    int64_t s_n, s_nb, s_cb, c0, kbytes; /* kbytes: valid bytes of a weight row */
+    const uint8_t *sb;
+    int64_t sb_n, sb_p, sb_2, sb_limit;
+    int fmt;
+} weight_t;
+
+INLINE const uint8_t *weight_byte(const weight_t *w, int64_t n, int64_t c) {
+    return w->b + (n >> 4) * w->s_nb + (n & 15) * w->s_n + (c / w->c0) * w->s_cb + c % w->c0;
+}
+
+INLINE int64_t scale_offset(const weight_t *w, int64_t n, int64_t g) {
+    return n * w->sb_n + (g >> 1) * w->sb_p + (g & 1) * w->sb_2;
+}
+
+/* Group g of lanes n0 .. n0 + lanes - 1 decoded to bf16 pairs dst[kp * 16 + lane] (zero past k or the
+   lanes), one element at a time. */
+static void decode_group_scalar(const weight_t *w, int64_t n0, int lanes, int64_t g, int64_t k,
+                                uint32_t *restrict dst) {
+    int64_t half = pair_half(w->fmt);
+    for (int kp = 0; kp < PAIRS; kp++)
+        for (int l = 0; l < 16; l++) {
+            uint32_t v[2] = {0, 0};
+            for (int i = 0; i < 2 && l < lanes; i++) {
+                int64_t e = 32 * g + pair_low(kp, w->fmt) + i * half;
+                if (e >= k) continue;
+                v[i] = w->fmt == FMT_E2M1 ? e2m1_bf16(*weight_byte(w, n0 + l, e >> 1) >> (4 * (e & 1)))
+                                          : e4m3_bf16(*weight_byte(w, n0 + l, e));
+            }
+            dst[kp * 16 + l] = v[0] | (v[1] << 16);
+        }
+}
+
+static void decode_scales_scalar(const weight_t *w, int64_t n0, int lanes, int64_t g, float *restrict dst) {
+    for (int l = 0; l < 16; l++) dst[l] = l < lanes ? e8m0_f32(w->sb[scale_offset(w, n0 + l, g)]) : 0.0f;
+}
+
+/* partial sums p[r][g][lane] of rows r < rows, groups g < gc of the chunk starting at group g_first */
+static void partials_scalar(const uint32_t *act, int64_t lda, int rows, int64_t g_first, int gc,
+                            const uint32_t *restrict wbuf, float *restrict pbuf) {
+    for (int r = 0; r < rows; r++)
+        for (int g = 0; g < gc; g++) {
+            const uint32_t *a = act + r * lda + (g_first + g) * PAIRS, *wg = wbuf + g * PAIRS * 16;
+            float p[16];
+            for (int l = 0; l < 16; l++) p[l] = 0.0f;
+            for (int kp = 0; kp < PAIRS; kp++) {
+                float hi = bf16_f32(a[kp] >> 16), lo = bf16_f32(a[kp] & 0xFFFFu);
+                for (int l = 0; l < 16; l++) {
+                    uint32_t b = wg[kp * 16 + l];
+                    p[l] = p[l] + hi * bf16_f32(b >> 16);
+                    p[l] = p[l] + lo * bf16_f32(b & 0xFFFFu);
+                }
+            }
+            memcpy(pbuf + (r * CHUNK + g) * 16, p, sizeof p);
+        }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define HAVE_BF16_DOT 1
+
+/* E4M3 magnitudes 0 .. 127 as bf16 (127: NaN) */
+static const uint16_t E4M3_BF16[128] __attribute__((aligned(64))) = {
+    0x0000, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60, 0x3C80, 0x3C90, 0x3CA0, 0x3CB0,
+    0x3CC0, 0x3CD0, 0x3CE0, 0x3CF0, 0x3D00, 0x3D10, 0x3D20, 0x3D30, 0x3D40, 0x3D50, 0x3D60, 0x3D70,
+    0x3D80, 0x3D90, 0x3DA0, 0x3DB0, 0x3DC0, 0x3DD0, 0x3DE0, 0x3DF0, 0x3E00, 0x3E10, 0x3E20, 0x3E30,
+    0x3E40, 0x3E50, 0x3E60, 0x3E70, 0x3E80, 0x3E90, 0x3EA0, 0x3EB0, 0x3EC0, 0x3ED0, 0x3EE0, 0x3EF0,
+    0x3F00, 0x3F10, 0x3F20, 0x3F30, 0x3F40, 0x3F50, 0x3F60, 0x3F70, 0x3F80, 0x3F90, 0x3FA0, 0x3FB0,
+    0x3FC0, 0x3FD0, 0x3FE0, 0x3FF0, 0x4000, 0x4010, 0x4020, 0x4030, 0x4040, 0x4050, 0x4060, 0x4070,
+    0x4080, 0x4090, 0x40A0, 0x40B0, 0x40C0, 0x40D0, 0x40E0, 0x40F0, 0x4100, 0x4110, 0x4120, 0x4130,
+    0x4140, 0x4150, 0x4160, 0x4170, 0x4180, 0x4190, 0x41A0, 0x41B0, 0x41C0, 0x41D0, 0x41E0, 0x41F0,
+    0x4200, 0x4210, 0x4220, 0x4230, 0x4240, 0x4250, 0x4260, 0x4270, 0x4280, 0x4290, 0x42A0, 0x42B0,
+    0x42C0, 0x42D0, 0x42E0, 0x42F0, 0x4300, 0x4310, 0x4320, 0x4330, 0x4340, 0x4350, 0x4360, 0x4370,
+    0x4380, 0x4390, 0x43A0, 0x43B0, 0x43C0, 0x43D0, 0x43E0, 0x7FC0,
+};
+
+/* z[q] holds 4 dwords of each of the lanes 4q .. 4q + 3 (lane-major); v[j] = dword j of the 16 lanes */
+INLINE void transpose16x4(const __m512i *z, __m512i *v) {
+    const __m512i ia = _mm512_set_epi32(29, 25, 21, 17, 13, 9, 5, 1, 28, 24, 20, 16, 12, 8, 4, 0);
+    const __m512i ib = _mm512_add_epi32(ia, _mm512_set1_epi32(2));
+    const __m512i lo = _mm512_set_epi32(23, 22, 21, 20, 19, 18, 17, 16, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+    __m512i u0 = _mm512_permutex2var_epi32(z[0], ia, z[1]), u1 = _mm512_permutex2var_epi32(z[0], ib, z[1]);
+    __m512i u2 = _mm512_permutex2var_epi32(z[2], ia, z[3]), u3 = _mm512_permutex2var_epi32(z[2], ib, z[3]);
+    v[0] = _mm512_permutex2var_epi32(u0, lo, u2);
+    v[1] = _mm512_permutex2var_epi32(u0, hi, u2);
+    v[2] = _mm512_permutex2var_epi32(u1, lo, u3);
+    v[3] = _mm512_permutex2var_epi32(u1, hi, u3);
+}
+
+static void decode_group_avx(const weight_t *w, int64_t n0, int lanes, int64_t g, uint32_t *restrict dst) {
+    __m512i *out = (__m512i *)dst;
+    if (w->fmt == FMT_E2M1) {
+        /* vpermw reads 5 index bits per word: the table repeats the 16 codes */
+        const __m512i lut = _mm512_set_epi16(
+            (short)0xC0C0, (short)0xC080, (short)0xC040, (short)0xC000, (short)0xBFC0, (short)0xBF80,
+            (short)0xBF00, (short)0x8000, 0x40C0, 0x4080, 0x4040, 0x4000, 0x3FC0, 0x3F80, 0x3F00, 0x0000,
+            (short)0xC0C0, (short)0xC080, (short)0xC040, (short)0xC000, (short)0xBFC0, (short)0xBF80,
+            (short)0xBF00, (short)0x8000, 0x40C0, 0x4080, 0x4040, 0x4000, 0x3FC0, 0x3F80, 0x3F00, 0x0000);
+        /* the lanes' 16 bytes as rows, four to a register, transposed: v[j] = dword j of every lane */
+        const uint8_t *base = weight_byte(w, n0, 16 * g);
+        __m512i z[4], v[4];
+        for (int q = 0; q < 4; q++) {
+            if (w->s_n == 16 && lanes == 16) {
+                z[q] = _mm512_loadu_si512(base + 64 * q);
+                continue;
+            }
+            __m128i row[4];
+            for (int i = 0; i < 4; i++)
+                row[i] = _mm_maskz_loadu_epi8(4 * q + i < lanes ? 0xFFFF : 0, base + (4 * q + i) * w->s_n);
+            z[q] = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(row[0]), row[1], 1),
+                                                         row[2], 2), row[3], 3);
+        }
+        transpose16x4(z, v);
+        for (int j = 0; j < 4; j++) { /* 4 bytes = elements 8j .. 8j + 7 */
+            _mm512_store_si512(out + 4 * j + 0, _mm512_permutexvar_epi16(v[j], lut));
+            _mm512_store_si512(out + 4 * j + 1, _mm512_permutexvar_epi16(_mm512_srli_epi16(v[j], 4), lut));
+            _mm512_store_si512(out + 4 * j + 2, _mm512_permutexvar_epi16(_mm512_srli_epi16(v[j], 8), lut));
+            _mm512_store_si512(out + 4 * j + 3, _mm512_permutexvar_epi16(_mm512_srli_epi16(v[j], 12), lut));
+        }
+    } else {
+        /* E4M3 magnitude -> bf16 from two 64-entry tables (vpermi2w reads 6 index bits; bit 6 picks the
+           table), the sign moved from bit 7 to bit 15 */
+        const __m512i t0 = _mm512_load_si512(E4M3_BF16), t1 = _mm512_load_si512(E4M3_BF16 + 32);
+        const __m512i t2 = _mm512_load_si512(E4M3_BF16 + 64), t3 = _mm512_load_si512(E4M3_BF16 + 96);
+        /* the lanes' 32 bytes, two lanes to a register, then each half of 16 bytes transposed */
+        const uint8_t *base = weight_byte(w, n0, 32 * g);
+        __m512i y[8], z[4], vv[8];
+        for (int i = 0; i < 8; i++) {
+            __m256i r0 = _mm256_maskz_loadu_epi8(2 * i < lanes ? 0xFFFFFFFFu : 0, base + 2 * i * w->s_n);
+            __m256i r1 = _mm256_maskz_loadu_epi8(2 * i + 1 < lanes ? 0xFFFFFFFFu : 0, base + (2 * i + 1) * w->s_n);
+            y[i] = _mm512_inserti64x4(_mm512_castsi256_si512(r0), r1, 1);
+        }
+        for (int h = 0; h < 2; h++) {
+            for (int q = 0; q < 4; q++)
+                z[q] = h ? _mm512_shuffle_i32x4(y[2 * q], y[2 * q + 1], 0xDD) : _mm512_shuffle_i32x4(y[2 * q], y[2 * q + 1], 0x88);
+            transpose16x4(z, vv + 4 * h);
+        }
+        for (int j = 0; j < 8; j++) { /* 4 bytes = elements 4j .. 4j + 3 */
+            __m512i v = vv[j];
+            __m512i bytes[2] = {v, _mm512_srli_epi16(v, 8)}; /* each word's low byte is the element */
+            for (int t = 0; t < 2; t++) {
+                __m512i x = bytes[t];
+                __m512i r = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(x, _mm512_set1_epi16(0x40)),
+                                                    _mm512_permutex2var_epi16(t0, x, t1),
+                                                    _mm512_permutex2var_epi16(t2, x, t3));
+                r = _mm512_ternarylogic_epi32(r, _mm512_slli_epi16(x, 8), _mm512_set1_epi16((short)0x8000), 0xF8);
+                _mm512_store_si512(out + 2 * j + t, r);
+            }
+        }
+    }
+}
+
+static void decode_scales_avx(const weight_t *w, int64_t n0, int lanes, int64_t g, float *restrict dst) {
+    int64_t first = scale_offset(w, n0, g), last = scale_offset(w, n0 + lanes - 1, g);
+    if (w->sb_n < 0 || w->sb_n > (1 << 26) || last + 3 >= w->sb_limit) { /* a dword read would leave it */
+        decode_scales_scalar(w, n0, lanes, g, dst);
+        return;
+    }
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512i b = _mm512_and_si512(
+        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), (__mmask16)((1u << lanes) - 1u),
+                                    _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)w->sb_n)), w->sb + first, 1),
+        _mm512_set1_epi32(0xFF));
+    __m512i f = _mm512_slli_epi32(b, 23);
+    f = _mm512_mask_mov_epi32(f, _mm512_cmpeq_epi32_mask(b, _mm512_setzero_si512()), _mm512_set1_epi32(0x00400000));
+    f = _mm512_mask_mov_epi32(f, _mm512_cmpeq_epi32_mask(b, _mm512_set1_epi32(0xFF)), _mm512_set1_epi32(0x7FC00000));
+    f = _mm512_maskz_mov_epi32((__mmask16)((1u << lanes) - 1u), f);
+    _mm512_storeu_si512(dst, f);
+}
+
+/* as partials_scalar, 8 (row, group) sums at a time so that the dot products' latencies overlap */
+static void partials_avx(const uint32_t *act, int64_t lda, int rows, int64_t g_first, int gc,
+                         const uint32_t *restrict wbuf, float *restrict pbuf) {
+    int total = rows * gc;
+    for (int c0 = 0; c0 < total; c0 += 8) {
+        const uint32_t *ap[8];
+        const __m512i *wp[8];
+        int dst[8];
+        for (int c = 0; c < 8; c++) {
+            int i = c0 + c < total ? c0 + c : c0, r = i / gc, g = i % gc;
+            ap[c] = act + r * lda + (g_first + g) * PAIRS;
+            wp[c] = (const __m512i *)(wbuf + g * PAIRS * 16);
+            dst[c] = (r * CHUNK + g) * 16;
+        }
+        __m512 acc[8];
+        for (int c = 0; c < 8; c++) acc[c] = _mm512_setzero_ps();
+        for (int kp = 0; kp < PAIRS; kp++)
+            for (int c = 0; c < 8; c++)
+                acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)_mm512_set1_epi32((int)ap[c][kp]),
+                                          (__m512bh)_mm512_load_si512(wp[c] + kp));
+        for (int c = 0; c < 8 && c0 + c < total; c++) _mm512_store_ps(pbuf + dst[c], acc[c]);
+    }
+}
+
+/* partials_avx for ROWS rows and an even number of groups: two groups of eight rows at a time, each
+   weight vector loaded once for the eight rows */
+static void partials_avx_rows(const uint32_t *act, int64_t lda, int64_t g_first, int gc,
+                              const uint32_t *restrict wbuf, float *restrict pbuf) {
+    for (int g = 0; g < gc; g += 2) {
+        const uint32_t *a = act + (g_first + g) * PAIRS;
+        const __m512i *w0 = (const __m512i *)(wbuf + g * PAIRS * 16), *w1 = w0 + PAIRS;
+        __m512 acc0[ROWS], acc1[ROWS];
+        for (int r = 0; r < ROWS; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
+        for (int kp = 0; kp < PAIRS; kp++) {
+            __m512bh b0 = (__m512bh)_mm512_load_si512(w0 + kp), b1 = (__m512bh)_mm512_load_si512(w1 + kp);
+            for (int r = 0; r < ROWS; r++) {
+                acc0[r] = _mm512_dpbf16_ps(acc0[r], (__m512bh)_mm512_set1_epi32((int)a[r * lda + kp]), b0);
+                acc1[r] = _mm512_dpbf16_ps(acc1[r], (__m512bh)_mm512_set1_epi32((int)a[r * lda + PAIRS + kp]), b1);
+            }
+        }
+        for (int r = 0; r < ROWS; r++) {
+            _mm512_store_ps(pbuf + (r * CHUNK + g) * 16, acc0[r]);
+            _mm512_store_ps(pbuf + (r * CHUNK + g + 1) * 16, acc1[r]);
+        }
+    }
+}
+
+/* the scaling of the partial sums of rows 0 .. rows - 1 (output rows o + r * ldo), as mx_matmul's plain C
+   loop does it, the rows interleaved so that their chains of additions overlap */
+static void scale_rows_avx(float *o, int64_t ldo, int rows, int lanes, const float *pbuf, const float *sar,
+                           int64_t lds, const float *sbuf, int gc, const float *l0a, int64_t ldl0a,
+                           const float *l0) {
+    __mmask16 mask = (__mmask16)((1u << lanes) - 1u);
+    __m512 acc[ROWS];
+    for (int r = 0; r < rows; r++) acc[r] = l0a ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, o + r * ldo);
+    for (int g = 0; g < gc; g++) {
+        __m512 s = _mm512_load_ps(sbuf + 16 * g);
+        for (int r = 0; r < rows; r++)
+            acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_mul_ps(_mm512_load_ps(pbuf + (r * CHUNK + g) * 16),
+                                                                       _mm512_set1_ps(sar[r * lds + g])), s));
+    }
+    for (int r = 0; r < rows; r++) {
+        __m512 total = acc[r];
+        if (l0a)
+            total = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, o + r * ldo),
+                                  _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(l0a[r * ldl0a]), _mm512_loadu_ps(l0)), acc[r]));
+        _mm512_mask_storeu_ps(o + r * ldo, mask, total);
+    }
+}
+#endif
+
+int mx_matmul_isa(void) {
+#ifdef HAVE_BF16_DOT
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* out[m, n0 .. n0 + count) (row stride ldo) for n0 = n_start (a multiple of 16); act: [m, pairs] bf16
+   pairs, sa: [m, groups] scales; l0a [m, groups0] and l0b (row stride ldl0b) for dual level, or NULL.
+   out is written, not accumulated into. vector = 0 takes the portable path. */
+int mx_matmul(const uint32_t *act, const float *sa, int64_t m, int64_t k, const uint8_t *b, int fmt_w, int64_t s_n,
+              int64_t s_nb, int64_t s_cb, int64_t c0, int64_t kbytes, const uint8_t *sb, int64_t sb_n, int64_t sb_p,
+              int64_t sb_2, int64_t sb_limit, const float *l0a, const float *l0b, int64_t ldl0b, int64_t n_start,
+              int64_t count, int64_t n_total, float *out, int64_t ldo, int vector) {
+    if (m < 0 || k <= 0 || n_start % 16 || count < 0 || n_start + count > n_total || c0 <= 0) return -1;
+#ifndef HAVE_BF16_DOT
+    if (vector) return -2;
+#endif
+    weight_t w = {b, s_n, s_nb, s_cb, c0, kbytes, sb, sb_n, sb_p, sb_2, sb_limit, fmt_w};
+    int64_t groups = (k + 31) / 32, lda = groups * PAIRS, groups0 = (groups + CHUNK - 1) / CHUNK;
+    int64_t gbytes = fmt_w == FMT_E2M1 ? 16 : 32;
+    /* scratch (24 KiB: off the stack), 64-byte aligned: the decoded chunk, its scales, the partial sums */
+    char *scratch = malloc(64 + (CHUNK * PAIRS * 16 + CHUNK * 16 + ROWS * CHUNK * 16) * 4);
+    if (!scratch) return -3;
+    uint32_t *wbuf = (uint32_t *)(scratch + (64 - (uintptr_t)scratch % 64));
+    float *sbuf = (float *)(wbuf + CHUNK * PAIRS * 16), *pbuf = sbuf + CHUNK * 16;
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t l = 0; l < count; l++) out[r * ldo + n_start + l] = 0.0f;
+    /* chunk by chunk, the lanes' blocks inside: an NZ weight is read in storage order, and the
+       activation's chunk stays in cache across the blocks */
+    for (int64_t ch = 0; ch < groups0; ch++) {
+        int64_t g_first = ch * CHUNK;
+        int gc = (int)(groups - g_first < CHUNK ? groups - g_first : CHUNK);
+        for (int64_t n0 = n_start; n0 < n_start + count; n0 += 16) {
+            int lanes = (int)(n_start + count - n0 < 16 ? n_start + count - n0 : 16);
+            for (int g = 0; g < gc; g++) {
+                uint32_t *dst = wbuf + g * PAIRS * 16;
+                int64_t gg = g_first + g;
+#ifdef HAVE_BF16_DOT
+                /* a group whose bytes all lie in the rows (the last one of a ragged k may not) */
+                if (vector && (gg + 1) * gbytes <= kbytes && (gg + 1) * 32 <= k) {
+                    decode_group_avx(&w, n0, lanes, gg, dst);
+                    decode_scales_avx(&w, n0, lanes, gg, sbuf + 16 * g);
+                    continue;
+                }
+#endif
+                decode_group_scalar(&w, n0, lanes, gg, k, dst);
+                decode_scales_scalar(&w, n0, lanes, gg, sbuf + 16 * g);
+            }
+            float l0[16];
+            for (int l = 0; l < 16; l++) l0[l] = l0b && l < lanes ? l0b[ch * ldl0b + n0 + l] : 0.0f;
+            for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
+                int rows = (int)(m - r0 < ROWS ? m - r0 : ROWS);
+#ifdef HAVE_BF16_DOT
+                if (vector && rows == ROWS && gc % 2 == 0) partials_avx_rows(act + r0 * lda, lda, g_first, gc, wbuf, pbuf);
+                else if (vector) partials_avx(act + r0 * lda, lda, rows, g_first, gc, wbuf, pbuf);
+                else
+#endif
+                    partials_scalar(act + r0 * lda, lda, rows, g_first, gc, wbuf, pbuf);
+#ifdef HAVE_BF16_DOT
+                if (vector) {
+                    scale_rows_avx(out + r0 * ldo + n0, ldo, rows, lanes, pbuf, sa + r0 * groups + g_first, groups,
+                                   sbuf, gc, l0b ? l0a + r0 * groups0 + ch : NULL, groups0, l0);
+                    continue;
+                }
+#endif
+                for (int r = 0; r < rows; r++) {
+                    const float *sar = sa + (r0 + r) * groups + g_first;
+                    float *o = out + (r0 + r) * ldo + n0;
+                    float acc[16], total[16];
+                    for (int l = 0; l < 16; l++) total[l] = l < lanes ? o[l] : 0.0f;
+                    for (int l = 0; l < 16; l++) acc[l] = l0b ? 0.0f : total[l];
+                    for (int g = 0; g < gc; g++) {
+                        const float *p = pbuf + (r * CHUNK + g) * 16, *s = sbuf + 16 * g;
+                        for (int l = 0; l < 16; l++) acc[l] = acc[l] + (p[l] * sar[g]) * s[l];
+                    }
+                    if (l0b) {
+                        float f = l0a[(r0 + r) * groups0 + ch];
+                        for (int l = 0; l < 16; l++) total[l] = total[l] + (f * l0[l]) * acc[l];
+                    } else {
+                        memcpy(total, acc, sizeof acc);
+                    }
+                    for (int l = 0; l < lanes; l++) o[l] = total[l];
+                }
+            }
+        }
+    }
+    free(scratch);
+    return 0;
 }
