@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
 from mxfx.schemes import MODELSLIM, MXFP4, SCHEMES, DualLevelMXFP4, Scheme, SchemeSelector, get_scheme
+from mxfx.selection import ALL
 from mxfx.stored_weights import STORED_WEIGHTS
 
 COLUMN, ROW, REPLICATED = "column", "row", "replicated"
@@ -137,8 +138,8 @@ class ParallelReport:
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
         moved = sum(p.decision == "fallback" for p in self.linears)
-        title = (f"tensor parallel: rank {self.layout.tp_rank} of {self.layout.tp_size}, {len(self.linears)} linears "
-                 f"(local K, N), {moved} moved to a fallback scheme")
+        title = (f"tensor parallel TP={self.layout.tp_size} (rank {self.layout.tp_rank}; every rank's shapes are "
+                 f"the same): {len(self.linears)} linears, local K and N, {moved} moved to a fallback scheme")
         return "\n".join([title, *lines, *self.notes])
 
 
@@ -164,6 +165,9 @@ def plan(model: torch.nn.Module, tp_size: int, scheme=None, sharded: bool = Fals
         k, n = module.in_features, module.out_features
         if not sharded:
             k, n = (k // tp_size, n) if kind == ROW else (k, n // tp_size) if kind == COLUMN else (k, n)
+        if (excluded := ALL.skip(name)) is not None:  # what the backend leaves alone by default (lm_head)
+            linears.append(LinearPlan(name, kind, k, n, None, "not quantized", str(excluded)))
+            continue
         chosen = selector.scheme_for(module.weight)
         if chosen is None:
             linears.append(LinearPlan(name, kind, k, n, None, "not quantized",
@@ -313,7 +317,7 @@ def tensor_parallel(model: torch.nn.Module, group=None, scheme=None) -> Parallel
     group = group if group is not None else dist.group.WORLD
     layout = Layout(dist.get_rank(group), dist.get_world_size(group))
     loaded = getattr(model, "mxfx_tp", None)
-    report, fallbacks, signature, problem = None, {}, None, None
+    report, signature, problem = None, None, None
     try:
         if (dtensors := dtensor_problem(dict(model.named_parameters()))) is not None:
             raise ParallelError(dtensors)
@@ -323,7 +327,7 @@ def tensor_parallel(model: torch.nn.Module, group=None, scheme=None) -> Parallel
             raise ParallelError(f"the model was loaded as rank {loaded.tp_rank} of TP={loaded.tp_size}, but this "
                                 f"process is rank {layout.tp_rank} of a group of {layout.tp_size}: load it with "
                                 f"tp_rank={layout.tp_rank}, tp_size={layout.tp_size}")
-        report, fallbacks = plan(model, layout.tp_size, scheme, sharded=loaded is not None, tp_rank=layout.tp_rank)
+        report, _ = plan(model, layout.tp_size, scheme, sharded=loaded is not None, tp_rank=layout.tp_rank)
         signature = (type(model).__name__, tuple((p.name, p.kind, p.k, p.n, p.scheme) for p in report.linears))
     except ParallelError as error:
         problem = str(error)
@@ -342,6 +346,16 @@ def tensor_parallel(model: torch.nn.Module, group=None, scheme=None) -> Parallel
     if loaded is not None:
         model.mxfx_tp_guard.remove()
     model.mxfx_tp, model.mxfx_tp_guard = layout, None
-    base = get_scheme(scheme) if scheme is not None else _default_scheme(model)
-    report.scheme = ParallelSchemes(base, {model.get_submodule(name).weight: s for name, s in fallbacks.items()})
+    report.scheme = parallel_scheme(model, scheme)
     return report
+
+
+def parallel_scheme(model: torch.nn.Module, scheme=None) -> ParallelSchemes:
+    """The selector to compile a parallelized model with for `scheme` (tensor_parallel returns the one for
+    the scheme it was given; this gives the others' without sharding again)."""
+    layout = getattr(model, "mxfx_tp", None)
+    if layout is None or getattr(model, "mxfx_tp_guard", None) is not None:
+        raise ParallelError("the model is not parallelized: call mxfx.parallel.tensor_parallel(model) first")
+    _, fallbacks = plan(model, layout.tp_size, scheme, sharded=True, tp_rank=layout.tp_rank)
+    base = get_scheme(scheme) if scheme is not None else _default_scheme(model)
+    return ParallelSchemes(base, {model.get_submodule(name).weight: s for name, s in fallbacks.items()})
