@@ -36,7 +36,7 @@ def test_a_linear_that_fails_the_rule_unsharded_too_is_left_as_at_tp1():
 @pytest.mark.parametrize(("fields", "message"), [
     ({"num_attention_heads": 6, "num_key_value_heads": 2}, "does not divide its 6 attention heads"),
     ({"num_key_value_heads": 2}, "tp_size 4 does not divide its 2 KV heads"),
-    ({"intermediate_size": 1544}, "does not divide its intermediate size 1544"),
+    ({"intermediate_size": 1546}, "does not divide its intermediate size 1546"),
 ])
 def test_sizes_that_do_not_divide_are_named(fields, message):
     with pytest.raises(ParallelError, match=message):
