@@ -78,11 +78,14 @@ def test_512_rule_broken_at_tp2_falls_back_to_mxfp4(ranks):
 
 
 def test_checkpoint_loaded_per_rank_matches_it_loaded_whole(ranks):
+    """Per-rank loading against the whole checkpoint: within tolerance of it at TP=1, and the same codes
+    and logits as loading it whole and sharding it in memory."""
     for results in ranks:
         r = results["loaded"]
         assert "not connected to its group" in r["unconnected"]
         assert torch.equal(r["logits"], ranks[0]["loaded"]["logits"])
         assert (r["logits"].float() - r["ref"].float()).abs().mean() <= 0.05
+        assert r["same_codes"] and torch.equal(r["eager"], r["sharded_eager"])
         assert all(scheme == "modelslim/mxfp4_dual" for *_, scheme, _ in results["loaded"]["plan"][:-1])
 
 

@@ -105,7 +105,14 @@ def loaded(results: dict, folder: Path) -> None:
     unconnected = _error(lambda: model(IDS))
     report = tensor_parallel(model)
     logits, linears = _logits(model, report.scheme)
-    results["loaded"] = {"ref": ref, "logits": logits, "unconnected": unconnected, "plan": _plan_rows(report)}
+    whole = checkpoint.load(folder)  # loaded whole, then sharded in memory: the same codes and logits
+    sharded = tensor_parallel(whole)
+    same_codes = all(torch.equal(t, checkpoint.stored_weights(whole)[name].tensors[suffix])
+                     for name, stored in checkpoint.stored_weights(model).items()
+                     for suffix, t in stored.tensors.items())
+    results["loaded"] = {"ref": ref, "logits": logits, "unconnected": unconnected, "plan": _plan_rows(report),
+                         "same_codes": same_codes, "eager": _eager(model, report.scheme),
+                         "sharded_eager": _eager(whole, sharded.scheme)}
 
 
 def bad_input(results: dict, folder: Path, mxfp8: Path) -> None:
