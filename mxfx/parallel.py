@@ -16,7 +16,7 @@ is the selector to compile with.
 """
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -130,7 +130,6 @@ class ParallelReport:
     layout: Layout
     linears: list[LinearPlan]
     scheme: "ParallelSchemes | None" = None  # set once the model is sharded
-    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         rows = [(p.name, p.kind, str(p.k), str(p.n), p.scheme or "-", p.decision, p.why) for p in self.linears]
@@ -140,7 +139,7 @@ class ParallelReport:
         moved = sum(p.decision == "fallback" for p in self.linears)
         title = (f"tensor parallel TP={self.layout.tp_size} (rank {self.layout.tp_rank}; every rank's shapes are "
                  f"the same): {len(self.linears)} linears, local K and N, {moved} moved to a fallback scheme")
-        return "\n".join([title, *lines, *self.notes])
+        return "\n".join([title, *lines])
 
 
 def _default_scheme(model: torch.nn.Module) -> "Scheme | SchemeSelector":
