@@ -249,10 +249,26 @@ class _Captured(Exception):
     """Raised by inspect's backend once the graph is rewritten, so that it is never run."""
 
 
+def _inspect_parallel(model, args) -> int:
+    """The per-linear tensor-parallel plan of each scheme (shapes only: nothing is sharded or run)."""
+    from .parallel import ParallelError, plan
+
+    for scheme in args.scheme:
+        try:
+            print(plan(model, args.tp, scheme)[0], end="\n\n")
+        except ParallelError as error:
+            if "no scheme serves" not in str(error):
+                raise
+            print(f"{scheme} at TP={args.tp}: refused: {error}", end="\n\n")
+    return 0
+
+
 def _inspect(args) -> int:
     from .dynamo_backend import backend
 
     model = _load(args)
+    if args.tp > 1:
+        return _inspect_parallel(model, args)
     tokens = evaluation.Tokenizer(Path(args.model), model)
     for scheme in _runs(args, model, tokens):
         be = backend(scheme, target="reference")
@@ -374,6 +390,9 @@ def parser() -> argparse.ArgumentParser:
     recipe_args(inspect, ["none"])
     inspect.add_argument("--seq", type=at_least(1), default=256, help="tokens per calibration window")
     inspect.add_argument("--batch-size", type=at_least(1), default=8, help="calibration windows per forward")
+    inspect.add_argument("--tp", type=at_least(1), default=1,
+                         help="print each linear's tensor-parallel split at this TP size instead: kind, local K and "
+                              "N, the scheme it runs and why")
     quantize = command("quantize", _quantize, "write a quantized checkpoint (msmodelslim layout) of a model folder")
     quantize.add_argument("--model", required=True, help="a local Hugging Face folder with bf16 weights")
     quantize.add_argument("--scheme", required=True, choices=list(SCHEMES))

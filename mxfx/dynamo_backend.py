@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from mxfx import recipes
+from mxfx import parallel, recipes
 from mxfx.calibration import Calibration
 from mxfx.ops import npu as npu_support
 from mxfx.prepared import PREPARED, PreparedWeights
@@ -237,6 +237,8 @@ class Backend:
                 raise MXFXCompileError(str(error)) from error
         graph = _copy(gm)
         weights = _weights(graph, example_inputs)
+        if (dtensors := parallel.dtensor_problem(weights)) is not None:
+            raise MXFXCompileError(dtensors)
         scheme = self.scheme_for_graph(graph, weights)
         disable = None if self.progress is None else not self.progress  # None: only on a terminal
         with tqdm(desc=f"mxfx: preparing {scheme.label} weights", unit="weight", disable=disable, leave=False) as bar:

@@ -15,7 +15,8 @@ LAYERS = [  # lowest first; a module belongs to the first prefix that names it
      "mxfx.calibration", "mxfx.recovery"],
     ["mxfx.schemes", "mxfx.prepared", "mxfx.recipes"],
     ["passes"],
-    ["mxfx.dynamo_backend", "mxfx.weight_watch", "mxfx.checkpoint", "mxfx.evaluation", "mxfx.textdata"],
+    ["mxfx.dynamo_backend", "mxfx.weight_watch", "mxfx.checkpoint", "mxfx.evaluation", "mxfx.textdata",
+     "mxfx.parallel"],
     ["mxfx.cli"],
 ]
 

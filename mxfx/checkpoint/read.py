@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from mxfx.stored_weights import STORED_WEIGHTS
 
-from .stored import NOT_YET, TYPES, CheckpointError, QuantizedWeight, read_linear
+from .stored import NOT_YET, TYPES, CheckpointError, QuantizedWeight, read_linear, shard_index
 
 DESCRIPTION = "quant_model_description.json"
 INDEX = "model.safetensors.index.json"
@@ -67,11 +67,37 @@ class _Tensors:
         return self.files[name][1]
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        return self.read(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.files[name][0].get_slice(name).get_shape())
+
+    def read(self, name: str, index: tuple[slice, ...] = ()) -> torch.Tensor:
+        """The tensor, or its `index` slice, of which only those bytes are read (safetensors get_slice)."""
         f, path = self.files[name]
         try:  # a copy: a tensor still mapped from the file would change (or fault) if the file were rewritten
-            return f.get_tensor(name).clone()
+            return (f.get_slice(name)[index] if index else f.get_tensor(name)).clone()
         except Exception as error:
             raise CheckpointError(f"{path}: cannot read tensor {name}: {error}") from error
+
+
+class _Shard:
+    """One rank's view of one linear's tensors in a folder: each tensor read as the rank's slice of N rows
+    and K columns (whole groups: stored.shard_index), as read_linear asks for them."""
+
+    def __init__(self, tensors: _Tensors, kind, prefix: str, full: tuple[int, int], rows, cols):
+        self.tensors, self.kind, self.prefix, self.full, self.rows, self.cols = tensors, kind, prefix, full, rows, cols
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def path(self, name: str) -> Path:
+        return self.tensors.path(name)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        shape = self.tensors.shape(name)
+        axes = (1, 1) if self.kind is None else self.kind.axes(name.removeprefix(f"{self.prefix}."), shape, *self.full)
+        return self.tensors.read(name, shard_index(name, axes, shape, self.full, self.rows, self.cols))
 
 
 def read_description(folder: Path) -> tuple[dict[str, str], dict]:
@@ -127,6 +153,14 @@ def _plan(description: dict[str, str], tensors: _Tensors) -> tuple[list[str], di
     return floats, quantized
 
 
+def skeleton(config) -> torch.nn.Module:
+    """The architecture on the meta device: its modules and shapes, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def _empty_model(config) -> torch.nn.Module:
     """The architecture in bf16 with its parameters allocated but not initialised (every one is then
     replaced from the checkpoint); buffers such as RoPE frequencies are computed as usual."""
@@ -163,36 +197,73 @@ def _check_coverage(model, floats: list[str], quantized: dict[str, str], tied: b
         raise CheckpointError(f"{folder}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
 
-def load(folder: str | Path) -> torch.nn.Module:
+def load(folder: str | Path, tp_rank: int = 0, tp_size: int = 1) -> torch.nn.Module:
     """A quantized checkpoint folder as a bf16 model whose quantized linears' weights have their stored
     tensors in STORED_WEIGHTS (`stored_weights(model)` lists them).
 
     Names, types and the tensors' presence are checked first; then the tensors are read one linear at
     a time, so the peak is the model's bf16 weights plus its stored codes plus one linear.
+
+    tp_size > 1: the model of rank `tp_rank` (mxfx.parallel's split: q/k/v/gate/up by output rows,
+    o/down_proj by input columns), each tensor read as that rank's slice only, along N or whole K-groups,
+    never re-quantized; a split that would cut a group is refused, naming the tensor. Connect it to its
+    group with mxfx.parallel.tensor_parallel(model) before running it (until then it refuses to run).
     """
     from transformers import AutoConfig
+
+    from mxfx import parallel
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json")
+    if not 0 <= tp_rank < tp_size:
+        raise CheckpointError(f"tp_rank must be in [0, tp_size={tp_size}), got {tp_rank}")
     description, header = read_description(folder)
+    layout = parallel.Layout(tp_rank, tp_size)
     with ExitStack() as stack:
         tensors = _Tensors(folder, stack)
         floats, quantized = _plan(description, tensors)
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        model = _empty_model(config)
+        full = skeleton(config)
+        try:
+            parallel.check_divisible(full, tp_size)
+        except parallel.ParallelError as error:
+            raise CheckpointError(f"{folder}: {error}") from error
+        kinds = parallel.linear_kinds(full) if tp_size > 1 else {}
+        model = _empty_model(parallel.local_config(config, tp_size) if tp_size > 1 else config)
+        if tp_rank:  # a row-parallel bias is added once, by rank 0
+            dropped = {f"{name}.bias" for name, kind in kinds.items() if kind == parallel.ROW
+                       and model.get_submodule(name).bias is not None}
+            for name in dropped:
+                model.get_submodule(name.removesuffix(".bias")).bias = None
+            floats = [name for name in floats if name not in dropped]
         tied = getattr(config, "tie_word_embeddings", False)
         _check_coverage(model, floats, quantized, tied, folder)
+
+        def view(name: str, kind=None):
+            """The tensors of linear `name` as this rank reads them (all of them at TP=1 or replicated)."""
+            split = kinds.get(name, parallel.REPLICATED)
+            if split == parallel.REPLICATED:
+                return tensors
+            shape = tuple(full.get_submodule(name).weight.shape)
+            rows = parallel.shard_range(shape[0], layout) if split == parallel.COLUMN else (0, shape[0])
+            cols = parallel.shard_range(shape[1], layout) if split == parallel.ROW else (0, shape[1])
+            return _Shard(tensors, kind, name, shape, rows, cols)
+
         for name in tqdm(floats, desc="mxfx load (FLOAT)", unit="tensor", disable=None):
-            _set_parameter(model, name, tensors[name], tensors.path(name).name)
+            prefix, _, suffix = name.rpartition(".")
+            source = view(prefix) if suffix == "weight" or kinds.get(prefix) == parallel.COLUMN else tensors
+            _set_parameter(model, name, source[name], tensors.path(name).name)
         for prefix, kind in tqdm(quantized.items(), desc="mxfx load (quantized)", unit="linear", disable=None):
             name = f"{prefix}.weight"
-            stored = read_linear(prefix, TYPES[kind], tensors, model.get_parameter(name).shape,
+            stored = read_linear(prefix, TYPES[kind], view(prefix, TYPES[kind]), model.get_parameter(name).shape,
                                  header.get("group_size"))
             _set_parameter(model, name, stored.dequantize(), tensors.path(name).name)
             STORED_WEIGHTS.add(model.get_parameter(name), stored)
     if tied:
         model.tie_weights()
+    if tp_size > 1:
+        parallel.mark_sharded(model, layout)
     return model
 
 

@@ -87,6 +87,12 @@ class StoredType:
         """The inverse of codes: what the scheme's quantizer returned, in this type's layout."""
         raise NotImplementedError(f"mxfx does not write {self.name}")
 
+    def axes(self, suffix: str, shape: tuple, n: int, k: int) -> tuple[int, int | None]:
+        """How a stored tensor of a [N, K] weight spans it: outputs per index of its dim 0, and K elements
+        per index of its dim 1 (None: dim 1 does not run along K, it is kept whole). Tensor parallelism
+        slices along these, whole groups only."""
+        raise NotImplementedError
+
 
 def _scale_bytes(paired: torch.Tensor, k: int) -> torch.Tensor:
     return from_paired_scales(paired, math.ceil(k / 32)).view(torch.uint8)
@@ -139,6 +145,11 @@ class MXType(StoredType):
     def from_codes(self, codes, k):
         return {"weight": codes["q"], "weight_scale": _scale_bytes(codes["scale"], k)}
 
+    def axes(self, suffix, shape, n, k):
+        if suffix == "weight":  # packed FP4 [N, K/2] or E4M3 [N, K]
+            return 1, 2 if len(shape) == 2 and shape[1] * 2 == k else 1
+        return 1, 32
+
 
 @dataclass(frozen=True, eq=False)
 class DualLevelType(MXType):
@@ -166,6 +177,9 @@ class DualLevelType(MXType):
     def from_codes(self, codes, k):
         return {"weight": codes["q"], "weight_scale": _scale_bytes(codes["level1"], k),
                 "weight_dual_scale": codes["level0"].unsqueeze(-1)}
+
+    def axes(self, suffix, shape, n, k):
+        return (1, 512) if suffix == "weight_dual_scale" else super().axes(suffix, shape, n, k)
 
 
 def pack_int4_rows(values: torch.Tensor) -> torch.Tensor:
@@ -215,6 +229,13 @@ class Int4Type(StoredType):
 
     def scheme(self, weight):
         return Int4WeightOnly(group_size=weight.group_size)
+
+    def axes(self, suffix, shape, n, k):
+        if suffix == "weight":  # one int4 per byte [N, K] or two along N [N/2, K]
+            return (2 if shape[0] * 2 == n else 1), 1
+        if suffix.endswith("_second"):  # per group [N, K/group]
+            return 1, (k // shape[1] if len(shape) == 2 and shape[1] else None)
+        return 1, None  # per channel [N, 1], scale_bias [N, ...]
 
     @staticmethod
     def values(weight: "QuantizedWeight") -> torch.Tensor:
@@ -296,3 +317,34 @@ def read_linear(prefix: str, kind: StoredType, tensors, shape: torch.Size, group
 
     n, k = shape
     return kind.check(stored, n, k, group_size, fail)
+
+
+def shard_index(name: str, axes: tuple[int, int | None], shape: tuple, full: tuple[int, int],
+                rows: tuple[int, int], cols: tuple[int, int]) -> tuple[slice, ...]:
+    """The index of rows [lo, hi) of N and cols [lo, hi) of K in a stored tensor of `shape` laid out along
+    `axes` (StoredType.axes; (1, 1) for a bf16 weight), for a [N, K] weight `full`. Raises naming the
+    tensor where the tensor does not span `full` (a checkpoint written for another layout) or a slice
+    would cut one of its groups (it is never re-quantized)."""
+    index = []
+    for dim, (per, (lo, hi), size, what) in enumerate(zip(axes, (rows, cols), full, "NK")):
+        if dim >= len(shape) or per is None:
+            break
+        if shape[dim] != -(-size // per):
+            raise CheckpointError(f"{name} has shape {list(shape)}, but a [{full[0]}, {full[1]}] weight stores "
+                                  f"{-(-size // per)} along dim {dim}: written for another (tensor-parallel?) layout")
+        if lo % per or (hi % per and hi != size):
+            raise CheckpointError(f"{name}: this rank's slice [{lo}, {hi}) of {what}={size} cuts its groups of {per} "
+                                  f"(stored codes are never re-quantized): choose a tp_size whose slices of {what} "
+                                  f"are multiples of {per}")
+        index.append(slice(lo // per, -(-hi // per)))
+    return tuple(index)
+
+
+def shard_stored(name: str, stored: QuantizedWeight, full: tuple[int, int], rows: tuple[int, int],
+                 cols: tuple[int, int]) -> QuantizedWeight:
+    """One rank's slice of a linear's stored tensors, whole groups only."""
+    sliced = {}
+    for suffix, tensor in stored.tensors.items():
+        axes = stored.kind.axes(suffix, tuple(tensor.shape), *full)
+        sliced[suffix] = tensor[shard_index(f"{name}.{suffix}", axes, tuple(tensor.shape), full, rows, cols)].clone()
+    return QuantizedWeight(stored.kind, sliced, stored.group_size)

@@ -17,7 +17,7 @@ from mxfx.schemes import Scheme, get_scheme
 from mxfx.selection import Selection
 from mxfx.targets import get_target
 
-from .read import DESCRIPTION, FLOAT, INDEX, _Tensors
+from .read import DESCRIPTION, FLOAT, INDEX, _Tensors, skeleton
 from .stored import WRITTEN, CheckpointError, StoredType
 
 WRITTEN_TYPES = {scheme: kind.name for scheme, kind in WRITTEN.items()}  # scheme name -> the type written
@@ -25,11 +25,8 @@ WRITTEN_TYPES = {scheme: kind.name for scheme, kind in WRITTEN.items()}  # schem
 
 def _linear_weights(config) -> dict[str, int]:
     """name -> in_features of every nn.Linear weight of the architecture (built on the meta device)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    return {f"{name}.weight": m.in_features for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
+    return {f"{name}.weight": m.in_features for name, m in skeleton(config).named_modules()
+            if isinstance(m, torch.nn.Linear)}
 
 
 def _partial_folder(out: Path) -> Path:
