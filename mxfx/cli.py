@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+from passes import FusionReport
+from passes.report import table
+
 from . import evaluation
 from .formats import dequantize_dual_level, dequantize_mx, quantize_dual_level, quantize_mx
 from .metrics import nbytes, sqnr_db
@@ -45,13 +48,7 @@ def _formats_report(x: torch.Tensor) -> str:
         )
     header = ("format", "size", "bits/elem", "SQNR dB", "max |err|", "E8M0 bytes", "ms")
     return (f"input: {x.dtype} {list(x.shape)}, {nbytes([x]) / 2**20:.2f} MiB (16 bits/elem), randn seed 0\n"
-            + _table(header, rows))
-
-
-def _table(header: tuple, rows: list[tuple]) -> str:
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
-                     for row in [header, *rows])
+            + table(header, rows))
 
 
 def _print_evaluation(result: "evaluation.Evaluation", tokens: evaluation.Tokenizer, prompt: str, plot: str | None,
@@ -70,12 +67,12 @@ def _print_evaluation(result: "evaluation.Evaluation", tokens: evaluation.Tokeni
                      f"{100 * r.top1_agreement:.1f}%", f"{min(sqnr):.1f} / {sum(sqnr) / len(sqnr):.1f}" if sqnr else "",
                      f"{r.compile_s:.1f}", f"{r.run_s:.1f}"))
     print(f"held-out text: {result.tokens:,} tokens")
-    print(_table(("model", "linear MiB", "bits/weight", "perplexity", "vs bf16", "top-1 = bf16",
+    print(table(("model", "linear MiB", "bits/weight", "perplexity", "vs bf16", "top-1 = bf16",
                   "layer SQNR min/mean dB", "compile s", "eval s"), rows))
     names = list(result.results[0].layer_sqnr) if result.results else []
     if names:
         print("\nper-layer output SQNR (dB), quantized layer vs bf16 layer on the same input")
-        print(_table(("linear", *(r.scheme for r in result.results)),
+        print(table(("linear", *(r.scheme for r in result.results)),
                      [(name, *(f"{r.layer_sqnr.get(name, float('nan')):.1f}" for r in result.results))
                       for name in names]))
     if prompt:
@@ -286,6 +283,8 @@ def _inspect(args) -> int:
             if not isinstance(raised, _Captured):
                 raise raised from error
         print(be.reports[-1], end="\n\n")
+        for fusion in be.pipeline_reports[-1].get(FusionReport):  # what the fusion passes did, per site
+            print(fusion, end="\n\n")
     return 0
 
 

@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from .quantize_linears import mxfx_tag
-from .report import PassReport
+from .report import PassReport, table
 
 aten = torch.ops.aten
 log = logging.getLogger("mxfx.passes")
@@ -63,6 +63,12 @@ class FusionReport(PassReport):
 
     def skip(self, linears: Iterable[str], reason: FusionSkipReason, detail: str) -> None:
         self.sites.append(FusionSite(tuple(linears), "skipped", reason=reason, detail=detail))
+
+    def __str__(self) -> str:
+        rows = [("+".join(name.rsplit(".", 1)[-1] for name in site.linears), site.linears[0].rsplit(".", 1)[0],
+                 site.outcome, site.op or f"{site.reason.value}: {site.detail}") for site in self.sites]
+        header = ("linears", "in", "outcome", "op or why")
+        return "\n".join([f"{self.pass_name}: {self.summary()}", table(header, rows)])
 
     def summary(self) -> str:
         reasons: dict[str, int] = {}

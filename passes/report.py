@@ -9,6 +9,13 @@ import torch
 from mxfx.selection import Skip, SkipReason
 
 
+def table(header: tuple, rows: list[tuple]) -> str:
+    """Columns padded to their widest cell, two spaces apart."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in [header, *rows])
+
+
 @dataclass
 class PassReport:
     pass_name: ClassVar[str]
@@ -91,11 +98,8 @@ class RewriteReport(PassReport):
         if any(r.scheme != self.scheme for r in self.linears):  # checkpoints: the path each linear took
             header = (*header[:4], "scheme", *header[4:])
             rows = [(*row[:4], r.scheme, *row[4:]) for row, r in zip(rows, self.linears)]
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-        lines = [f"mxfx rewrite: scheme {self.scheme}, target {self.target}"]
-        lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
-        lines.append(self.summary())
-        return "\n".join(lines)
+        return "\n".join([f"mxfx rewrite: scheme {self.scheme}, target {self.target}", table(header, rows),
+                          self.summary()])
 
 
 @dataclass

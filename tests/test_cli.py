@@ -128,7 +128,11 @@ def test_a_checkpoint_refuses_an_explicit_scheme(byte_model, tmp_path, capsys):
     assert ("is a quantized checkpoint, which runs with its stored scheme (modelslim); drop --scheme mxfp4_dual"
             in capsys.readouterr().err)
     assert cli.main(["inspect", "--model", str(out)]) == 0
-    assert "modelslim/mxfp8" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "modelslim/mxfp8" in printed
+    # the fusions, per site: the stored codes merge, the norms fuse with their quantizations
+    assert "merge_siblings: 2 fused" in printed and "q_proj+k_proj+v_proj  model.layers.0.self_attn  fused" in printed
+    assert "fuse_norm_quant: 2 fused" in printed and "npu_add_rms_norm_dynamic_mx_quant" in printed
 
 
 def test_continuation_uses_a_kv_cache_and_compiles_two_graphs_whatever_the_length(byte_model):
