@@ -247,7 +247,8 @@ class Backend:
 def backend(scheme: "str | Scheme | SchemeSelector | None" = None, target: str = "auto", inner="eager",
             include=None, exclude=None, report: "Callable[[RewriteReport], None] | None" = None,
             fallback: str | None = None, progress: bool | None = None,
-            passes: Iterable[GraphPass] = DEFAULT_PASSES, default_exclude: bool = True) -> Backend:
+            passes: Iterable[GraphPass] = DEFAULT_PASSES, default_exclude: bool = True, bits: float | None = None,
+            calibration=None) -> Backend:
     """A configured mxfx backend for torch.compile.
 
     scheme: "mxfp4_dual" | "mxfp4_w4a8" | "mxfp8" | "modelslim" (a checkpoint's stored codes) | a Scheme
@@ -258,8 +259,16 @@ def backend(scheme: "str | Scheme | SchemeSelector | None" = None, target: str =
     default_exclude=False drops. report: called with each graph's RewriteReport (all are also kept in
     .reports). fallback="eager": warn and run the graph unquantized instead of raising. progress: show
     weight preparation (None: only on a terminal). passes: the graph passes to run, in order
-    (passes.DEFAULT_PASSES: the linear rewrite); constants are lifted after them.
+    (passes.DEFAULT_PASSES: the linear rewrite); constants are lifted after them. scheme="auto": mixed
+    precision under bits= average bits per weight element, from calibration=mxfx.mixed_precision.measure(...)
+    (mxfx.mixed_precision.solve; its Plan may be passed as scheme= directly).
     """
+    if scheme == "auto":
+        from mxfx import mixed_precision
+
+        scheme = mixed_precision.auto(bits, calibration)
+    elif bits is not None:
+        raise ValueError(f"bits= is for scheme='auto', not {scheme!r}")
     return Backend(scheme, target, inner, include, exclude, report, fallback, progress, passes=passes,
                    default_exclude=default_exclude)
 

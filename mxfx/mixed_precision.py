@@ -127,7 +127,8 @@ class Sensitivity:
         return sum(linear.elements for linear in self.linears.values())
 
     def bind(self, model: torch.nn.Module, calibration: Calibration | None = None) -> "Sensitivity":
-        """Attach the scheme values of `model`'s weights (refused unless they are the measured ones)."""
+        """Attach the scheme values of `model`'s weights (refused unless they are the measured ones); a
+        copy of the model (equal weights) may be bound too, beside it."""
         modules = {fqn: model.get_submodule(fqn) for fqn in self.linears}
         for fqn, linear in self.linears.items():
             module = modules[fqn]
@@ -139,7 +140,6 @@ class Sensitivity:
             raise ValueError("the sensitivity was measured on other weights (their fingerprint differs): measure it "
                              "again on this model")
         resolved = _resolve(self.candidates, calibration, model)
-        self._fqn_of = WeakIdKeyDictionary()
         for fqn, module in modules.items():
             self._fqn_of[module.weight] = fqn
             for label in self.linears[fqn].options:
