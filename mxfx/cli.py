@@ -10,6 +10,7 @@ import torch
 from . import evaluation
 from .formats import dequantize_dual_level, dequantize_mx, quantize_dual_level, quantize_mx
 from .metrics import nbytes, sqnr_db
+from .mixed_precision import RECOVERED_CANDIDATES, WRITABLE_CANDIDATES
 from .schemes import SCHEMES
 
 
@@ -137,7 +138,23 @@ def _load(args):
         args.scheme = [stored]
     elif args.scheme is None:
         args.scheme = list(SCHEMES)
+    if "auto" in args.scheme:
+        tokens = evaluation.Tokenizer(Path(args.model), model)
+        plan = _auto_plan(args, model, tokens)
+        args.scheme = [plan if scheme == "auto" else scheme for scheme in args.scheme]
+    elif args.bits is not None:
+        raise ValueError("--bits is for --scheme auto")
     return model
+
+
+def _auto_plan(args, model, tokens, share: str = "activation"):
+    """--scheme auto: the plan under --bits, printed (each linear's choice, sensitivity and bytes)."""
+    if args.bits is None:
+        raise ValueError("--scheme auto needs --bits (the average bits per weight element, e.g. 4.5)")
+    plan = evaluation.auto_plan(model, tokens.encode, tokens.end, args.bits, args.candidates, args.calibration,
+                                args.calibration_windows, share=share)
+    print(plan, end="\n\n")
+    return plan
 
 
 def _check_positions(args, model, prompt_tokens: int) -> None:
@@ -221,7 +238,13 @@ def _inspect(args) -> int:
 def _quantize(args) -> int:
     from .checkpoint import quantize
 
-    print(f"wrote {quantize(args.model, args.scheme, args.out)}")
+    scheme = args.scheme
+    if scheme == "auto":  # one stored type per group of siblings (fused qkv / gate_up loaders need it)
+        model = evaluation.load_model(args.model)
+        scheme = _auto_plan(args, model, evaluation.Tokenizer(Path(args.model), model), share="type").schemes()
+    elif args.bits is not None:
+        raise ValueError("--bits is for --scheme auto")
+    print(f"wrote {quantize(args.model, scheme, args.out)}")
     return 0
 
 
@@ -268,11 +291,24 @@ def parser() -> argparse.ArgumentParser:
     formats.add_argument("--rows", type=at_least(1), default=1024, help="rows of the random tensor")
     formats.add_argument("--cols", type=at_least(1), default=4096, help="the quantized (last) axis")
 
+    def auto_args(sub, candidates):
+        sub.add_argument("--bits", type=float, default=None,
+                         help="--scheme auto: the average bits per weight element (codes and scales; bf16 = 16)")
+        sub.add_argument("--candidates", nargs="+", default=candidates,
+                         help="--scheme auto: the schemes each linear may get besides bf16, SCHEME or SCHEME+RECIPE")
+        sub.add_argument("--calibration", default=None,
+                         help="--scheme auto: a calibration file, read if it exists, else written; the "
+                              "sensitivities are cached beside it (FILE.sensitivity.json)")
+        sub.add_argument("--calibration-windows", type=at_least(1), default=16,
+                         help="--scheme auto: windows of 256 training-topic tokens to calibrate on")
+
     def model_args(sub, default_model=None):
         sub.add_argument("--model", default=default_model, required=default_model is None,
                          help="a local Hugging Face Qwen3 folder, bf16 or a quantized checkpoint")
-        sub.add_argument("--scheme", nargs="+", choices=list(SCHEMES), default=None,
-                         help="schemes to compile with (default: all; a quantized checkpoint runs its stored one)")
+        sub.add_argument("--scheme", nargs="+", choices=[*SCHEMES, "auto"], default=None,
+                         help="schemes to compile with (default: all; a quantized checkpoint runs its stored one; "
+                              "auto: mixed precision under --bits)")
+        auto_args(sub, list(RECOVERED_CANDIDATES))
 
     demo = command("demo", _evaluate_folder, "the shipped tiny Qwen3 on held-out reference-manual text, every scheme")
     evaluate = command("eval", _evaluate_folder, "the same measurements on any local Qwen3 folder")
@@ -294,7 +330,9 @@ def parser() -> argparse.ArgumentParser:
     model_args(inspect)
     quantize = command("quantize", _quantize, "write a quantized checkpoint (msmodelslim layout) of a model folder")
     quantize.add_argument("--model", required=True, help="a local Hugging Face folder with bf16 weights")
-    quantize.add_argument("--scheme", required=True, choices=list(SCHEMES))
+    quantize.add_argument("--scheme", required=True, choices=[*SCHEMES, "auto"],
+                          help="auto: mixed precision under --bits, one stored type per group of siblings")
+    auto_args(quantize, list(WRITABLE_CANDIDATES))
     quantize.add_argument("--out", required=True, help="the new checkpoint folder (must not exist)")
     return top
 

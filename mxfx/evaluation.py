@@ -150,6 +150,32 @@ def continuation(model, prompt: list[int], new_tokens: int, end: int | None) -> 
     return generated
 
 
+def auto_plan(model, encode, end: int, bits: float, candidates=None, calibration: str | Path | None = None,
+              windows_count: int = 16, seq: int = 256, share: str = "activation"):
+    """The mixed-precision plan for `model` (mxfx.mixed_precision), calibrated on `windows_count` windows of
+    the demo text's training topics (never the held-out ones); calibration: a calibration file, read if
+    it exists, else written, with the sensitivity cached beside it (`<file>.sensitivity.json`)."""
+    from mxfx import mixed_precision
+    from mxfx.calibration import Calibration, calibrate
+
+    stream = textdata.stream(textdata.texts(textdata.split()[0]), encode, end)
+    all_windows = windows(stream, seq)
+    chosen = torch.randperm(len(all_windows), generator=torch.Generator().manual_seed(0))[:windows_count]
+    batches = list(all_windows[chosen, :-1].split(8))
+    needs_gram = candidates is None or any("+" in c for c in candidates)
+    path = None if calibration is None else Path(calibration)
+    if path is not None and path.is_file():
+        stats = Calibration.load(path)
+        stats.check(model)
+    else:
+        stats = calibrate(model, batches, gram=needs_gram)
+        if path is not None:
+            stats.save(path)
+    cache = None if path is None else path.with_name(path.name + ".sensitivity.json")
+    sensitivity = mixed_precision.measured(cache, model, batches, stats if needs_gram else None, candidates)
+    return mixed_precision.solve(sensitivity, bits, share)
+
+
 @dataclass
 class SchemeResult:
     scheme: str
@@ -171,7 +197,7 @@ class Evaluation:
     results: list[SchemeResult]
 
 
-def evaluate(model, stream: torch.Tensor, schemes: list[str], seq: int = 256, batch_size: int = 8,
+def evaluate(model, stream: torch.Tensor, schemes: list, seq: int = 256, batch_size: int = 8,
              max_tokens: int | None = None, prompt: list[int] | None = None, new_tokens: int = 40,
              end: int | None = None) -> Evaluation:
     """bf16 against each scheme (compiled with mxfx on the reference target) on the same windows."""
@@ -182,7 +208,8 @@ def evaluate(model, stream: torch.Tensor, schemes: list[str], seq: int = 256, ba
     bf16_text = continuation(model, prompt, new_tokens, end) if prompt else []
     inputs = layer_inputs(model, batches[:1, :-1])
     results = []
-    for scheme in schemes:
+    for scheme in schemes:  # names, or selectors (a mixed-precision plan)
+        label = scheme if isinstance(scheme, str) else scheme.label
         torch._dynamo.reset()
         be = backend(scheme, target="reference")
         compiled = torch.compile(model, backend=be, dynamic=True, fullgraph=True)
@@ -191,11 +218,11 @@ def evaluate(model, stream: torch.Tensor, schemes: list[str], seq: int = 256, ba
             compiled(batches[:batch_size, :-1])  # compile (the first call)
         compile_s = time.perf_counter() - start
         start = time.perf_counter()
-        predictions, loss = predictions_and_loss(compiled, batches, batch_size, scheme)
+        predictions, loss = predictions_and_loss(compiled, batches, batch_size, label)
         run_s = time.perf_counter() - start
         report = be.reports[-1]
         results.append(SchemeResult(
-            scheme, math.exp(loss), (predictions == bf16_predictions).float().mean().item(),
+            label, math.exp(loss), (predictions == bf16_predictions).float().mean().item(),
             compile_s, run_s, report,
             layer_sqnr(model, inputs, scheme, [r.fqn for r in report.rewritten]),
             continuation(compiled, prompt, new_tokens, end) if prompt else [],

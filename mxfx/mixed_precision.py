@@ -44,6 +44,7 @@ SHARES = ("activation", "type")
 # candidates without a calibration, and with one (the recommended recipes need its Gram matrices)
 PLAIN_CANDIDATES = ("mxfp8", "mxfp4_w4a8", "mxfp4_dual")
 RECOVERED_CANDIDATES = ("mxfp8", "mxfp4_w4a8+gptq", "mxfp4_dual+rotate+gptq")
+WRITABLE_CANDIDATES = ("mxfp8", "mxfp4_w4a8+gptq", "mxfp4_dual+gptq")  # a checkpoint stores no rotation
 
 
 class BudgetError(ValueError):
@@ -371,6 +372,23 @@ class Plan:
                  f"{self.sensitivity.elements:,} elements; summed KL {self.kl:.4g} nats/token; share={self.share}"]
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
         return "\n".join(lines)
+
+
+def measured(path: str | Path | None, model: torch.nn.Module, batches: Sequence[torch.Tensor],
+             calibration: Calibration | None = None, candidates: Sequence[str] | None = None,
+             progress: bool | None = None) -> Sensitivity:
+    """`measure`, cached in the file `path`: read when it holds this model's, these batches' and these
+    candidates' measurement, else measured and written there."""
+    batches = list(batches)
+    if path is not None and Path(path).is_file():
+        cached = Sensitivity.load(path, model, calibration)
+        wanted = candidates or (RECOVERED_CANDIDATES if calibration is not None else PLAIN_CANDIDATES)
+        if cached.batches_fingerprint == _fingerprint(batches) and cached.candidates == tuple(wanted):
+            return cached
+    sensitivity = measure(model, batches, calibration, candidates, progress=progress)
+    if path is not None:
+        sensitivity.save(path)
+    return sensitivity
 
 
 def auto(bits: float | None, calibration) -> Plan:

@@ -5,6 +5,7 @@ sensitivity file, and a mixed checkpoint's round trip."""
 import itertools
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -220,3 +221,27 @@ def test_rotated_candidates_cannot_be_written(model, tmp_path):
     model.save_pretrained(tmp_path / "bf16")
     with pytest.raises(checkpoint.CheckpointError, match="cannot be written .its activation constants .rotation"):
         checkpoint.quantize(tmp_path / "bf16", plan.schemes(), tmp_path / "q")
+
+
+def test_the_commands_take_scheme_auto(tmp_path, capsys):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from mxfx import cli
+
+    config = Qwen3Config(vocab_size=257, hidden_size=512, intermediate_size=1536, num_hidden_layers=1,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=512)
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # byte-level: vocab 257
+    auto = ["--scheme", "auto", "--bits", "6", "--candidates", "mxfp8", "mxfp4_w4a8", "--calibration-windows", "1",
+            "--calibration", str(tmp_path / "cal.safetensors")]
+    assert cli.main(["quantize", "--model", str(tmp_path / "bf16"), "--out", str(tmp_path / "q"), *auto]) == 0
+    assert (tmp_path / "cal.safetensors.sensitivity.json").is_file()
+    types = set(checkpoint.read_description(tmp_path / "q")[0].values())
+    assert {"W8A8_MXFP8", "W4A8_MXFP"} <= types, "a mixed checkpoint"
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(tmp_path / "bf16"), *auto, "--max-tokens", "256", "--new-tokens", "0"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"mxfx auto: [\d.]+ bits per weight element \(budget 6.0 bits\)", out), "the plan's table"
+    assert re.search(r"\nauto \([\d.]+ bits\) ", out), "its perplexity row"
+    assert cli.main(["inspect", "--model", str(tmp_path / "bf16"), "--scheme", "mxfp8", "--bits", "5"]) == 2
+    assert "--bits is for --scheme auto" in capsys.readouterr().err
