@@ -319,8 +319,9 @@ class Plan:
         missing = sorted(set(sensitivity.linears) - set(choices))
         unknown = sorted(set(choices) - set(sensitivity.linears))
         if missing or unknown:
-            raise ValueError(f"a plan names every measured linear once: {'missing ' + missing[0] if missing else ''}"
-                             f"{'unknown ' + unknown[0] if unknown else ''}")
+            problems = [f"{what} {names[0]} ({len(names)} such)" for what, names in (("missing", missing),
+                                                                                  ("unknown", unknown)) if names]
+            raise ValueError(f"a plan names every measured linear: {'; '.join(problems)}")
         for fqn, label in choices.items():
             if label not in sensitivity.linears[fqn].options:
                 raise ValueError(f"linear {fqn}: {label!r} is not one of its options "
