@@ -14,6 +14,7 @@ from passes.report import table
 from . import evaluation
 from .formats import dequantize_dual_level, dequantize_mx, quantize_dual_level, quantize_mx
 from .metrics import nbytes, sqnr_db
+from .mixed_precision import RECOVERED_CANDIDATES, WRITABLE_CANDIDATES
 from .schemes import SCHEMES
 
 
@@ -135,7 +136,31 @@ def _load(args):
         args.scheme = [stored]
     elif args.scheme is None:
         args.scheme = list(SCHEMES)
+    if "auto" in args.scheme:
+        tokens = evaluation.Tokenizer(Path(args.model), model)
+        plan = _auto_plan(args, model, tokens)
+        args.scheme = [plan if scheme == "auto" else scheme for scheme in args.scheme]
+    elif args.bits is not None:
+        raise ValueError("--bits is for --scheme auto")
     return model
+
+
+def _auto_plan(args, model, tokens, share: str = "activation"):
+    """--scheme auto: the plan under --bits, printed (each linear's choice, sensitivity and bytes). The
+    sensitivities are measured on the first --sensitivity-tokens of the calibration windows, and cached
+    beside a --calibration file (FILE.sensitivity.json)."""
+    from . import mixed_precision
+
+    if args.bits is None:
+        raise ValueError("--scheme auto needs --bits (the average bits per weight element, e.g. 4.5)")
+    needs_gram = any("gptq" in candidate for candidate in args.candidates)
+    calibration = _calibration(args, model, tokens, gram=needs_gram) if needs_gram else None
+    batches = _calibration_windows(args, tokens)[: max(1, args.sensitivity_tokens // args.seq)]
+    cache = None if args.calibration is None else Path(args.calibration + ".sensitivity.json")
+    sensitivity = mixed_precision.measured(cache, model, batches.split(args.batch_size), calibration, args.candidates)
+    plan = mixed_precision.solve(sensitivity, args.bits, share)
+    print(plan, end="\n\n")
+    return plan
 
 
 def _check_positions(args, model, prompt_tokens: int) -> None:
@@ -159,16 +184,11 @@ def _read_text(path: str, option: str = "--text") -> str:
         raise ValueError(f"{option} {path} is not UTF-8 text ({error.reason} at byte {error.start})") from error
 
 
-def _calibration(args, model, tokens: evaluation.Tokenizer):
-    """--calibration FILE (checked against the model), else calibrate on --calibration-text (default: the
-    shipped text's training topics, never the held-out ones the evaluation reads)."""
+def _calibration_windows(args, tokens: evaluation.Tokenizer) -> torch.Tensor:
+    """[n, --seq] windows of --calibration-text (default: the shipped text's training topics, never the
+    held-out ones the evaluation reads), at most --calibration-tokens, picked across the whole text."""
     from . import textdata
-    from .calibration import Calibration, calibrate
 
-    if getattr(args, "calibration", None):
-        calibration = Calibration.load(args.calibration)
-        calibration.check(model)
-        return calibration
     if args.calibration_text:
         source, documents = args.calibration_text, [_read_text(args.calibration_text, "--calibration-text")]
     else:
@@ -177,10 +197,29 @@ def _calibration(args, model, tokens: evaluation.Tokenizer):
     if min(len(stream) - 1, args.calibration_tokens) < args.seq:
         raise ValueError(f"calibration: {source} has {len(stream)} tokens and --calibration-tokens is "
                          f"{args.calibration_tokens}: less than one window (--seq {args.seq})")
-    batches = evaluation.windows(stream, args.seq, args.calibration_tokens)[:, :-1]
+    windows = evaluation.windows(stream, args.seq)[:, :-1]
+    chosen = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))
+    return windows[chosen[: args.calibration_tokens // args.seq]]
+
+
+def _calibration(args, model, tokens: evaluation.Tokenizer, gram: bool = True):
+    """--calibration FILE when it exists (checked against the model), else the model calibrated on
+    _calibration_windows (and written to FILE when one is named)."""
+    from .calibration import Calibration, calibrate
+
+    path = getattr(args, "calibration", None)
+    if path is not None and Path(path).is_file():
+        calibration = Calibration.load(path)
+        calibration.check(model)
+        return calibration
+    batches = _calibration_windows(args, tokens)
     start = time.perf_counter()
-    calibration = calibrate(model, batches.split(args.batch_size))
+    calibration = calibrate(model, batches.split(args.batch_size), gram=gram)
+    source = args.calibration_text or "the training topics"
     print(f"calibrated on {batches.numel():,} tokens of {source} in {time.perf_counter() - start:.1f} s")
+    if path is not None:
+        calibration.save(path)
+        print(f"wrote {path}")
     return calibration
 
 
@@ -291,15 +330,21 @@ def _inspect(args) -> int:
 def _quantize(args) -> int:
     from .checkpoint import quantize
 
-    print(f"wrote {quantize(args.model, args.scheme, args.out)}")
+    scheme = args.scheme
+    if scheme == "auto":  # one stored type per group of siblings (fused qkv / gate_up loaders need it)
+        model = evaluation.load_model(args.model)
+        scheme = _auto_plan(args, model, evaluation.Tokenizer(Path(args.model), model), share="type").schemes()
+    elif args.bits is not None:
+        raise ValueError("--bits is for --scheme auto")
+    print(f"wrote {quantize(args.model, scheme, args.out)}")
     return 0
 
 
 def _calibrate(args) -> int:
+    if Path(args.calibration).exists():
+        raise ValueError(f"--out {args.calibration} exists; choose a new file")
     model = evaluation.load_model(args.model)
-    calibration = _calibration(args, model, evaluation.Tokenizer(Path(args.model), model))
-    calibration.save(args.out)
-    print(f"wrote {args.out}: {calibration}")
+    print(_calibration(args, model, evaluation.Tokenizer(Path(args.model), model)))
     return 0
 
 
@@ -346,17 +391,30 @@ def parser() -> argparse.ArgumentParser:
     formats.add_argument("--rows", type=at_least(1), default=1024, help="rows of the random tensor")
     formats.add_argument("--cols", type=at_least(1), default=4096, help="the quantized (last) axis")
 
+    def auto_args(sub, candidates):
+        sub.add_argument("--bits", type=float, default=None,
+                         help="--scheme auto: the average bits per weight element (codes and scales; bf16 = 16)")
+        sub.add_argument("--candidates", nargs="+", default=candidates,
+                         help="--scheme auto: the schemes each linear may get besides bf16, SCHEME or SCHEME+RECIPE")
+        sub.add_argument("--sensitivity-tokens", type=at_least(1), default=4096,
+                         help="--scheme auto: measure each linear's sensitivity on this many calibration tokens")
+
+    def calibration_args(sub, file=True):
+        if file:
+            sub.add_argument("--calibration", help="a calibration file (mxfx calibrate): read if it exists, else "
+                                                   "made on --calibration-text and written there")
+        sub.add_argument("--calibration-text", help="calibrate on this UTF-8 text (default: the shipped text's "
+                                                    "training topics, never the held-out ones)")
+        sub.add_argument("--calibration-tokens", type=at_least(1), default=16384,
+                         help="calibrate on at most this many tokens, windows of --seq picked across the text")
+
     def model_args(sub, default_model=None):
         sub.add_argument("--model", default=default_model, required=default_model is None,
                          help="a local Hugging Face Qwen3 folder, bf16 or a quantized checkpoint")
-        sub.add_argument("--scheme", nargs="+", choices=list(SCHEMES), default=None,
-                         help="schemes to compile with (default: all; a quantized checkpoint runs its stored one)")
-
-    def calibration_args(sub):
-        sub.add_argument("--calibration-text", help="calibrate on this UTF-8 text instead (default: the shipped "
-                                                    "text's training topics, never the held-out ones)")
-        sub.add_argument("--calibration-tokens", type=at_least(1), default=16384,
-                         help="calibrate on at most this many tokens, in windows of --seq")
+        sub.add_argument("--scheme", nargs="+", choices=[*SCHEMES, "auto"], default=None,
+                         help="schemes to compile with (default: all; a quantized checkpoint runs its stored one; "
+                              "auto: mixed precision under --bits)")
+        auto_args(sub, list(RECOVERED_CANDIDATES))
 
     def recipe_args(sub, default):
         from .recipes import RECIPES
@@ -364,7 +422,6 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--recipe", nargs="+", choices=["none", "recommended", *RECIPES], default=default,
                          help="accuracy-recovery recipes to run each scheme with ('none': plain round to nearest; "
                               "'recommended': the measured best per scheme)")
-        sub.add_argument("--calibration", help="a calibration file (mxfx calibrate) for the recipes that read one")
         calibration_args(sub)
 
     demo = command("demo", _evaluate_folder, "the shipped tiny Qwen3 on held-out reference-manual text, every scheme")
@@ -394,14 +451,20 @@ def parser() -> argparse.ArgumentParser:
                               "N, the scheme it runs and why")
     quantize = command("quantize", _quantize, "write a quantized checkpoint (msmodelslim layout) of a model folder")
     quantize.add_argument("--model", required=True, help="a local Hugging Face folder with bf16 weights")
-    quantize.add_argument("--scheme", required=True, choices=list(SCHEMES))
+    quantize.add_argument("--scheme", required=True, choices=[*SCHEMES, "auto"],
+                          help="auto: mixed precision under --bits, one stored type per group of siblings")
+    auto_args(quantize, list(WRITABLE_CANDIDATES))
+    calibration_args(quantize)
+    quantize.add_argument("--seq", type=at_least(1), default=256, help="tokens per calibration window")
+    quantize.add_argument("--batch-size", type=at_least(1), default=8, help="calibration windows per forward")
     quantize.add_argument("--out", required=True, help="the new checkpoint folder (must not exist)")
     calibrate = command("calibrate", _calibrate, "write a calibration file (per-input statistics the recipes read)")
     calibrate.add_argument("--model", required=True, help="a local Hugging Face folder with bf16 weights")
-    calibrate.add_argument("--out", required=True, help="the calibration file to write (safetensors)")
+    calibrate.add_argument("--out", dest="calibration", required=True,
+                           help="the calibration file to write (safetensors; must not exist)")
     calibrate.add_argument("--seq", type=at_least(1), default=256, help="tokens per calibration window")
     calibrate.add_argument("--batch-size", type=at_least(1), default=8, help="windows per forward")
-    calibration_args(calibrate)
+    calibration_args(calibrate, file=False)
     return top
 
 

@@ -275,7 +275,7 @@ def backend(scheme: "str | Scheme | SchemeSelector | None" = None, target: str =
             fallback: str | None = None, progress: bool | None = None,
             passes: Iterable[GraphPass] | None = None, default_exclude: bool = True,
             fuse: bool | None = None, recipe: "str | recipes.Recipe | None" = None,
-            calibration: Calibration | None = None) -> Backend:
+            calibration=None, bits: float | None = None) -> Backend:
     """A configured mxfx backend for torch.compile.
 
     scheme: "mxfp4_dual" | "mxfp4_w4a8" | "mxfp8" | "modelslim" (a checkpoint's stored codes) | a Scheme
@@ -290,7 +290,18 @@ def backend(scheme: "str | Scheme | SchemeSelector | None" = None, target: str =
     quant); constants are lifted after them. fuse=False: the rewrite alone (passes.UNFUSED_PASSES).
     recipe: an accuracy-recovery recipe (mxfx.recipes.RECIPES name, "recommended" or a Recipe) on the
     scheme; calibration: what it reads (mxfx.calibrate(model, batches) on the same model).
+    scheme="auto": mixed precision under bits= average bits per weight element; calibration= is then the
+    model's measured sensitivities (mxfx.mixed_precision.measure(...); its solve()'s Plan may be passed as
+    scheme= directly).
     """
+    if scheme == "auto":
+        from mxfx import mixed_precision
+
+        if recipe is not None:
+            raise ValueError("scheme='auto' picks recovered schemes itself: drop recipe=")
+        scheme, calibration = mixed_precision.auto(bits, calibration), None
+    elif bits is not None:
+        raise ValueError(f"bits= is for scheme='auto', not {scheme!r}")
     return Backend(scheme, target, inner, include, exclude, report, fallback, progress, passes=passes,
                    default_exclude=default_exclude, fuse=fuse, recipe=recipe, calibration=calibration)
 

@@ -183,7 +183,8 @@ def evaluate(model, stream: torch.Tensor, schemes: "list[str | SchemeSelector]",
     bf16_text = continuation(model, prompt, new_tokens, end) if prompt else []
     inputs = layer_inputs(model, batches[:1, :-1])
     results = []
-    for scheme in schemes:
+    for scheme in schemes:  # names, or selectors (a mixed-precision plan)
+        label = scheme if isinstance(scheme, str) else scheme.label
         torch._dynamo.reset()
         be = backend(scheme, target="reference")
         compiled = torch.compile(model, backend=be, dynamic=True, fullgraph=True)
@@ -192,11 +193,11 @@ def evaluate(model, stream: torch.Tensor, schemes: "list[str | SchemeSelector]",
             compiled(batches[:batch_size, :-1])  # compile (the first call)
         compile_s = time.perf_counter() - start
         start = time.perf_counter()
-        predictions, loss = predictions_and_loss(compiled, batches, batch_size, get_scheme(scheme).label)
+        predictions, loss = predictions_and_loss(compiled, batches, batch_size, label)
         run_s = time.perf_counter() - start
         report = be.reports[-1]
         results.append(SchemeResult(
-            get_scheme(scheme).label, math.exp(loss), (predictions == bf16_predictions).float().mean().item(),
+            label, math.exp(loss), (predictions == bf16_predictions).float().mean().item(),
             compile_s, run_s, report,
             layer_sqnr(model, inputs, scheme, [r.fqn for r in report.rewritten]),
             continuation(compiled, prompt, new_tokens, end) if prompt else [],

@@ -201,6 +201,10 @@ class Recovered(Scheme):
     # -- activations and the matmul ----------------------------------------------------------------
     @property
     def activation_rule(self) -> Hashable:
+        """The base's when the recipe changes only the weights (GPTQ, the scale search): such a linear
+        shares its activation's quantization with plain-scheme siblings."""
+        if not self.activation_constants:
+            return self.base.activation_rule
         return (self.base.activation_rule, self.activation_constants)
 
     def quantize_activation(self, target, x2d, prepared):

@@ -13,7 +13,7 @@ LAYERS = [  # lowest first; a module belongs to the first prefix that names it
     ["mxfx.formats"],
     ["mxfx.ops", "mxfx.targets", "mxfx.selection", "mxfx.stored_weights", "mxfx.tensor_cache", "mxfx.metrics",
      "mxfx.calibration", "mxfx.recovery"],
-    ["mxfx.schemes", "mxfx.prepared", "mxfx.recipes"],
+    ["mxfx.schemes", "mxfx.prepared", "mxfx.recipes", "mxfx.mixed_precision"],
     ["passes"],
     ["mxfx.dynamo_backend", "mxfx.weight_watch", "mxfx.checkpoint", "mxfx.evaluation", "mxfx.textdata",
      "mxfx.parallel"],

@@ -2,10 +2,12 @@
 msmodelslim's layout (mxfp8 -> W8A8_MXFP8, mxfp4_w4a8 -> packed W4A8_MXFP) or mxfx's documented one
 (mxfp4_dual -> W4A4_MXFP4_DUALSCALE), so quantization is done once (stored.py has the layouts)."""
 
+import collections
 import json
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from mxfx.selection import Selection
 from mxfx.targets import get_target
 
 from .read import DESCRIPTION, FLOAT, INDEX, _Tensors, skeleton
-from .stored import WRITTEN, CheckpointError, StoredType
+from .stored import WRITTEN, CheckpointError
 
 WRITTEN_TYPES = {scheme: kind.name for scheme, kind in WRITTEN.items()}  # scheme name -> the type written
 
@@ -56,12 +58,16 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _readme(model_dir: Path, out: Path, scheme: str, quantized: int) -> str:
+def _readme(model_dir: Path, out: Path, scheme, kinds: collections.Counter) -> str:
     """The quantized folder's own README (the original's describes weights that are not in it)."""
-    return f"""# {out.name}: {model_dir.name} quantized to {scheme}
+    name = scheme if isinstance(scheme, str) else "a mixed-precision plan"
+    how = (f"`mxfx quantize --model {model_dir} --scheme {scheme}`" if isinstance(scheme, str)
+           else f"mxfx quantize from {model_dir} with a mixed-precision plan")
+    types = ", ".join(f"{count} as {kind}" for kind, count in kinds.most_common())
+    return f"""# {out.name}: {model_dir.name} quantized to {name}
 
-Written by `mxfx quantize --model {model_dir} --scheme {scheme}`: {quantized} linear weights quantized as
-{WRITTEN_TYPES[scheme]} ({DESCRIPTION} names each tensor's type; the rest are FLOAT, as in the original).
+Written by {how}: linear weights quantized {types}
+({DESCRIPTION} names each tensor's type; the rest are FLOAT, as in the original).
 The original folder's README.md describes the model itself.
 
 ```python
@@ -75,9 +81,31 @@ or `mxfx eval --model {out}` (or `inspect`).
 """
 
 
-def quantize(model_dir: str | Path, scheme: str, out: str | Path, exclude=None, shard_bytes: int = 256 << 20) -> Path:
+def _per_linear(plan: Mapping[str, "Scheme | None"], linears: dict[str, int]) -> dict[str, Scheme]:
+    """A plan's linears (FQN -> scheme; None: FLOAT) as weight name -> scheme, each checked writable."""
+    chosen = {}
+    for fqn, scheme in plan.items():
+        if f"{fqn}.weight" not in linears:
+            raise CheckpointError(f"the plan names {fqn}, which is not an nn.Linear of the model")
+        if scheme is None:
+            continue
+        if scheme.name not in WRITTEN or scheme.stored or scheme.activation_constants:
+            why = (f"its activation constants ({', '.join(scheme.activation_constants)}) have no place in "
+                   f"{DESCRIPTION}" if scheme.activation_constants else "no stored type runs it")
+            raise CheckpointError(f"linear {fqn}: {scheme.label} cannot be written ({why})")
+        if (skip := scheme.skip(linears[f"{fqn}.weight"])) is not None:
+            raise CheckpointError(f"linear {fqn}: {skip}")
+        chosen[f"{fqn}.weight"] = scheme
+    return chosen
+
+
+def quantize(model_dir: str | Path, scheme: "str | Mapping[str, Scheme | None]", out: str | Path, exclude=None,
+             shard_bytes: int = 256 << 20) -> Path:
     """Quantize a bf16 Hugging Face folder's linears into a checkpoint folder `out`, tensor by tensor.
 
+    scheme: a scheme name for every linear, or a plan (module FQN -> scheme value or None for FLOAT, e.g.
+    `mxfx.mixed_precision.Plan.schemes()`), which writes one stored type per linear (weights-only recipes
+    such as GPTQ are written as their base scheme's type; rotation or smoothing cannot be stored).
     Linears the scheme cannot serve (K rule), lm_head, embeddings and those matching `exclude` (fnmatch
     patterns on module FQNs) stay FLOAT; a folder where that leaves nothing to quantize is refused. Tensors
     are read one at a time and written in shards of about `shard_bytes`, so memory stays near one shard plus
@@ -87,7 +115,7 @@ def quantize(model_dir: str | Path, scheme: str, out: str | Path, exclude=None, 
     from transformers import AutoConfig
 
     model_dir, out = Path(model_dir), Path(out)
-    if scheme not in WRITTEN_TYPES:
+    if isinstance(scheme, str) and scheme not in WRITTEN_TYPES:
         raise CheckpointError(f"scheme {scheme!r} cannot be written; choose one of {', '.join(WRITTEN_TYPES)}")
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir} has no config.json")
@@ -98,26 +126,33 @@ def quantize(model_dir: str | Path, scheme: str, out: str | Path, exclude=None, 
         raise CheckpointError(f"{out} already exists")
     select = Selection.of(exclude=exclude)
     linears = _linear_weights(AutoConfig.from_pretrained(model_dir, local_files_only=True))
-    online, kind = get_scheme(scheme), WRITTEN[scheme]
-    description = {"model_quant_type": kind.name, "version": "1.0.0", "group_size": 32}
+    plan = None if isinstance(scheme, str) else _per_linear(scheme, linears)
     with ExitStack() as stack:
         tensors = _Tensors(model_dir, stack)  # every file's header read: a truncated one fails here
-        eligible = {name for name in tensors.files
+        if plan is None:
+            online = get_scheme(scheme)
+            plan = {name: online for name in tensors.files
                     if name in linears and online.skip(linears[name]) is None
                     and select.skip(name.removesuffix(".weight")) is None}
+        if absent := sorted(set(plan) - set(tensors.files)):
+            raise CheckpointError(f"{model_dir}: the plan quantizes {absent[0]}, which no safetensors file stores")
+        eligible = plan
         if not eligible:
+            what = f"{scheme}'s K rule" if isinstance(scheme, str) else "a scheme in the plan"
             raise CheckpointError(
                 f"nothing to quantize in {model_dir}: none of its {len(linears)} nn.Linear weights is stored, meets "
-                f"{scheme}'s K rule and escapes the exclude patterns ({', '.join(select.excluded)}); "
-                f"no checkpoint written")
+                f"{what} and escapes the exclude patterns ({', '.join(select.excluded)}); no checkpoint written")
+        kinds = collections.Counter(WRITTEN[chosen.name].name for chosen in eligible.values())
+        # msmodelslim's header names one type: a mixed checkpoint's most common (each tensor has its own)
+        description = {"model_quant_type": kinds.most_common(1)[0][0], "version": "1.0.0", "group_size": 32}
         partial = _partial_folder(out)
         try:
-            _write(tensors, eligible, online, kind, description, partial, shard_bytes)
+            _write(tensors, eligible, description, partial, shard_bytes)
             for extra in model_dir.iterdir():  # config, tokenizer, generation config; a README of its own
                 if (extra.is_file() and extra.suffix != ".safetensors"
                         and extra.name not in (INDEX, DESCRIPTION, "README.md")):
                     shutil.copyfile(extra, partial / extra.name)
-            (partial / "README.md").write_text(_readme(model_dir, out, scheme, len(eligible)))
+            (partial / "README.md").write_text(_readme(model_dir, out, scheme, kinds))
             (partial / DESCRIPTION).write_text(json.dumps(description, indent=1))
             os.replace(partial, out)
         except BaseException:
@@ -126,9 +161,8 @@ def quantize(model_dir: str | Path, scheme: str, out: str | Path, exclude=None, 
     return out
 
 
-def _write(tensors: _Tensors, eligible: set[str], online: Scheme, kind: StoredType, description: dict, partial: Path,
-           shard_bytes: int) -> None:
-    """Every tensor of the folder, quantized if eligible by the scheme's own quantizer (so a written
+def _write(tensors: _Tensors, eligible: dict[str, Scheme], description: dict, partial: Path, shard_bytes: int) -> None:
+    """Every tensor of the folder, quantized if eligible by its scheme's own quantizer (so a written
     checkpoint runs exactly what the scheme would), into shards in `partial` (and their index)."""
     shards, shard, size, weight_map, reference = [], {}, 0, {}, get_target("reference")
     umask = os.umask(0)
@@ -149,6 +183,8 @@ def _write(tensors: _Tensors, eligible: set[str], online: Scheme, kind: StoredTy
         prefix = name.removesuffix(".weight")
         quantized = name in eligible
         if quantized:
+            online = eligible[name]
+            kind = WRITTEN[online.name]
             codes = kind.from_codes(online.quantize_weight(reference, tensor), tensor.shape[-1])
             written = {f"{prefix}.{suffix}": value for suffix, value in codes.items()}
         else:
