@@ -224,8 +224,8 @@ def _calibration(args, model, tokens: evaluation.Tokenizer, gram: bool = True):
 
 
 def _runs(args, model, tokens: evaluation.Tokenizer) -> list:
-    """Each --scheme plain ("none") and with each other --recipe, in that order; a scheme without a
-    recommended recipe runs plain only, and says so."""
+    """Each --scheme plain ("none") and with each other --recipe, in that order, each recipe once; a scheme
+    the recipes do not serve, or without a recommended recipe, runs plain only, and says so."""
     from . import recipes
 
     asked = getattr(args, "recipe", None) or ["none"]
@@ -234,20 +234,25 @@ def _runs(args, model, tokens: evaluation.Tokenizer) -> list:
     if args.scheme == ["modelslim"]:
         raise ValueError(f"--model {args.model} is a quantized checkpoint: its codes are fixed, so --recipe "
                          f"{' '.join(asked)} cannot apply (recipes run when quantizing a bf16 model)")
-    needs = any(recipe != "none" and recipes.get_recipe(recipe, SCHEMES[scheme]).needs_calibration
-                for scheme in args.scheme for recipe in asked
-                if recipe != "recommended" or scheme in recipes.RECOMMENDED)
-    calibration = _calibration(args, model, tokens) if needs else None
-    runs = []
+    chosen = {}  # scheme -> recipe names, in order, "none" for plain rounding
     for scheme in args.scheme:
+        names, label = chosen.setdefault(scheme, []), getattr(scheme, "label", scheme)
         for recipe in asked:
-            if recipe == "none":
-                runs.append(scheme)
-            elif recipe == "recommended" and scheme not in recipes.RECOMMENDED:
-                print(f"{scheme}: no recipe is recommended for it yet (none measured); it runs plain")
-            else:
-                runs.append(recipes.apply(scheme, recipe, calibration, model))
-    return runs
+            name = recipe
+            if recipe != "none" and not (isinstance(scheme, str) and recipes.serves(scheme)):
+                print(f"{label}: recipes serve mxfp4_dual, mxfp4_w4a8 and mxfp8 only; it runs plain for --recipe "
+                      f"{recipe}")
+                name = "none"
+            elif recipe == "recommended":
+                name = recipes.RECOMMENDED.get(scheme, "none")
+                if name == "none":
+                    print(f"{scheme}: no recipe is recommended for it yet (none measured); it runs plain")
+            names += [] if name in names else [name]
+    needs = any(name != "none" and recipes.RECIPES[name].needs_calibration for names in chosen.values()
+                for name in names)
+    calibration = _calibration(args, model, tokens) if needs else None
+    return [scheme if name == "none" else recipes.apply(scheme, name, calibration, model)
+            for scheme, names in chosen.items() for name in names]
 
 
 def _first_words(text: str, characters: int = 40) -> str:

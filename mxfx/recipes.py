@@ -60,9 +60,12 @@ RECIPES = {
     "mse": Recipe(scale_search="mse"),
     "gptq+mse": Recipe(gptq=True, scale_search="mse"),
 }
-RECOMMENDED = {  # per base scheme, chosen by measurement (README: accuracy recovery); mxfp8: not yet measured
+# per base scheme, chosen by measurement (README: accuracy recovery); a rotation is recommended only where it
+# pays for what it costs on the NPU (an online bmm, and the norm + quant fusion it prevents)
+RECOMMENDED = {
     "mxfp4_dual": "rotate+gptq",
     "mxfp4_w4a8": "gptq",
+    "mxfp8": "gptq",
 }
 
 
@@ -247,11 +250,17 @@ class RecipeSelector:
         return list(self._schemes.values())
 
 
+def serves(scheme: "str | Scheme") -> bool:
+    """Whether recipes apply to the scheme: the online MX schemes (not stored codes, not single-level W4A4)."""
+    base = get_scheme(scheme)
+    return isinstance(base, (DualLevelMXFP4, MXFP4W4A8, MXFP8)) and not base.stored
+
+
 def check_recipe(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibration | None) -> tuple:
     """(base scheme, recipe) after refusing what cannot run: a recipe a scheme does not serve, a calibrated
     recipe without a calibration."""
     base = get_scheme(scheme)
-    if not isinstance(base, (DualLevelMXFP4, MXFP4W4A8, MXFP8)) or base.stored:
+    if not serves(base):
         raise ValueError(f"recipes apply to the online schemes mxfp4_dual, mxfp4_w4a8 and mxfp8, not {base.label}")
     recipe = get_recipe(recipe, base)
     if recipe.needs_calibration and calibration is None:

@@ -84,8 +84,8 @@ def test_bad_requests_are_refused_by_name():
         recipes.apply("mxfp4_dual", "smooth", None, model)
     with pytest.raises(ValueError, match="unknown recipe 'best'"):
         recipes.apply("mxfp4_dual", "best", None, model)
-    with pytest.raises(ValueError, match="no recipe is recommended for mxfp8 yet"):
-        recipes.apply("mxfp8", "recommended", None, model)
+    with pytest.raises(ValueError, match="no recipe is recommended for mxfp4 yet"):
+        recipes.get_recipe("recommended", mxfx.schemes.SCHEMES["mxfp4"])
     with pytest.raises(ValueError, match="recipes apply to the online schemes"):
         recipes.apply("modelslim", "rotate", None, model)
     with pytest.raises(ValueError, match="linear proj: rotation block 64 does not divide K=96"):
