@@ -290,9 +290,19 @@ def _inspect(args) -> int:
 
 
 def _quantize(args) -> int:
+    from . import recipes
     from .checkpoint import quantize
 
-    print(f"wrote {quantize(args.model, args.scheme, args.out)}")
+    recipe = calibration = None
+    if args.recipe is not None:  # refused before calibrating: a scheme recipes do not serve, an unknown recipe
+        recipe = recipes.get_recipe(args.recipe, recipes.check_scheme(args.scheme))
+        if recipe.needs_calibration or args.calibration:
+            model = evaluation.load_model(args.model)
+            calibration = _calibration(args, model, evaluation.Tokenizer(Path(args.model), model))
+            del model
+    elif args.calibration or args.calibration_text:
+        raise ValueError("--calibration and --calibration-text serve a recipe: give --recipe too")
+    print(f"wrote {quantize(args.model, args.scheme, args.out, recipe=recipe, calibration=calibration)}")
     return 0
 
 
@@ -385,6 +395,8 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--new-tokens", type=at_least(0), default=40, help="tokens per greedy continuation (0: none)")
         recipe_args(sub, ["none", "recommended"] if sub is demo else ["none"])
     evaluate.add_argument("--plot", help="write a PNG of per-layer SQNR per scheme (needs matplotlib)")
+    from .recipes import RECIPES
+
     inspect = command("inspect", _inspect, "the rewrite table of a model folder, without running it")
     model_args(inspect)
     recipe_args(inspect, ["none"])
@@ -397,6 +409,13 @@ def parser() -> argparse.ArgumentParser:
     quantize.add_argument("--model", required=True, help="a local Hugging Face folder with bf16 weights")
     quantize.add_argument("--scheme", required=True, choices=list(SCHEMES))
     quantize.add_argument("--out", required=True, help="the new checkpoint folder (must not exist)")
+    quantize.add_argument("--recipe", choices=["recommended", *RECIPES],
+                          help="write the codes of this accuracy-recovery recipe, with the smoothing scales and "
+                               "rotation the activations need (default: plain round to nearest)")
+    quantize.add_argument("--calibration", help="a calibration file (mxfx calibrate) for the recipes that read one")
+    calibration_args(quantize)
+    quantize.add_argument("--seq", type=at_least(1), default=256, help="tokens per calibration window")
+    quantize.add_argument("--batch-size", type=at_least(1), default=8, help="calibration windows per forward")
     calibrate = command("calibrate", _calibrate, "write a calibration file (per-input statistics the recipes read)")
     calibrate.add_argument("--model", required=True, help="a local Hugging Face folder with bf16 weights")
     calibrate.add_argument("--out", required=True, help="the calibration file to write (safetensors)")
