@@ -268,9 +268,12 @@ def load(folder: str | Path, tp_rank: int = 0, tp_size: int = 1) -> torch.nn.Mod
         description = {tensors.model_name(name): kind for name, kind in description.items()}
         floats, quantized = _plan(description, tensors)
         rotation, rotated = read_rotation(header.get("optional"), quantized, folder / DESCRIPTION)
-        if rotation is not None and tp_size > 1:
-            raise CheckpointError(f"{folder / DESCRIPTION}: optional.{ROTATION}: tensor parallelism of a rotated "
-                                  "(recovered) checkpoint is not supported yet; load it with tp_size=1")
+        smoothed = [f"{prefix}.{SMOOTH}" for prefix in quantized if f"{prefix}.{SMOOTH}" in tensors]
+        if tp_size > 1 and (rotation is not None or smoothed):
+            where, what = ((f"{DESCRIPTION}: optional.{ROTATION}", "rotated") if rotation is not None else
+                           (f"{tensors.path(smoothed[0]).name}: {tensors.stored_name(smoothed[0])}", "smoothed"))
+            raise CheckpointError(f"{folder / where}: tensor parallelism of a {what} (recovered) checkpoint is not "
+                                  "supported yet; load it with tp_size=1")
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         full = skeleton(config)
         try:
