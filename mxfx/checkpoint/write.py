@@ -87,13 +87,17 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _readme(model_dir: Path, out: Path, scheme: str, quantized: int, recipe: str | None) -> str:
+def _readme(model_dir: Path, out: Path, scheme: str, quantized: int, recipe: str | None, description: dict) -> str:
     """The quantized folder's own README (the original's describes weights that are not in it)."""
     command = f"--model {model_dir} --scheme {scheme}" + (f" --recipe {recipe}" if recipe else "")
-    recovered = "" if recipe is None else f"""
-With recipe {recipe}: the codes are those of the transformed weight; each smoothed linear's activation
-scale is `<linear>.{SMOOTH}` and a rotation is described by `optional.{ROTATION}` in {DESCRIPTION}, which
-mxfx applies to the activation at run time (other readers would have to as well).
+    transforms = [what for what, on in (
+        (f"each linear's smoothing scale is `<linear>.{SMOOTH}` (the activation is multiplied by it)",
+         any(name.endswith(f".{SMOOTH}") for name in description)),
+        (f"the activations' block rotation is `optional.{ROTATION}` in {DESCRIPTION}",
+         ROTATION in description.get("optional", {}))) if on]
+    recovered = "" if not transforms else f"""
+The codes are those of the transformed weight: {"; ".join(transforms)}. mxfx applies them to the activation
+at run time; another reader must as well.
 """
     return f"""# {out.name}: {model_dir.name} quantized to {scheme}
 
@@ -171,7 +175,7 @@ def quantize(model_dir: str | Path, scheme: str, out: str | Path, exclude=None, 
                         and extra.name not in (INDEX, DESCRIPTION, "README.md")):
                     shutil.copyfile(extra, partial / extra.name)
             name = None if recipe is None else recipes.recipe_name(recipe)
-            (partial / "README.md").write_text(_readme(model_dir, out, scheme, len(eligible), name))
+            (partial / "README.md").write_text(_readme(model_dir, out, scheme, len(eligible), name, description))
             (partial / DESCRIPTION).write_text(json.dumps(description, indent=1))
             os.replace(partial, out)
         except BaseException:
