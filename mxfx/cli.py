@@ -333,15 +333,26 @@ def _inspect(args) -> int:
 
 
 def _quantize(args) -> int:
+    from . import recipes
     from .checkpoint import quantize
 
-    scheme = args.scheme
+    scheme, recipe, calibration = args.scheme, None, None
     if scheme == "auto":  # one stored type per group of siblings (fused qkv / gate_up loaders need it)
+        if args.recipe is not None:
+            raise ValueError("--scheme auto picks recovered schemes itself: drop --recipe")
         model = evaluation.load_model(args.model)
         scheme = _auto_plan(args, model, evaluation.Tokenizer(Path(args.model), model), share="type").schemes()
     elif args.bits is not None:
         raise ValueError("--bits is for --scheme auto")
-    print(f"wrote {quantize(args.model, scheme, args.out)}")
+    elif args.recipe is not None:  # refused before calibrating: a scheme recipes do not serve, an unknown recipe
+        recipe = recipes.get_recipe(args.recipe, recipes.check_scheme(args.scheme))
+        if recipe.needs_calibration or args.calibration:
+            model = evaluation.load_model(args.model)
+            calibration = _calibration(args, model, evaluation.Tokenizer(Path(args.model), model))
+            del model
+    elif args.calibration or args.calibration_text:
+        raise ValueError("--calibration and --calibration-text serve --recipe or --scheme auto: give one")
+    print(f"wrote {quantize(args.model, scheme, args.out, recipe=recipe, calibration=calibration)}")
     return 0
 
 
@@ -446,6 +457,8 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--new-tokens", type=at_least(0), default=40, help="tokens per greedy continuation (0: none)")
         recipe_args(sub, ["none", "recommended"] if sub is demo else ["none"])
     evaluate.add_argument("--plot", help="write a PNG of per-layer SQNR per scheme (needs matplotlib)")
+    from .recipes import RECIPES
+
     inspect = command("inspect", _inspect, "the rewrite table of a model folder, without running it")
     model_args(inspect)
     recipe_args(inspect, ["none"])
@@ -463,6 +476,9 @@ def parser() -> argparse.ArgumentParser:
     quantize.add_argument("--seq", type=at_least(1), default=256, help="tokens per calibration window")
     quantize.add_argument("--batch-size", type=at_least(1), default=8, help="calibration windows per forward")
     quantize.add_argument("--out", required=True, help="the new checkpoint folder (must not exist)")
+    quantize.add_argument("--recipe", choices=["recommended", *RECIPES],
+                          help="write the codes of this accuracy-recovery recipe, with the smoothing scales and "
+                               "rotation the activations need (default: plain round to nearest)")
     calibrate = command("calibrate", _calibrate, "write a calibration file (per-input statistics the recipes read)")
     calibrate.add_argument("--model", required=True, help="a local Hugging Face folder with bf16 weights")
     calibrate.add_argument("--out", dest="calibration", required=True,

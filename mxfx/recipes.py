@@ -118,7 +118,9 @@ class GramOf:
 @dataclass(frozen=True)
 class Recovered(Scheme):
     """`base` with `recipe` applied to one linear of input width k (smooth: its bf16 scale [K]; gram:
-    its input's Gram matrix, for GPTQ and the weighted scale search)."""
+    its input's Gram matrix, for GPTQ and the weighted scale search). stored=True (with a stored base):
+    a recovered checkpoint's linear (stored_transforms), whose codes come from the checkpoint and whose
+    activation runs the smoothing and rotation it stored."""
 
     base: Scheme = dataclasses.field(default_factory=DualLevelMXFP4)
     recipe: Recipe = Recipe()
@@ -140,6 +142,9 @@ class Recovered(Scheme):
 
     @property
     def label(self):
+        if self.stored:  # the checkpoint's codes: only the activation's transforms are known
+            steps = [step for step, on in (("smooth", self.smooth), ("rotate", self.recipe.rotation)) if on]
+            return f"{self.base.label}+{'+'.join(steps)}"
         return f"{self.base.label}+{recipe_name(self.recipe)}"
 
     @property
@@ -158,6 +163,16 @@ class Recovered(Scheme):
             w = w / self.smooth.tensor.float()
         if self.recipe.rotation is not None:
             w = rotate(w, self._rotation(torch.float32, weight=True))
+        return w
+
+    def original_weight(self, transformed: torch.Tensor) -> torch.Tensor:
+        """The inverse of transformed_weight, fp32: ((W / s) A^-T) A^T s = W (a stored linear's weight as the
+        model holds it, so that x W^T is what its codes compute before quantization)."""
+        w = transformed.float()
+        if self.recipe.rotation is not None:
+            w = rotate(w, self._rotation(torch.float32, weight=False).transpose(-1, -2))
+        if self.smooth is not None:
+            w = w * self.smooth.tensor.float()
         return w
 
     def transformed_gram(self) -> torch.Tensor:
@@ -228,6 +243,17 @@ class Recovered(Scheme):
         return self.base.matmul(target, activation, prepared, dtype)
 
 
+def stored_transforms(base: Scheme, k: int, smooth: torch.Tensor | None,
+                      rotation: BlockRotation | None) -> Scheme:
+    """The scheme of a checkpoint linear stored as `base` (a stored scheme) whose activation is smoothed by
+    `smooth` [K] (x * smooth, in the activation dtype) and/or rotated by `rotation` first: `base` itself when
+    it has neither. The stored codes are the transformed weight's (whatever recipe chose them)."""
+    if smooth is None and rotation is None:
+        return base
+    return Recovered(base=base, recipe=Recipe(rotation=rotation), k=k,
+                     smooth=None if smooth is None else Constant(smooth), stored=True)
+
+
 def recipe_name(recipe: Recipe) -> str:
     return next((name for name, value in RECIPES.items() if value == recipe), repr(recipe))
 
@@ -256,12 +282,18 @@ def serves(scheme: "str | Scheme") -> bool:
     return isinstance(base, (DualLevelMXFP4, MXFP4W4A8, MXFP8)) and not base.stored
 
 
-def check_recipe(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibration | None) -> tuple:
-    """(base scheme, recipe) after refusing what cannot run: a recipe a scheme does not serve, a calibrated
-    recipe without a calibration."""
+def check_scheme(scheme: "str | Scheme") -> Scheme:
+    """The scheme, unless recipes cannot serve it."""
     base = get_scheme(scheme)
     if not serves(base):
         raise ValueError(f"recipes apply to the online schemes mxfp4_dual, mxfp4_w4a8 and mxfp8, not {base.label}")
+    return base
+
+
+def check_recipe(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibration | None) -> tuple:
+    """(base scheme, recipe) after refusing what cannot run: a recipe a scheme does not serve, a calibrated
+    recipe without a calibration."""
+    base = check_scheme(scheme)
     recipe = get_recipe(recipe, base)
     if recipe.needs_calibration and calibration is None:
         raise ValueError(f"recipe {recipe_name(recipe)} needs a calibration (mxfx.calibrate(model, batches))")
@@ -300,7 +332,8 @@ def select(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibrat
             smooth[stats.members[0]] = Constant(s.to(weight.dtype))
         schemes[weight] = Recovered(
             base=base, recipe=recipe, k=k, smooth=smooth.get(stats.members[0]) if recipe.smooth_alpha else None,
-            gram=GramOf(calibration, name) if stats is not None and stats.gram is not None else None,
+            # keyed by the input, not the linear: siblings (one Gram matrix) get equal schemes, so they merge
+            gram=GramOf(calibration, stats.members[0]) if stats is not None and stats.gram is not None else None,
         )
     return RecipeSelector(base, recipe, schemes)
 

@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from mxfx.recipes import Recovered
 from mxfx.schemes import MXFP4W4A8, MXFP8, DualLevelMXFP4, get_scheme
 
 from .fusion import Emitter, FusionReport, FusionSkipReason, erase_unused, value
@@ -32,6 +33,11 @@ aten = torch.ops.aten
 PASS = "merge_siblings"
 # schemes whose codes are all [N, ...] rows (the int4 per-group scale is [K/group, N]: not merged)
 ROW_SCHEMES = (DualLevelMXFP4, MXFP8, MXFP4W4A8)
+
+
+def _per_row(scheme) -> bool:
+    """One of ROW_SCHEMES, or a recipe over one (its smoothing and rotation act along K, its codes per row)."""
+    return isinstance(scheme.base if isinstance(scheme, Recovered) else scheme, ROW_SCHEMES)
 
 
 @dataclass
@@ -69,7 +75,7 @@ class _Merge:
     def check(self, matmuls, weights, biases, schemes) -> tuple[FusionSkipReason, str] | None:
         if len(matmuls) == 1:
             return FusionSkipReason.SINGLE, "the only linear on its activation quantization"
-        if len(set(schemes)) != 1 or not isinstance(schemes[0], ROW_SCHEMES):
+        if len(set(schemes)) != 1 or not _per_row(schemes[0]):
             labels = sorted({s.label for s in schemes})
             return FusionSkipReason.SCHEME, f"schemes {labels}: one per-row MX scheme is needed"
         if len({b is None for b in biases}) != 1:
@@ -100,8 +106,9 @@ class _Merge:
         tag = {"linear": "+".join(linears), "linears": linears,
                "sources": ([(t["weight"], t["bias"]) for t in tags], dtype, scheme)}
         with self.graph.inserting_before(first):
+            read = {mxfx_tag(n)["name"] for n in first.all_input_nodes if _is_constant(n)}
             constants = {name: self.emit.constant(f"{stem}_{name}", t, name=name, **tag)
-                         for name, t in prepared.items()}
+                         for name, t in prepared.items() if name in read}  # not the activation's (smooth, rotation)
 
             def swap(arg):
                 return constants[mxfx_tag(arg)["name"]] if isinstance(arg, fx.Node) and _is_constant(arg) else arg

@@ -19,7 +19,18 @@ from tqdm.auto import tqdm
 
 from mxfx.stored_weights import STORED_WEIGHTS
 
-from .stored import NOT_YET, TYPES, CheckpointError, QuantizedWeight, read_linear, shard_index
+from .stored import (
+    COMPANIONS,
+    NOT_YET,
+    ROTATION,
+    SMOOTH,
+    TYPES,
+    CheckpointError,
+    QuantizedWeight,
+    read_linear,
+    read_rotation,
+    shard_index,
+)
 
 DESCRIPTION = "quant_model_description.json"
 INDEX = "model.safetensors.index.json"
@@ -41,24 +52,43 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
+WRAPPED_SMOOTH = ".div.mul_scale"  # msmodelslim's non-fusion smoothing: p.div.mul_scale, the linear as p.linear.*
+
+
 class _Tensors:
     """The folder's tensors by name, each read when asked for from its open (memory-mapped) safetensors
-    file, so loading holds one linear's stored tensors at a time beside the model, never the checkpoint."""
+    file, so loading holds one linear's stored tensors at a time beside the model, never the checkpoint.
+    Names are the model's: msmodelslim's wrapped smoothing export (`p.div.mul_scale`, `p.linear.weight`, ...)
+    is read as `p.mul_scale`, `p.weight`, ... (`stored_name` gives the name in the file)."""
 
     def __init__(self, folder: Path, stack: ExitStack):
         self.folder = folder
-        self.files: dict[str, tuple] = {}  # name -> (open file, path)
+        self.files: dict[str, tuple] = {}  # name -> (open file, path, name in the file)
+        opened = []
         for path in safetensors_files(folder):
             if not path.is_file():
                 raise CheckpointError(f"{path}: listed in {INDEX} but missing")
             try:
-                f = stack.enter_context(safe_open(path, framework="pt"))
+                opened.append((stack.enter_context(safe_open(path, framework="pt")), path))
             except Exception as error:  # safetensors raises its own error types for a bad header or a short file
                 raise CheckpointError(f"{path}: cannot read safetensors (truncated or corrupt?): {error}") from error
-            for name in f.keys():
+        self.wrapped = {name.removesuffix(WRAPPED_SMOOTH) for f, _ in opened for name in f.keys()
+                        if name.endswith(WRAPPED_SMOOTH)}
+        for f, path in opened:
+            for stored in f.keys():
+                name = self.model_name(stored)
                 if name in self.files:
-                    raise CheckpointError(f"{path}: tensor {name} is also in {self.files[name][1].name}")
-                self.files[name] = (f, path)
+                    other = self.files[name]
+                    raise CheckpointError(f"{path}: tensor {stored} is also in {other[1].name}"
+                                          + (f" (as {other[2]})" if other[2] != stored else ""))
+                self.files[name] = (f, path, stored)
+
+    def model_name(self, stored: str) -> str:
+        """A stored name as the model reads it (unwrapping msmodelslim's smoothed linears)."""
+        if stored.endswith(WRAPPED_SMOOTH):
+            return f"{stored.removesuffix(WRAPPED_SMOOTH)}.{SMOOTH}"
+        head, wrapper, tail = stored.rpartition(".linear.")
+        return f"{head}.{tail}" if wrapper and head in self.wrapped else stored
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -66,19 +96,23 @@ class _Tensors:
     def path(self, name: str) -> Path:
         return self.files[name][1]
 
+    def stored_name(self, name: str) -> str:
+        return self.files[name][2] if name in self.files else name
+
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.read(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.files[name][0].get_slice(name).get_shape())
+        f, _, stored = self.files[name]
+        return tuple(f.get_slice(stored).get_shape())
 
     def read(self, name: str, index: tuple[slice, ...] = ()) -> torch.Tensor:
         """The tensor, or its `index` slice, of which only those bytes are read (safetensors get_slice)."""
-        f, path = self.files[name]
+        f, path, stored = self.files[name]
         try:  # a copy: a tensor still mapped from the file would change (or fault) if the file were rewritten
-            return (f.get_slice(name)[index] if index else f.get_tensor(name)).clone()
+            return (f.get_slice(stored)[index] if index else f.get_tensor(stored)).clone()
         except Exception as error:
-            raise CheckpointError(f"{path}: cannot read tensor {name}: {error}") from error
+            raise CheckpointError(f"{path}: cannot read tensor {stored}: {error}") from error
 
 
 class _Shard:
@@ -93,6 +127,9 @@ class _Shard:
 
     def path(self, name: str) -> Path:
         return self.tensors.path(name)
+
+    def stored_name(self, name: str) -> str:
+        return self.tensors.stored_name(name)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         shape = self.tensors.shape(name)
@@ -123,15 +160,20 @@ def read_description(folder: Path) -> tuple[dict[str, str], dict]:
 
 def _plan(description: dict[str, str], tensors: _Tensors) -> tuple[list[str], dict[str, str]]:
     """The FLOAT tensor names and the quantized linears (prefix -> type), checked against the files'
-    tensor names before anything is read: a missing, extra or mis-described tensor fails fast."""
+    tensor names before anything is read: a missing, extra or mis-described tensor fails fast. A quantized
+    linear's companions (its smoothing scale) may be described FLOAT, as msmodelslim and vllm-omni do."""
     floats, quantized, used = [], {}, set()
+    linears = {name.removesuffix(".weight") for name, kind in description.items()
+               if kind != FLOAT and name.endswith(".weight")}
     for name, kind in description.items():
         if name not in tensors:
-            raise CheckpointError(f"{tensors.folder}: missing tensor {name} (in {DESCRIPTION} as {kind})")
-        if kind == FLOAT:
+            raise CheckpointError(f"{tensors.folder}: missing tensor {tensors.stored_name(name)} "
+                                  f"(in {DESCRIPTION} as {kind})")
+        prefix, _, suffix = name.rpartition(".")
+        if kind == FLOAT and not (prefix in linears and suffix in COMPANIONS):
             floats.append(name)
-        elif name.endswith(".weight"):
-            prefix, record = name.removesuffix(".weight"), TYPES[kind]
+        elif kind != FLOAT and name.endswith(".weight"):
+            record = TYPES[kind]
             quantized[prefix] = kind
             for suffix in record.required:
                 if f"{prefix}.{suffix}" not in tensors:
@@ -140,16 +182,17 @@ def _plan(description: dict[str, str], tensors: _Tensors) -> tuple[list[str], di
             present = {s for s in record.optional if f"{prefix}.{s}" in tensors}
             used |= {f"{prefix}.{suffix}" for suffix in record.suffixes(present)}
     for name in used:
-        owner = name.rpartition(".")[0] + ".weight"
-        if description.get(name, description[owner]) != description[owner]:
-            raise CheckpointError(f"{DESCRIPTION}: {name} is described as {description[name]} but {owner} as "
-                                  f"{description[owner]}")
+        prefix, _, suffix = name.rpartition(".")
+        owner = f"{prefix}.weight"
+        if description.get(name, description[owner]) not in (description[owner], *[FLOAT] * (suffix in COMPANIONS)):
+            raise CheckpointError(f"{DESCRIPTION}: {tensors.stored_name(name)} is described as {description[name]} "
+                                  f"but {tensors.stored_name(owner)} as {description[owner]}")
     extra = sorted(set(tensors.files) - used - set(floats))
     if extra:
         name = extra[0]
         why = (f"described as {description[name]}, but no linear of that type stores it" if name in description
                else f"not in {DESCRIPTION}")
-        raise CheckpointError(f"{tensors.path(name).name}: extra tensor {name} ({why})")
+        raise CheckpointError(f"{tensors.path(name).name}: extra tensor {tensors.stored_name(name)} ({why})")
     return floats, quantized
 
 
@@ -222,7 +265,15 @@ def load(folder: str | Path, tp_rank: int = 0, tp_size: int = 1) -> torch.nn.Mod
     layout = parallel.Layout(tp_rank, tp_size)
     with ExitStack() as stack:
         tensors = _Tensors(folder, stack)
+        description = {tensors.model_name(name): kind for name, kind in description.items()}
         floats, quantized = _plan(description, tensors)
+        rotation, rotated = read_rotation(header.get("optional"), quantized, folder / DESCRIPTION)
+        smoothed = [f"{prefix}.{SMOOTH}" for prefix in quantized if f"{prefix}.{SMOOTH}" in tensors]
+        if tp_size > 1 and (rotation is not None or smoothed):
+            where, what = ((f"{DESCRIPTION}: optional.{ROTATION}", "rotated") if rotation is not None else
+                           (f"{tensors.path(smoothed[0]).name}: {tensors.stored_name(smoothed[0])}", "smoothed"))
+            raise CheckpointError(f"{folder / where}: tensor parallelism of a {what} (recovered) checkpoint is not "
+                                  "supported yet; load it with tp_size=1")
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         full = skeleton(config)
         try:
@@ -257,7 +308,7 @@ def load(folder: str | Path, tp_rank: int = 0, tp_size: int = 1) -> torch.nn.Mod
         for prefix, kind in tqdm(quantized.items(), desc="mxfx load (quantized)", unit="linear", disable=None):
             name = f"{prefix}.weight"
             stored = read_linear(prefix, TYPES[kind], view(prefix, TYPES[kind]), model.get_parameter(name).shape,
-                                 header.get("group_size"))
+                                 header.get("group_size"), rotation if prefix in rotated else None)
             _set_parameter(model, name, stored.dequantize(), tensors.path(name).name)
             STORED_WEIGHTS.add(model.get_parameter(name), stored)
     if tied:

@@ -12,6 +12,13 @@ writes), and which scheme runs them.
 | W4A4_MXFP4_DUALSCALE (mxfx) | uint8 [N, K/2] | as above, `weight_dual_scale` fp32 [N, ceil(K/512), 1] | mxfp4_dual |
 | W4A8_DYNAMIC | int8 [N, K] (one int4 per byte) or [N/2, K] (rows 2j/2j+1 low/high nibble) | see below | w4a8_dynamic |
 
+A recovered checkpoint (`mxfx quantize --recipe`) stores the codes of the transformed weight (W / s) A^-T
+and what the activation needs at run time: the smoothing scale s as `<p>.mul_scale` fp32 [K] (the activation
+is x * mul_scale, in its own dtype; vllm-omni's and sglang's dual-scale layout, described FLOAT), read also
+from msmodelslim's own export, `<p>.div.mul_scale` with the linear under `<p>.linear.*` (read.py renames
+it), and the block rotation A in the description (read.py: ROTATION). A single-level or dual-level MX type
+takes the smoothing; int4 does not.
+
 W4A8_DYNAMIC (msmodelslim's int4; shapes and packing from its savers and vllm-ascend's loader) stores
 `weight_scale` [N, 1] and, per group, `weight_scale_second` [N, K/group]; also `weight_offset` [N, 1] and, per
 group, `weight_offset_second`: msmodelslim quantizes symmetrically and writes them as zeros, and vllm-ascend
@@ -22,6 +29,7 @@ comes from the tensors (a multiple of 32 dividing K) and must equal the descript
 is set and not 0.
 """
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +45,8 @@ from mxfx.formats import (
     unpack_int4,
 )
 from mxfx.ops.weight_quant import dequantized_weight
+from mxfx.recipes import Recovered, stored_transforms
+from mxfx.recovery.rotation import BlockRotation
 from mxfx.schemes import MXFP4, MXFP4W4A8, MXFP8, DualLevelMXFP4, Int4WeightOnly, Scheme, Tensors
 
 
@@ -49,6 +59,8 @@ NUMBERS = FLOATS + (torch.int8, torch.int32, torch.int64)
 Fail = Callable[[str, str], None]  # fail(suffix, problem) raises a CheckpointError naming file and tensor
 # msmodelslim types mxfx knows of but cannot run yet
 NOT_YET = {"W4A4_MXFP4_SVD": "the SVD variant"}
+SMOOTH = "mul_scale"  # a linear's smoothing scale, x * mul_scale before the quantizer
+COMPANIONS = (SMOOTH,)  # a linear's tensors that checkpoints describe as FLOAT but that are not model parameters
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,6 +116,19 @@ def _check_shapes(stored: Tensors, expected: dict[str, tuple], n: int, k: int, f
             fail(suffix, f"has shape {list(stored[suffix].shape)}, expected {list(want)} for a [{n}, {k}] weight")
 
 
+def _check_smooth(stored: Tensors, k: int, fail: Fail) -> None:
+    """The smoothing scale, where stored: [K], finite and positive (a zero or negative one would zero or
+    flip the channel the weight was divided by)."""
+    if SMOOTH not in stored:
+        return
+    scale = stored[SMOOTH]
+    if tuple(scale.shape) != (k,):
+        fail(SMOOTH, f"has shape {list(scale.shape)}, expected [{k}]: one smoothing scale per input channel")
+    if not (good := scale.float().isfinite() & (scale > 0)).all():
+        fail(SMOOTH, f"holds {int((~good).sum())} values that are not finite and positive (first at channel "
+                     f"{int((~good).nonzero()[0, 0])}): the activation it scales would be lost")
+
+
 def _check_finite(stored: Tensors, suffixes: tuple[str, ...], fail: Fail) -> None:
     for suffix in suffixes:
         if suffix in stored and not (finite := stored[suffix].float().isfinite()).all():
@@ -128,6 +153,7 @@ class MXType(StoredType):
         if (nan := (stored["weight_scale"] == 0xFF).nonzero()).numel():  # E8M0's one NaN code
             fail("weight_scale", f"holds the E8M0 NaN code 0xFF ({len(nan)} blocks, first at row {nan[0, 0].item()}, "
                                  f"block {nan[0, 1].item()}): those weights would all be NaN")
+        _check_smooth(stored, k, fail)
         return QuantizedWeight(self, stored)
 
     def scheme(self, weight):
@@ -146,6 +172,9 @@ class MXType(StoredType):
         return {"weight": codes["q"], "weight_scale": _scale_bytes(codes["scale"], k)}
 
     def axes(self, suffix, shape, n, k):
+        if suffix == SMOOTH:
+            raise CheckpointError(f"{SMOOTH}: tensor parallelism of a smoothed (recovered) checkpoint is not "
+                                  "supported yet; load it with tp_size=1")
         if suffix == "weight":  # packed FP4 [N, K/2] or E4M3 [N, K]
             return 1, 2 if len(shape) == 2 and shape[1] * 2 == k else 1
         return 1, 32
@@ -264,14 +293,16 @@ class Int4Type(StoredType):
 
 
 _SCALE = {"weight_scale": (torch.uint8,)}
+_SMOOTHED = {SMOOTH: FLOATS}
 TYPES: dict[str, StoredType] = {t.name: t for t in (
-    MXType("W8A8_MXFP8", {"weight": (torch.float8_e4m3fn,), **_SCALE}, written_for="mxfp8",
+    MXType("W8A8_MXFP8", {"weight": (torch.float8_e4m3fn,), **_SCALE}, _SMOOTHED, written_for="mxfp8",
            runs_as={torch.float8_e4m3fn: MXFP8}),
-    MXType("W4A8_MXFP", {"weight": (torch.uint8, torch.float8_e4m3fn), **_SCALE}, written_for="mxfp4_w4a8",
+    MXType("W4A8_MXFP", {"weight": (torch.uint8, torch.float8_e4m3fn), **_SCALE}, _SMOOTHED, written_for="mxfp4_w4a8",
            runs_as={torch.uint8: MXFP4W4A8, torch.float8_e4m3fn: MXFP8}),
-    MXType("W4A4_MXFP4", {"weight": (torch.uint8,), **_SCALE}, written_for="mxfp4", runs_as={torch.uint8: MXFP4}),
+    MXType("W4A4_MXFP4", {"weight": (torch.uint8,), **_SCALE}, _SMOOTHED, written_for="mxfp4",
+           runs_as={torch.uint8: MXFP4}),
     DualLevelType("W4A4_MXFP4_DUALSCALE", {"weight": (torch.uint8,), **_SCALE, "weight_dual_scale": (torch.float32,)},
-                  written_for="mxfp4_dual"),
+                  _SMOOTHED, written_for="mxfp4_dual"),
     Int4Type("W4A8_DYNAMIC", {"weight": (torch.int8,), "weight_scale": FLOATS, "weight_offset": NUMBERS},
              {"weight_scale_second": FLOATS, "weight_offset_second": NUMBERS, "scale_bias": (torch.float32,)}),
 )}
@@ -280,11 +311,14 @@ WRITTEN: dict[str, StoredType] = {t.written_for: t for t in TYPES.values() if t.
 
 @dataclass
 class QuantizedWeight:
-    """A linear's stored tensors and the record of their type (mxfx.stored_weights.StoredCodes)."""
+    """A linear's stored tensors and the record of their type (mxfx.stored_weights.StoredCodes); k: its
+    input width; rotation: the block rotation of its activation, where the checkpoint has one."""
 
     kind: StoredType
     tensors: Tensors
     group_size: int = 0  # int4: K rows per antiquant scale; 0: one scale per output channel
+    k: int = 0
+    rotation: BlockRotation | None = None
 
     @property
     def type(self) -> str:
@@ -292,31 +326,81 @@ class QuantizedWeight:
 
     @property
     def scheme(self) -> Scheme:
-        return self.kind.scheme(self)
+        """The stored type's scheme, with the activation's smoothing and rotation where stored."""
+        return stored_transforms(self.kind.scheme(self), self.k, self.tensors.get(SMOOTH), self.rotation)
 
     def codes(self, device: torch.device) -> Tensors:
         return self.kind.codes(self, device)
 
     def dequantize(self) -> torch.Tensor:
-        return self.kind.dequantize(self)
+        """The weight [N, K] in bf16; for a recovered linear the original weight, W = W' A^T s from the
+        transformed codes W', so that the model run eagerly computes what they compute before quantization."""
+        weight, scheme = self.kind.dequantize(self), self.scheme
+        return scheme.original_weight(weight).to(weight.dtype) if isinstance(scheme, Recovered) else weight
 
 
-def read_linear(prefix: str, kind: StoredType, tensors, shape: torch.Size, group_size: int | None) -> QuantizedWeight:
+def read_linear(prefix: str, kind: StoredType, tensors, shape: torch.Size, group_size: int | None,
+                rotation: BlockRotation | None = None) -> QuantizedWeight:
     """The stored tensors of the linear `prefix` (a [N, K] weight in the model), checked; `tensors` reads
-    a tensor by name and names its file (read._Tensors); `group_size` is the description's, if any."""
+    a tensor by name and names its file and its name there (read._Tensors); `group_size` is the
+    description's, if any; `rotation` the rotation of its activation, if any."""
     stored, allowed = {}, kind.allowed
     for suffix in kind.suffixes({s for s in allowed if f"{prefix}.{s}" in tensors}):
         name = f"{prefix}.{suffix}"
         stored[suffix] = tensor = tensors[name]
         if tensor.dtype not in allowed[suffix]:
-            raise CheckpointError(f"{tensors.path(name).name}: {name} is {tensor.dtype}; {kind.name} stores it as "
-                                  f"{' or '.join(map(str, allowed[suffix]))}")
+            raise CheckpointError(f"{tensors.path(name).name}: {tensors.stored_name(name)} is {tensor.dtype}; "
+                                  f"{kind.name} stores it as {' or '.join(map(str, allowed[suffix]))}")
 
     def fail(suffix, problem):
-        raise CheckpointError(f"{tensors.path(f'{prefix}.{suffix}').name}: {prefix}.{suffix} {problem}")
+        name = f"{prefix}.{suffix}"
+        raise CheckpointError(f"{tensors.path(name).name}: {tensors.stored_name(name)} {problem}")
 
     n, k = shape
-    return kind.check(stored, n, k, group_size, fail)
+    if rotation is not None and k % rotation.block:
+        raise CheckpointError(f"{prefix}: the checkpoint rotates its activation in blocks of {rotation.block}, which "
+                              f"do not divide K={k}")
+    weight = kind.check(stored, n, k, group_size, fail)
+    weight.k, weight.rotation = k, rotation
+    return weight
+
+
+ROTATION = "mxfx_rotation"  # the description's optional entry for the activations' block rotation
+
+
+def _blocks_digest(rotation: BlockRotation, k: int) -> str:
+    return hashlib.sha256(rotation.activation_blocks(k).numpy().tobytes()).hexdigest()
+
+
+def rotation_entry(rotation: BlockRotation, linears: dict[str, int]) -> dict:
+    """The description's optional.mxfx_rotation for `linears` (prefix -> K) rotated by `rotation`: its
+    parameters (the blocks follow from them and K), the linears, and per K the sha256 of the fp64
+    activation blocks, which the reader compares with the blocks it regenerates."""
+    return {"block": rotation.block, "kind": rotation.kind, "seed": rotation.seed, "linears": sorted(linears),
+            "sha256": {str(k): _blocks_digest(rotation, k) for k in sorted(set(linears.values()))}}
+
+
+def read_rotation(optional, quantized: dict[str, str], where) -> tuple[BlockRotation | None, set[str]]:
+    """(rotation, the linears it applies to) from a description's `optional` header (None: no rotation),
+    checked: parameters, linears the checkpoint stores quantized, and the regenerated blocks' digests (a
+    random rotation regenerated differently, by another torch or LAPACK, is refused, never run)."""
+    entry = optional.get(ROTATION) if isinstance(optional, dict) else None
+    if entry is None:
+        return None, set()
+    try:
+        rotation = BlockRotation(int(entry["block"]), str(entry["kind"]), int(entry["seed"]))
+        linears, digests = set(entry["linears"]), {int(k): str(d) for k, d in dict(entry["sha256"]).items()}
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{where}: optional.{ROTATION} is not an mxfx rotation entry (block, kind, seed, "
+                              f"linears, sha256): {error}") from error
+    if unknown := sorted(linears - set(quantized)):
+        raise CheckpointError(f"{where}: optional.{ROTATION} names {unknown[0]}, which the checkpoint does not "
+                              "store quantized")
+    for k, digest in digests.items():
+        if _blocks_digest(rotation, k) != digest:
+            raise CheckpointError(f"{where}: optional.{ROTATION}: the {rotation.kind} blocks regenerated for K={k} "
+                                  "differ from those the checkpoint was written with (another torch or LAPACK?)")
+    return rotation, linears
 
 
 def shard_index(name: str, axes: tuple[int, int | None], shape: tuple, full: tuple[int, int],
@@ -343,8 +427,11 @@ def shard_index(name: str, axes: tuple[int, int | None], shape: tuple, full: tup
 def shard_stored(name: str, stored: QuantizedWeight, full: tuple[int, int], rows: tuple[int, int],
                  cols: tuple[int, int]) -> QuantizedWeight:
     """One rank's slice of a linear's stored tensors, whole groups only."""
+    if stored.rotation is not None:
+        raise CheckpointError(f"{name}: tensor parallelism of a rotated (recovered) checkpoint is not supported "
+                              "yet; run it with tp_size=1")
     sliced = {}
     for suffix, tensor in stored.tensors.items():
         axes = stored.kind.axes(suffix, tuple(tensor.shape), *full)
         sliced[suffix] = tensor[shard_index(f"{name}.{suffix}", axes, tuple(tensor.shape), full, rows, cols)].clone()
-    return QuantizedWeight(stored.kind, sliced, stored.group_size)
+    return QuantizedWeight(stored.kind, sliced, stored.group_size, cols[1] - cols[0])

@@ -1,6 +1,8 @@
 """Writing a quantized checkpoint: a bf16 Hugging Face folder's linears quantized by an mxfx scheme, in
 msmodelslim's layout (mxfp8 -> W8A8_MXFP8, mxfp4_w4a8 -> packed W4A8_MXFP) or mxfx's documented one
-(mxfp4_dual -> W4A4_MXFP4_DUALSCALE), so quantization is done once (stored.py has the layouts)."""
+(mxfp4_dual -> W4A4_MXFP4_DUALSCALE), so quantization is done once (stored.py has the layouts). With a
+recovery recipe, the recipe's codes (of the smoothed / rotated weight, GPTQ or scale-searched) and what the
+activation needs: the smoothing scale per linear and the rotation's description entry."""
 
 import collections
 import json
@@ -15,20 +17,49 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from mxfx import recipes
+from mxfx.calibration import Calibration
+from mxfx.recipes import Recovered
 from mxfx.schemes import Scheme, get_scheme
 from mxfx.selection import Selection
 from mxfx.targets import get_target
 
 from .read import DESCRIPTION, FLOAT, INDEX, _Tensors, skeleton
-from .stored import WRITTEN, CheckpointError
+from .stored import ROTATION, SMOOTH, WRITTEN, CheckpointError, rotation_entry
 
 WRITTEN_TYPES = {scheme: kind.name for scheme, kind in WRITTEN.items()}  # scheme name -> the type written
 
 
-def _linear_weights(config) -> dict[str, int]:
+def _linear_weights(model) -> dict[str, int]:
     """name -> in_features of every nn.Linear weight of the architecture (built on the meta device)."""
-    return {f"{name}.weight": m.in_features for name, m in skeleton(config).named_modules()
-            if isinstance(m, torch.nn.Linear)}
+    return {f"{name}.weight": m.in_features for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+class _RecipeSchemes:
+    """Each linear weight's Recovered scheme, built from the folder's tensors one input at a time: the
+    smoothing of an input reads the weights of every linear on it (q/k/v), which are held until the last
+    of them is written."""
+
+    def __init__(self, tensors: _Tensors, base: Scheme, recipe: "recipes.Recipe", calibration: Calibration | None,
+                 written: set[str]):
+        self.tensors, self.base, self.recipe, self.calibration = tensors, base, recipe, calibration
+        self.written = written
+        self.groups: dict[str, list] = {}  # first member -> [selector, weights, members not yet written]
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> tuple[Scheme, torch.Tensor]:
+        """(scheme, the weight it is keyed on) for the linear weight `name` read as `tensor`."""
+        fqn = name.removesuffix(".weight")
+        members = self.calibration.stats(fqn).members if self.recipe.needs_calibration else (fqn,)
+        if members[0] not in self.groups:
+            weights = {m: tensor if m == fqn else self.tensors.read(f"{m}.weight") for m in members
+                       if m == fqn or f"{m}.weight" in self.tensors}
+            selector = recipes.select(self.base, self.recipe, self.calibration, weights)
+            self.groups[members[0]] = [selector, weights, {m for m in members if f"{m}.weight" in self.written}]
+        selector, weights, left = self.groups[members[0]]
+        left.discard(fqn)
+        if not left:
+            del self.groups[members[0]]
+        return selector.scheme_for(weights[fqn]), weights[fqn]
 
 
 def _partial_folder(out: Path) -> Path:
@@ -58,18 +89,28 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _readme(model_dir: Path, out: Path, scheme, kinds: collections.Counter) -> str:
+def _readme(model_dir: Path, out: Path, scheme, kinds: collections.Counter, recipe: str | None,
+            description: dict) -> str:
     """The quantized folder's own README (the original's describes weights that are not in it)."""
     name = scheme if isinstance(scheme, str) else "a mixed-precision plan"
-    how = (f"`mxfx quantize --model {model_dir} --scheme {scheme}`" if isinstance(scheme, str)
-           else f"mxfx quantize from {model_dir} with a mixed-precision plan")
+    how = (f"`mxfx quantize --model {model_dir} --scheme {scheme}" + (f" --recipe {recipe}`" if recipe else "`")
+           if isinstance(scheme, str) else f"mxfx quantize from {model_dir} with a mixed-precision plan")
     types = ", ".join(f"{count} as {kind}" for kind, count in kinds.most_common())
+    transforms = [what for what, on in (
+        (f"each linear's smoothing scale is `<linear>.{SMOOTH}` (the activation is multiplied by it)",
+         any(name.endswith(f".{SMOOTH}") for name in description)),
+        (f"the activations' block rotation is `optional.{ROTATION}` in {DESCRIPTION}",
+         ROTATION in description.get("optional", {}))) if on]
+    recovered = "" if not transforms else f"""
+The codes are those of the transformed weight: {"; ".join(transforms)}. mxfx applies them to the activation
+at run time; another reader must as well.
+"""
     return f"""# {out.name}: {model_dir.name} quantized to {name}
 
 Written by {how}: linear weights quantized {types}
 ({DESCRIPTION} names each tensor's type; the rest are FLOAT, as in the original).
 The original folder's README.md describes the model itself.
-
+{recovered}
 ```python
 import torch, mxfx
 from mxfx import checkpoint
@@ -100,7 +141,8 @@ def _per_linear(plan: Mapping[str, "Scheme | None"], linears: dict[str, int]) ->
 
 
 def quantize(model_dir: str | Path, scheme: "str | Mapping[str, Scheme | None]", out: str | Path, exclude=None,
-             shard_bytes: int = 256 << 20) -> Path:
+             shard_bytes: int = 256 << 20, recipe: "str | recipes.Recipe | None" = None,
+             calibration: Calibration | None = None) -> Path:
     """Quantize a bf16 Hugging Face folder's linears into a checkpoint folder `out`, tensor by tensor.
 
     scheme: a scheme name for every linear, or a plan (module FQN -> scheme value or None for FLOAT, e.g.
@@ -109,14 +151,26 @@ def quantize(model_dir: str | Path, scheme: "str | Mapping[str, Scheme | None]",
     Linears the scheme cannot serve (K rule), lm_head, embeddings and those matching `exclude` (fnmatch
     patterns on module FQNs) stay FLOAT; a folder where that leaves nothing to quantize is refused. Tensors
     are read one at a time and written in shards of about `shard_bytes`, so memory stays near one shard plus
-    one tensor. The folder is written under a temporary name and renamed when complete: an interrupted run
-    leaves no folder that looks like a checkpoint (and the next run removes what a killed one left).
+    one tensor (and, with a smoothing recipe, the weights of the linears on one input). The folder is written
+    under a temporary name and renamed when complete: an interrupted run leaves no folder that looks like a
+    checkpoint (and the next run removes what a killed one left).
+
+    recipe (mxfx.recipes: a name, "recommended" or a Recipe) with the calibration it reads (of this model):
+    the codes are the recipe's, as `mxfx.backend(scheme, recipe=..., calibration=...)` prepares them, plus
+    each linear's smoothing scale and the rotation's description, so the loaded checkpoint compiles to the
+    same logits as the online recipe.
     """
     from transformers import AutoConfig
 
     model_dir, out = Path(model_dir), Path(out)
     if isinstance(scheme, str) and scheme not in WRITTEN_TYPES:
         raise CheckpointError(f"scheme {scheme!r} cannot be written; choose one of {', '.join(WRITTEN_TYPES)}")
+    if recipe is None and calibration is not None:
+        raise ValueError("a calibration serves a recipe: give recipe= too (mxfx.recipes.RECIPES, or 'recommended')")
+    if recipe is not None and not isinstance(scheme, str):
+        raise ValueError("recipe= applies to one scheme name, not to a plan (a plan's schemes carry their recipes)")
+    if recipe is not None:
+        _, recipe = recipes.check_recipe(scheme, recipe, calibration)
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir} has no config.json")
     if (model_dir / DESCRIPTION).is_file():
@@ -125,8 +179,11 @@ def quantize(model_dir: str | Path, scheme: "str | Mapping[str, Scheme | None]",
     if out.exists():
         raise CheckpointError(f"{out} already exists")
     select = Selection.of(exclude=exclude)
-    linears = _linear_weights(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+    architecture = skeleton(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+    linears = _linear_weights(architecture)
     plan = None if isinstance(scheme, str) else _per_linear(scheme, linears)
+    if recipe is not None and recipe.needs_calibration:
+        calibration.check(architecture)  # a calibration of another model is refused before anything is read
     with ExitStack() as stack:
         tensors = _Tensors(model_dir, stack)  # every file's header read: a truncated one fails here
         if plan is None:
@@ -145,14 +202,17 @@ def quantize(model_dir: str | Path, scheme: "str | Mapping[str, Scheme | None]",
         kinds = collections.Counter(WRITTEN[chosen.name].name for chosen in eligible.values())
         # msmodelslim's header names one type: a mixed checkpoint's most common (each tensor has its own)
         description = {"model_quant_type": kinds.most_common(1)[0][0], "version": "1.0.0", "group_size": 32}
+        schemes = (_RecipeSchemes(tensors, get_scheme(scheme), recipe, calibration, set(eligible))
+                   if recipe is not None else lambda name, tensor: (eligible[name], tensor))
         partial = _partial_folder(out)
         try:
-            _write(tensors, eligible, description, partial, shard_bytes)
+            _write(tensors, eligible, schemes, description, partial, shard_bytes)
             for extra in model_dir.iterdir():  # config, tokenizer, generation config; a README of its own
                 if (extra.is_file() and extra.suffix != ".safetensors"
                         and extra.name not in (INDEX, DESCRIPTION, "README.md")):
                     shutil.copyfile(extra, partial / extra.name)
-            (partial / "README.md").write_text(_readme(model_dir, out, scheme, kinds))
+            name = None if recipe is None else recipes.recipe_name(recipe)
+            (partial / "README.md").write_text(_readme(model_dir, out, scheme, kinds, name, description))
             (partial / DESCRIPTION).write_text(json.dumps(description, indent=1))
             os.replace(partial, out)
         except BaseException:
@@ -161,10 +221,15 @@ def quantize(model_dir: str | Path, scheme: "str | Mapping[str, Scheme | None]",
     return out
 
 
-def _write(tensors: _Tensors, eligible: dict[str, Scheme], description: dict, partial: Path, shard_bytes: int) -> None:
+def _write(tensors: _Tensors, eligible: dict[str, Scheme], schemes, description: dict, partial: Path,
+           shard_bytes: int) -> None:
     """Every tensor of the folder, quantized if eligible by its scheme's own quantizer (so a written
-    checkpoint runs exactly what the scheme would), into shards in `partial` (and their index)."""
+    checkpoint runs exactly what the scheme would; schemes(name, tensor) -> (scheme, the tensor it is keyed
+    on)), into shards in `partial` (and their index); a recipe's smoothing scales beside the codes and its
+    rotation in the description."""
     shards, shard, size, weight_map, reference = [], {}, 0, {}, get_target("reference")
+    rotated: dict[str, int] = {}  # prefix -> K
+    rotation = None
     umask = os.umask(0)
     os.umask(umask)
 
@@ -178,24 +243,28 @@ def _write(tensors: _Tensors, eligible: dict[str, Scheme], description: dict, pa
             weight_map.update(dict.fromkeys(shard, name))
             shard, size = {}, 0
 
-    for name, (f, _) in tqdm(tensors.files.items(), desc="mxfx quantize", unit="tensor", disable=None):
-        tensor = f.get_tensor(name)
+    for name, (f, _, stored) in tqdm(tensors.files.items(), desc="mxfx quantize", unit="tensor", disable=None):
+        tensor = f.get_tensor(stored)
         prefix = name.removesuffix(".weight")
-        quantized = name in eligible
-        if quantized:
-            online = eligible[name]
-            kind = WRITTEN[online.name]
-            codes = kind.from_codes(online.quantize_weight(reference, tensor), tensor.shape[-1])
-            written = {f"{prefix}.{suffix}": value for suffix, value in codes.items()}
-        else:
-            written = {name: tensor}
-        for key, value in written.items():
-            description[key] = kind.name if quantized else FLOAT
+        written, floats, kind = {}, {name: tensor}, None
+        if name in eligible:
+            scheme, tensor = schemes(name, tensor)
+            kind = WRITTEN[scheme.name]
+            codes = kind.from_codes(scheme.quantize_weight(reference, tensor), tensor.shape[-1])
+            written, floats = {f"{prefix}.{suffix}": value for suffix, value in codes.items()}, {}
+            if isinstance(scheme, Recovered) and scheme.smooth is not None:
+                floats[f"{prefix}.{SMOOTH}"] = scheme.smooth.tensor.float()  # msmodelslim's fp32 [K], FLOAT
+            if isinstance(scheme, Recovered) and scheme.recipe.rotation is not None:
+                rotation, rotated[prefix] = scheme.recipe.rotation, scheme.k
+        for key, value in (*written.items(), *floats.items()):
+            description[key] = kind.name if key in written else FLOAT
             shard[key] = value.contiguous()
             size += value.numel() * value.element_size()
         if size >= shard_bytes:
             flush()
     flush()
+    if rotation is not None:
+        description.setdefault("optional", {})[ROTATION] = rotation_entry(rotation, rotated)
     if len(shards) > 1:
         (partial / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     else:

@@ -70,7 +70,8 @@ def test_siblings_share_one_activation_quantization_and_schemes_are_cache_keys()
     assert len(report.rewritten) == 7 and report.activation_quants == 4  # q/k/v share one, gate/up one
     attention = model.model.layers[0].self_attn
     q, k, o = (selector.scheme_for(m.weight) for m in (attention.q_proj, attention.k_proj, attention.o_proj))
-    assert q.smooth == k.smooth and q.smooth != o.smooth and q != k  # k's Gram is its own entry
+    assert q.smooth == k.smooth and q.smooth != o.smooth
+    assert q == k and q != o  # q/k/v read one input: one Gram matrix, equal schemes (so merge_siblings merges them)
     again = recipes.apply("mxfp4_dual", "smooth+gptq", calibration, model).scheme_for(attention.q_proj.weight)
     assert again == q and hash(again) == hash(q)  # a second apply reuses the prepared weights
     other = recipes.apply("mxfp4_dual", Recipe(smooth_alpha=0.4, gptq=True), calibration, model)
