@@ -234,5 +234,5 @@ def test_cli_quantize_with_a_recipe(model_dir, tmp_path, capsys):
     assert "recipes apply to the online schemes" in capsys.readouterr().err
     assert cli.main(["quantize", "--model", str(model_dir), "--scheme", "mxfp8", "--calibration", "cal.safetensors",
                      "--out", str(tmp_path / "s")]) == 2
-    assert "serve a recipe: give --recipe too" in capsys.readouterr().err
+    assert "serve --recipe or --scheme auto: give one" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()

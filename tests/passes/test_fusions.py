@@ -342,3 +342,24 @@ def test_an_update_of_a_merged_weight_is_merged_again():
     torch._dynamo.reset()
     assert not torch.equal(before, updated)
     assert torch.equal(updated, fresh)
+
+
+@pytest.mark.parametrize("scheme, recipe", [("mxfp4_w4a8", "gptq"), ("mxfp4_dual", "rotate+gptq")])
+def test_recipe_siblings_merge_bit_exactly(scheme, recipe):
+    """A recipe's siblings differ only in their codes (GPTQ is per linear) and share their activation's
+    rotation: they merge, and the merged graph computes what the unmerged one does, bit for bit."""
+    from mxfx.calibration import calibrate
+
+    model, ids = tiny_qwen3(layers=1), torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    calibration = calibrate(model, [ids])
+    logits, reports = [], []
+    for pipeline in ((passes.rewrite_linears, passes.merge_siblings), passes.UNFUSED_PASSES):
+        torch._dynamo.reset()
+        be = mxfx.backend(scheme, target="reference", recipe=recipe, calibration=calibration, passes=pipeline)
+        with torch.no_grad():
+            logits.append(torch.compile(model, backend=be, fullgraph=True)(ids).logits)
+        reports.append(be.pipeline_reports[-1])
+    torch._dynamo.reset()
+    merge = reports[0].passes[1]
+    assert [len(site.linears) for site in merge.fused] == [3, 2]
+    assert torch.equal(*logits)
