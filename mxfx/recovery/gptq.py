@@ -3,6 +3,8 @@ over the columns not yet quantized through the Cholesky factor of the damped inv
 lazy blocks of 128 columns. The grid picks each 32-group's scales from the updated weights when the
 group starts (mxfx.recovery.grids), so the result is codes of the scheme's own format."""
 
+import contextlib
+
 import torch
 
 from .grids import GROUP
@@ -21,6 +23,19 @@ def inverse_cholesky(gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, tor
     return torch.linalg.cholesky(inverse, upper=True).float(), dead
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """GPTQ is a column loop of small vector ops, which intra-op threads only slow down (measured 3x on 2
+    cores: 0.98 s against 0.30 s for a 1536 x 512 weight)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@_one_thread()
 def gptq(weight: torch.Tensor, gram: torch.Tensor, grid, damp: float = 0.01) -> torch.Tensor:
     """Quantize weight [N, K] (any float dtype) onto `grid` (which records the codes) given the Gram
     matrix sum(x^T x) [K, K] of its input; returns the dequantized weight, fp32."""

@@ -57,8 +57,12 @@ class BlockRotation:
         return blocks.to(torch.bfloat16).double()
 
     def weight_blocks(self, k: int) -> torch.Tensor:
-        """A^-T per block, fp64: (x A)(W A^-T)^T = x W^T for any invertible A."""
-        return torch.linalg.inv(self.activation_blocks(k)).transpose(-1, -2)
+        """A^-T per block, fp64: (x A)(W A^-T)^T = x W^T for any invertible A (the Hadamard's blocks are one
+        block repeated: inverted once)."""
+        blocks = self.activation_blocks(k)
+        if self.kind == "hadamard":
+            return torch.linalg.inv(blocks[0]).T.expand_as(blocks).clone()
+        return torch.linalg.inv(blocks).transpose(-1, -2)
 
 def rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """x @ diag(blocks) along the last axis, in x's dtype (fp32 in: fp32 arithmetic). For a weight W
