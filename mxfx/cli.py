@@ -124,10 +124,11 @@ def _plot(result: "evaluation.Evaluation", path: str, model: str) -> None:
 
 def _load(args):
     """The model folder. A quantized checkpoint runs with its own stored scheme, so an explicit --scheme
-    is refused there rather than silently replaced; without --scheme, every scheme (or the stored one)."""
+    is refused there rather than silently replaced; without --scheme, every scheme (or the stored one). Its
+    quantized linears hold their codes only (no bf16 copy: a checkpoint larger than its bf16 model fits)."""
     from .checkpoint import stored_weights
 
-    model = evaluation.load_model(args.model)
+    model = evaluation.load_model(args.model, bf16_weights=False)
     stored = "modelslim" if stored_weights(model) else None
     if stored is not None and args.scheme is not None:
         raise ValueError(f"--model {args.model} is a quantized checkpoint, which runs with its stored scheme "
@@ -281,7 +282,8 @@ def _evaluate_folder(args) -> int:
                                  new_tokens=args.new_tokens)
     if args.scheme == ["modelslim"]:
         print("a quantized checkpoint: its \"bf16\" is the stored weights dequantized to bf16 (the original "
-              "weights are not in it), so the comparison isolates the quantized matmuls and activations\n")
+              "weights are not in it), so the comparison isolates the quantized matmuls and activations; it is "
+              "streamed, each linear dequantized for its call (the bf16 model is never held)\n")
     _print_evaluation(result, tokens, prompt if prompt_ids else None, getattr(args, "plot", None), args.model)
     return 0
 

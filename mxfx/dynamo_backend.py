@@ -28,7 +28,7 @@ from mxfx.ops import npu as npu_support
 from mxfx.prepared import PREPARED, PreparedWeights
 from mxfx.schemes import MODELSLIM, SCHEMES, Scheme, SchemeSelector, get_scheme
 from mxfx.selection import Selection, SkipReason
-from mxfx.stored_weights import STORED_WEIGHTS
+from mxfx.stored_weights import STORED_WEIGHTS, is_placeholder
 from mxfx.targets import Target, get_target
 from mxfx.weight_watch import WeightWatch
 from passes import (
@@ -84,6 +84,16 @@ def _weights(gm: fx.GraphModule, example_inputs) -> dict[str, torch.Tensor]:
         for node, value in zip(placeholders, example_inputs)
         if isinstance(value, torch.nn.Parameter) or node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")
     }
+
+
+def _placeholders(gm: fx.GraphModule, weights: "dict[str, torch.Tensor] | list") -> list[str]:
+    """The linears of `gm` still multiplying by a placeholder weight (a checkpoint loaded with
+    bf16_weights=False): unrewritten, they would compute NaN. `weights`: by placeholder name, or the
+    graph's example inputs."""
+    if isinstance(weights, list):
+        weights = _weights(gm, weights)
+    return [site.fqn or site.weight for site in find_linears(gm)
+            if site.weight in weights and is_placeholder(weights[site.weight])]
 
 
 def _inductor(gm: fx.GraphModule, example_inputs: list) -> Callable:
@@ -209,9 +219,9 @@ class Backend:
             graph, lifted = self.rewrite(gm, example_inputs, target)
         except (MXFXCompileError, RewriteError) as error:
             warnings.warn(f"mxfx: {error}", stacklevel=2)
-            if self.fallback == "eager":
+            if self.fallback == "eager" and not _placeholders(gm, example_inputs):
                 return gm.forward
-            raise
+            raise  # unquantized, a graph of placeholder weights would compute NaN
         constants = lifted.constants
         if self.inner.constants_as_parameters:
             constants = [torch.nn.Parameter(t, requires_grad=False) for t in constants]
@@ -263,6 +273,11 @@ class Backend:
                 raise MXFXCompileError(f"{names}: K must be static (got a symbolic in_features); mark only batch and "
                                        f"sequence dims dynamic\n{report}")
             self._warn_if_nothing_rewritten(report)
+        if left := _placeholders(graph, weights):
+            raise MXFXCompileError(
+                f"{', '.join(left)}: loaded without bf16 weights (checkpoint.load(..., bf16_weights=False)), so they "
+                f"run only as their stored codes, but this graph leaves them to F.linear (the report says why):\n"
+                f"{report}")
         lifted = lift_constants(graph, fake_mode)
         pipeline.passes.append(lifted)
         self.pipeline_reports.append(pipeline)

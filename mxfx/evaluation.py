@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mxfx import textdata
+from mxfx.checkpoint.stored_linear import dequantized
 from mxfx.dynamo_backend import backend
 from mxfx.metrics import sqnr_db
 from mxfx.prepared import PREPARED, PreparedWeights
@@ -25,9 +26,10 @@ class ModelError(ValueError):
     """A model folder mxfx cannot evaluate (the message says which and why)."""
 
 
-def load_model(path: str | Path) -> torch.nn.Module:
+def load_model(path: str | Path, bf16_weights: bool = True) -> torch.nn.Module:
     """A local Hugging Face Qwen3 folder as a bf16 model in eval mode; nothing is downloaded. A quantized
-    checkpoint (quant_model_description.json) loads through mxfx.checkpoint: compile it with "modelslim"."""
+    checkpoint (quant_model_description.json) loads through mxfx.checkpoint: compile it with "modelslim";
+    bf16_weights=False: its quantized linears hold their stored codes only (checkpoint.load)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
@@ -49,7 +51,7 @@ def load_model(path: str | Path) -> torch.nn.Module:
     if model_type != "qwen3":
         raise ModelError(f"{config_file}: model_type is {model_type!r}; mxfx evaluates Qwen3 models ('qwen3')")
     if (path / checkpoint.DESCRIPTION).is_file():
-        return checkpoint.load(path)
+        return checkpoint.load(path, bf16_weights=bf16_weights)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, local_files_only=True).eval()
     except SafetensorError as error:  # the message names no file
@@ -121,7 +123,8 @@ def layer_inputs(model, batch: torch.Tensor) -> dict[str, torch.Tensor]:
 def layer_sqnr(model, inputs: dict[str, torch.Tensor], scheme: "str | SchemeSelector", names: list[str],
                cache: PreparedWeights = PREPARED) -> dict[str, float]:
     """Per named nn.Linear: SQNR (dB) of the quantized layer's output against the bf16 layer's, both fed
-    the bf16 model's own input to that layer (`layer_inputs`); a name that is no nn.Linear gets none."""
+    the bf16 model's own input to that layer (`layer_inputs`); a name that is no nn.Linear gets none. A
+    linear holding stored codes only is dequantized for its bf16 output (checkpoint.dequantized)."""
     selector, target = get_scheme(scheme), get_target("reference")
     result = {}
     for name in filter(inputs.__contains__, names):
@@ -129,7 +132,8 @@ def layer_sqnr(model, inputs: dict[str, torch.Tensor], scheme: "str | SchemeSele
         chosen = selector.scheme_for(layer.weight)  # a checkpoint's linears each have their own
         prepared = cache.prepare(chosen, target, layer.weight, layer.bias, x.dtype)
         quantized = chosen.linear(target, x, prepared)
-        result[name] = sqnr_db(torch.nn.functional.linear(x, layer.weight, layer.bias), quantized)
+        with dequantized(layer):
+            result[name] = sqnr_db(layer(x), quantized)
     return result
 
 
@@ -175,13 +179,15 @@ def evaluate(model, stream: torch.Tensor, schemes: "list[str | SchemeSelector]",
              max_tokens: int | None = None, prompt: list[int] | None = None, new_tokens: int = 40,
              end: int | None = None) -> Evaluation:
     """bf16 against each scheme (a name, or a selector such as a recipe's; compiled with mxfx on the
-    reference target) on the same windows."""
+    reference target) on the same windows. The bf16 runs of a checkpoint loaded without bf16 weights are
+    streamed: each linear's weight dequantized for its call (checkpoint.dequantized)."""
     batches = windows(stream, seq, max_tokens)
-    start = time.perf_counter()
-    bf16_predictions, bf16_loss = predictions_and_loss(model, batches, batch_size, "bf16")
-    bf16_run_s = time.perf_counter() - start
-    bf16_text = continuation(model, prompt, new_tokens, end) if prompt else []
-    inputs = layer_inputs(model, batches[:1, :-1])
+    with dequantized(model):
+        start = time.perf_counter()
+        bf16_predictions, bf16_loss = predictions_and_loss(model, batches, batch_size, "bf16")
+        bf16_run_s = time.perf_counter() - start
+        bf16_text = continuation(model, prompt, new_tokens, end) if prompt else []
+        inputs = layer_inputs(model, batches[:1, :-1])
     results = []
     for scheme in schemes:  # names, or selectors (a mixed-precision plan)
         label = scheme if isinstance(scheme, str) else scheme.label

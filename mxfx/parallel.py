@@ -24,7 +24,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from mxfx.schemes import MODELSLIM, MXFP4, SCHEMES, DualLevelMXFP4, Scheme, SchemeSelector, get_scheme
 from mxfx.selection import ALL
-from mxfx.stored_weights import STORED_WEIGHTS
+from mxfx.stored_weights import STORED_WEIGHTS, is_placeholder, placeholder
 
 COLUMN, ROW, REPLICATED = "column", "row", "replicated"
 # child linear names of an attention block and of an MLP, and how each is split
@@ -221,8 +221,11 @@ def _shard_linear(model, name: str, kind: str, layout: Layout) -> None:
     rows = shard_range(n, layout) if kind == COLUMN else (0, n)
     cols = shard_range(k, layout) if kind == ROW else (0, k)
     stored = STORED_WEIGHTS.get(weight)
-    local = torch.nn.Parameter(weight.detach()[rows[0]:rows[1], cols[0]:cols[1]].clone(),
-                               requires_grad=weight.requires_grad)
+    if is_placeholder(weight):  # codes only (checkpoint.load(bf16_weights=False)): no values to slice
+        local = placeholder((rows[1] - rows[0], cols[1] - cols[0]), weight.dtype, weight.device)
+    else:
+        local = torch.nn.Parameter(weight.detach()[rows[0]:rows[1], cols[0]:cols[1]].clone(),
+                                   requires_grad=weight.requires_grad)
     if stored is not None:
         STORED_WEIGHTS.add(local, shard_stored(name, stored, (n, k), rows, cols))
     module.weight = local

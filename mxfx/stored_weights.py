@@ -1,7 +1,8 @@
 """The stored codes of weights loaded from a quantized checkpoint: one explicit mapping from a weight
 tensor to its stored tensors, which the `modelslim` selector and the stored schemes read.
 
-mxfx.checkpoint.load fills it; whoever replaces or shards a loaded weight adds the new tensor's entry
+mxfx.checkpoint.load fills it (with `bf16_weights=False`, under `placeholder` weights that hold no values);
+whoever replaces or shards a loaded weight adds the new tensor's entry
 (an entry is never carried over implicitly). Entries are weak (they go with their weight) and
 remember the weight's version: a weight changed in place after loading no longer matches its codes,
 and reading them then raises instead of running stale codes.
@@ -59,3 +60,16 @@ class StoredWeights:
 
 
 STORED_WEIGHTS = StoredWeights()  # process-wide: checkpoint.load adds to it, the schemes read it
+
+
+def placeholder(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.nn.Parameter:
+    """A weight of `shape` and `dtype` holding one element (NaN, every stride 0): what a linear loaded without
+    its bf16 weight holds, its stored codes carrying the values. Anything that multiplies by it anyway
+    gets NaN, not a plausible wrong answer."""
+    value = torch.full((), float("nan"), dtype=dtype, device=device).expand(shape)
+    return torch.nn.Parameter(value, requires_grad=False)
+
+
+def is_placeholder(weight: torch.Tensor) -> bool:
+    """A weight with stored codes and no values of its own (`placeholder`)."""
+    return weight.numel() > 1 and not any(weight.stride()) and weight in STORED_WEIGHTS

@@ -4,9 +4,9 @@ A checkpoint is a Hugging Face folder (config.json, *.safetensors, optionally sh
 model.safetensors.index.json) plus quant_model_description.json, which maps every tensor name to a type
 (stored.py has the types and their layouts) or FLOAT (kept as it is: norms, embeddings, lm_head,
 biases). Loading builds the model with each quantized linear's weight dequantized to bf16 (so the model
-also runs eagerly) and adds its stored tensors to mxfx.stored_weights.STORED_WEIGHTS under that weight;
-compiling with `mxfx.backend()` (or scheme="modelslim") then runs the stored tensors, never
-re-quantizing.
+also runs eagerly), or with `bf16_weights=False` a placeholder of no size (stored_linear.py), and adds its
+stored tensors to mxfx.stored_weights.STORED_WEIGHTS under that weight; compiling with `mxfx.backend()`
+(or scheme="modelslim") then runs the stored tensors, never re-quantizing.
 """
 
 import json
@@ -31,6 +31,7 @@ from .stored import (
     read_rotation,
     shard_index,
 )
+from .stored_linear import hold_codes_only
 
 DESCRIPTION = "quant_model_description.json"
 INDEX = "model.safetensors.index.json"
@@ -240,12 +241,16 @@ def _check_coverage(model, floats: list[str], quantized: dict[str, str], tied: b
         raise CheckpointError(f"{folder}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
 
-def load(folder: str | Path, tp_rank: int = 0, tp_size: int = 1) -> torch.nn.Module:
+def load(folder: str | Path, tp_rank: int = 0, tp_size: int = 1, bf16_weights: bool = True) -> torch.nn.Module:
     """A quantized checkpoint folder as a bf16 model whose quantized linears' weights have their stored
     tensors in STORED_WEIGHTS (`stored_weights(model)` lists them).
 
     Names, types and the tensors' presence are checked first; then the tensors are read one linear at
     a time, so the peak is the model's bf16 weights plus its stored codes plus one linear.
+
+    bf16_weights=False: the quantized linears hold their codes only (stored_linear.StoredLinear, with a
+    placeholder weight of one element), so the model is its codes plus its FLOAT tensors; it runs compiled
+    with mxfx.backend(), and eagerly only inside `dequantized(model)`.
 
     tp_size > 1: the model of rank `tp_rank` (mxfx.parallel's split: q/k/v/gate/up by output rows,
     o/down_proj by input columns), each tensor read as that rank's slice only, along N or whole K-groups,
@@ -309,8 +314,11 @@ def load(folder: str | Path, tp_rank: int = 0, tp_size: int = 1) -> torch.nn.Mod
             name = f"{prefix}.weight"
             stored = read_linear(prefix, TYPES[kind], view(prefix, TYPES[kind]), model.get_parameter(name).shape,
                                  header.get("group_size"), rotation if prefix in rotated else None)
-            _set_parameter(model, name, stored.dequantize(), tensors.path(name).name)
-            STORED_WEIGHTS.add(model.get_parameter(name), stored)
+            if bf16_weights:
+                _set_parameter(model, name, stored.dequantize(), tensors.path(name).name)
+                STORED_WEIGHTS.add(model.get_parameter(name), stored)
+            else:
+                hold_codes_only(model.get_submodule(prefix), prefix, stored)
     if tied:
         model.tie_weights()
     if tp_size > 1:
