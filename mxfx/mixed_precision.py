@@ -33,8 +33,7 @@ from tqdm.auto import tqdm
 
 from mxfx import recipes
 from mxfx.calibration import Calibration, calibrate
-from mxfx.metrics import nbytes
-from mxfx.schemes import SCHEMES, Scheme, Tensors
+from mxfx.schemes import SCHEMES, Scheme
 from mxfx.selection import Selection
 from mxfx.targets import Target, get_target
 
@@ -49,12 +48,6 @@ WRITABLE_CANDIDATES = ("mxfp8", "mxfp4_w4a8+gptq", "mxfp4_dual+gptq")  # a check
 
 class BudgetError(ValueError):
     """No assignment fits the budget (the message gives the smallest achievable average)."""
-
-
-def weight_bytes(scheme: Scheme, prepared: Tensors) -> int:
-    """The weight's bytes as the matmul reads them: codes and scales, without the bias and the
-    per-activation constants."""
-    return nbytes(t for name, t in prepared.items() if name != "bias" and name not in scheme.activation_constants)
 
 
 def _digest(key: Hashable) -> str:
@@ -242,7 +235,7 @@ def measure(model: torch.nn.Module, batches: Sequence[torch.Tensor], calibration
                     kl = sum(_kl(r, model(batch).logits).item() for r, batch in zip(references, batches)) / tokens
                 finally:
                     handle.remove()
-                options[label] = Option(weight_bytes(scheme, prepared), max(kl, 0.0),
+                options[label] = Option(scheme.weight_bytes(prepared), max(kl, 0.0),
                                         _digest(scheme.activation_key(prepared)), scheme.name)
                 bar.update()
             linears.append(Linear(fqn, module.out_features, module.in_features, options))

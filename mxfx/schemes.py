@@ -14,6 +14,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
+from mxfx.metrics import nbytes
 from mxfx.ops.dtypes import ACL_FORMAT_FRACTAL_NZ, FLOAT4_E2M1FN_X2, FLOAT8_E4M3FN, FLOAT8_E8M0FNU, SCALAR_TYPE
 from mxfx.selection import Skip, SkipReason
 from mxfx.stored_weights import STORED_WEIGHTS
@@ -108,6 +109,11 @@ class Scheme:
         if stored is None:
             raise ValueError(f"scheme {self.label}: the weight has no stored codes (load it with mxfx.checkpoint.load)")
         return stored.codes(weight.device)
+
+    def weight_bytes(self, prepared: Tensors) -> int:
+        """The weight's bytes as the matmul reads them: codes and scales, not the bias nor the per-activation
+        constants (a rotation or smooth scale is shared by every linear on the activation)."""
+        return nbytes(t for name, t in prepared.items() if name != "bias" and name not in self.activation_constants)
 
     def prepare(self, target: Target, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> Tensors:
         """What the matmul reads, for activations of `dtype`. Under no_grad: prepared tensors must not

@@ -257,7 +257,7 @@ class _Rewrite:
 
     def emit_constants(self, site, fqn, weight, bias, dtype, scheme) -> tuple[dict[str, fx.Proxy], Tensors, int]:
         """The prepared weight as get_attr proxies (prepared once per weight and scheme), the tensors,
-        and their bytes (bias excluded)."""
+        and the weight's bytes (Scheme.weight_bytes: no bias, no per-activation constant)."""
         key = (site.weight, site.bias, dtype, scheme)
         if key not in self.prepared:
             with unset_fake_temporarily():  # real weights; aot_autograd runs an engine's passes under its fake mode
@@ -269,7 +269,7 @@ class _Rewrite:
                 nodes[name] = self.graph.get_attr(f"{stem}_{name}")
                 nodes[name].meta["mxfx"] = {"pass": PASS, "role": "constant", "linear": fqn, "name": name,
                                             "source": key}  # what it was prepared from: (weight, bias, dtype, scheme)
-            self.prepared[key] = nodes, tensors, nbytes(t for name, t in tensors.items() if name != "bias")
+            self.prepared[key] = nodes, tensors, scheme.weight_bytes(tensors)
         nodes, tensors, size = self.prepared[key]
         return {name: self.proxy(node) for name, node in nodes.items()}, tensors, size
 

@@ -130,3 +130,17 @@ def test_the_backend_refuses_a_recipe_it_cannot_run_when_made():
     with pytest.raises(Exception, match="has no calibration statistics"):
         torch.compile(model, backend=be, fullgraph=True)(torch.zeros(1, 4, dtype=torch.long))
     torch._dynamo.reset()
+
+
+def test_the_report_counts_the_weight_not_the_activations_constants():
+    """A rotation (or smooth scale) belongs to the activation, shared by its linears: the rewrite report's
+    bytes are the weight's codes and scales, as for the plain scheme."""
+    model, x, counted = One(), _inputs(), []
+    for recipe in (None, "rotate"):
+        torch._dynamo.reset()
+        be = mxfx.backend("mxfp4_dual", target="reference", recipe=recipe)
+        with torch.no_grad():
+            torch.compile(model, backend=be, fullgraph=True)(x)
+        counted.append(be.reports[-1].bytes_after)
+    torch._dynamo.reset()
+    assert counted[0] == counted[1] == 64 * 512 * 4.3125 / 8
