@@ -5,6 +5,7 @@ Ratios from one run (best of N). Goal for the MX schemes: <= 1.0x at M = 1, <= 1
 prints the bytes each prepared weight holds (the MX matmuls read them in place; nothing else is kept)."""
 
 import argparse
+import time
 
 import torch
 from timing import best_seconds
@@ -35,15 +36,22 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096], help="K = N")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="torch and kernel threads (0: torch's default)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time by the thread's CPU time (with --threads 1: all work on the calling thread), which "
+                             "time descheduled on a loaded machine does not count")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, matmul path {native.matmul_path()}")
+    if args.cpu_time and torch.get_num_threads() != 1:
+        parser.error("--cpu-time needs --threads 1")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, matmul path {native.matmul_path()}, "
+          f"{'thread CPU' if args.cpu_time else 'wall'} time")
     for size in args.sizes:
-        run(size, size, args.repeats)
+        run(size, size, args.repeats, clock)
 
 
-def run(k: int, n: int, repeats: int) -> None:
+def run(k: int, n: int, repeats: int, clock=time.perf_counter) -> None:
     target = get_target("reference")
     generator = torch.Generator().manual_seed(0)
     weight = (torch.randn(n, k, generator=generator) * 0.02).bfloat16()
@@ -62,7 +70,7 @@ def run(k: int, n: int, repeats: int) -> None:
         candidates = {"bf16": lambda x=x: torch.nn.functional.linear(x, weight)}
         for name, (scheme, _) in schemes.items():
             candidates[name] = lambda s=scheme, p=prepared[name], x=x: s.linear(target, x, p)
-        seconds = {name: min(best_seconds(fn, repeats) for _ in range(2)) for name, fn in candidates.items()}
+        seconds = {name: min(best_seconds(fn, repeats, clock) for _ in range(2)) for name, fn in candidates.items()}
         cells = " ".join(f"{seconds[n] * 1e3:8.2f} ms {seconds[n] / seconds['bf16']:5.2f}x" for n in columns)
         print(f"{'linear':12s} {m:4d} {seconds['bf16'] * 1e3:9.3f} {cells}")
 

@@ -14,7 +14,7 @@ from mxfx import textdata
 from mxfx.checkpoint.stored_linear import dequantized
 from mxfx.dynamo_backend import backend
 from mxfx.metrics import sqnr_db
-from mxfx.prepared import PREPARED, PreparedWeights
+from mxfx.prepared import PreparedWeights
 from mxfx.schemes import SchemeSelector, get_scheme
 from mxfx.targets import get_target
 from passes import RewriteReport
@@ -121,16 +121,19 @@ def layer_inputs(model, batch: torch.Tensor) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def layer_sqnr(model, inputs: dict[str, torch.Tensor], scheme: "str | SchemeSelector", names: list[str],
-               cache: PreparedWeights = PREPARED) -> dict[str, float]:
+               cache: PreparedWeights | None = None) -> dict[str, float]:
     """Per named nn.Linear: SQNR (dB) of the quantized layer's output against the bf16 layer's, both fed
     the bf16 model's own input to that layer (`layer_inputs`); a name that is no nn.Linear gets none. A
-    linear holding stored codes only is dequantized for its bf16 output (checkpoint.dequantized)."""
+    linear holding stored codes only is dequantized for its bf16 output (checkpoint.dequantized). Each
+    linear's weight is prepared for its turn only, unless a `cache` (e.g. mxfx.prepared.PREPARED) keeps
+    them: the compiled graph holds merged siblings' constants, so kept ones would double the prepared bytes."""
     selector, target = get_scheme(scheme), get_target("reference")
     result = {}
     for name in filter(inputs.__contains__, names):
         layer, x = model.get_submodule(name), inputs[name]
         chosen = selector.scheme_for(layer.weight)  # a checkpoint's linears each have their own
-        prepared = cache.prepare(chosen, target, layer.weight, layer.bias, x.dtype)
+        prepared = (cache.prepare(chosen, target, layer.weight, layer.bias, x.dtype) if cache is not None
+                    else chosen.prepare(target, layer.weight, layer.bias, x.dtype))
         quantized = chosen.linear(target, x, prepared)
         with dequantized(layer):
             result[name] = sqnr_db(layer(x), quantized)

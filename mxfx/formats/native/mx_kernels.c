@@ -456,6 +456,8 @@ void e2m1_encode_f32(const float *x, int64_t n, int rm, uint8_t *codes) {
 #define PAIRS 16 /* bf16 pairs per 32-group */
 #define CHUNK 16 /* groups decoded at once: one level-0 group of 512 */
 #define ROWS 8   /* activation rows whose partial sums are computed together */
+#define WBLOCK (CHUNK * PAIRS * 16) /* one 16-lane block's decoded chunk (uint32 pairs) */
+#define PBLOCK (ROWS * CHUNK * 16)  /* a block's partial sums (floats) */
 
 INLINE float bf16_f32(uint32_t h) { return f32_of(h << 16); }
 
@@ -728,6 +730,50 @@ static void partials_avx_rows(const uint32_t *act, int64_t lda, int64_t g_first,
     }
 }
 
+/* ROWS rows of two 16-lane blocks (wbuf, wbuf + WBLOCK; sbuf, sbuf + 16 * CHUNK), the partial sums and
+   their scaling (scale_rows_avx's order) group by group: each activation broadcast serves both blocks'
+   dot products, each weight vector the eight rows, and no partial sum leaves the registers */
+__attribute__((noinline)) static void rows2_avx(float *o, int64_t ldo, const int *lanes, const uint32_t *act,
+                                                int64_t lda, int64_t g_first, int gc, const uint32_t *restrict wbuf,
+                                                const float *sar, int64_t lds, const float *sbuf, const float *l0a,
+                                                int64_t ldl0a, const float *l0) {
+    __mmask16 mask[2] = {(__mmask16)((1u << lanes[0]) - 1u), (__mmask16)((1u << lanes[1]) - 1u)};
+    __m512 acc[2][ROWS];
+    for (int b = 0; b < 2; b++)
+        for (int r = 0; r < ROWS; r++)
+            acc[b][r] = l0a ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[b], o + r * ldo + 16 * b);
+    for (int g = 0; g < gc; g++) {
+        const uint32_t *a = act + (g_first + g) * PAIRS;
+        const __m512i *w0 = (const __m512i *)(wbuf + g * PAIRS * 16), *w1 = (const __m512i *)(wbuf + WBLOCK) + g * PAIRS;
+        __m512 p0[ROWS], p1[ROWS];
+        for (int r = 0; r < ROWS; r++) p0[r] = p1[r] = _mm512_setzero_ps();
+        for (int kp = 0; kp < PAIRS; kp++) {
+            __m512bh b0 = (__m512bh)_mm512_load_si512(w0 + kp), b1 = (__m512bh)_mm512_load_si512(w1 + kp);
+            for (int r = 0; r < ROWS; r++) {
+                __m512bh x = (__m512bh)_mm512_set1_epi32((int)a[r * lda + kp]);
+                p0[r] = _mm512_dpbf16_ps(p0[r], x, b0);
+                p1[r] = _mm512_dpbf16_ps(p1[r], x, b1);
+            }
+        }
+        __m512 s0 = _mm512_load_ps(sbuf + 16 * g), s1 = _mm512_load_ps(sbuf + 16 * (CHUNK + g));
+        for (int r = 0; r < ROWS; r++) {
+            __m512 x = _mm512_set1_ps(sar[r * lds + g]);
+            acc[0][r] = _mm512_add_ps(acc[0][r], _mm512_mul_ps(_mm512_mul_ps(p0[r], x), s0));
+            acc[1][r] = _mm512_add_ps(acc[1][r], _mm512_mul_ps(_mm512_mul_ps(p1[r], x), s1));
+        }
+    }
+    for (int b = 0; b < 2; b++)
+        for (int r = 0; r < ROWS; r++) {
+            float *out = o + r * ldo + 16 * b;
+            __m512 total = acc[b][r];
+            if (l0a)
+                total = _mm512_add_ps(_mm512_maskz_loadu_ps(mask[b], out),
+                                      _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(l0a[r * ldl0a]),
+                                                                  _mm512_loadu_ps(l0 + 16 * b)), acc[b][r]));
+            _mm512_mask_storeu_ps(out, mask[b], total);
+        }
+}
+
 /* the scaling of the partial sums of rows 0 .. rows - 1 (output rows o + r * ldo), as mx_matmul's plain C
    loop does it, the rows interleaved so that their chains of additions overlap */
 static void scale_rows_avx(float *o, int64_t ldo, int rows, int lanes, const float *pbuf, const float *sar,
@@ -750,7 +796,30 @@ static void scale_rows_avx(float *o, int64_t ldo, int rows, int lanes, const flo
         _mm512_mask_storeu_ps(o + r * ldo, mask, total);
     }
 }
+
 #endif
+
+/* the scaling of the partial sums of rows 0 .. rows - 1 of one block (output rows o + r * ldo), in the
+   order the header describes; l0a: NULL for single level */
+static void scale_rows(float *o, int64_t ldo, int rows, int lanes, const float *pbuf, const float *sar, int64_t lds,
+                       const float *sbuf, int gc, const float *l0a, int64_t ldl0a, const float *l0) {
+    for (int r = 0; r < rows; r++) {
+        float *orow = o + r * ldo, acc[16], total[16];
+        for (int l = 0; l < 16; l++) total[l] = l < lanes ? orow[l] : 0.0f;
+        for (int l = 0; l < 16; l++) acc[l] = l0a ? 0.0f : total[l];
+        for (int g = 0; g < gc; g++) {
+            const float *p = pbuf + (r * CHUNK + g) * 16, *s = sbuf + 16 * g;
+            for (int l = 0; l < 16; l++) acc[l] = acc[l] + (p[l] * sar[r * lds + g]) * s[l];
+        }
+        if (l0a) {
+            float f = l0a[r * ldl0a];
+            for (int l = 0; l < 16; l++) total[l] = total[l] + (f * l0[l]) * acc[l];
+        } else {
+            memcpy(total, acc, sizeof acc);
+        }
+        for (int l = 0; l < lanes; l++) orow[l] = total[l];
+    }
+}
 
 int mx_matmul_isa(void) {
 #ifdef HAVE_BF16_DOT
@@ -774,68 +843,71 @@ int mx_matmul(const uint32_t *act, const float *sa, int64_t m, int64_t k, const 
     weight_t w = {b, s_n, s_nb, s_cb, c0, kbytes, sb, sb_n, sb_p, sb_2, sb_limit, fmt_w};
     int64_t groups = (k + 31) / 32, lda = groups * PAIRS, groups0 = (groups + CHUNK - 1) / CHUNK;
     int64_t gbytes = fmt_w == FMT_E2M1 ? 16 : 32;
-    /* scratch (24 KiB: off the stack), 64-byte aligned: the decoded chunk, its scales, the partial sums */
-    char *scratch = malloc(64 + (CHUNK * PAIRS * 16 + CHUNK * 16 + ROWS * CHUNK * 16) * 4);
+    /* scratch (42 KiB: off the stack), 64-byte aligned: two blocks' decoded chunks and their scales, one
+       block's partial sums */
+    char *scratch = malloc(64 + (2 * (WBLOCK + CHUNK * 16) + PBLOCK) * 4);
     if (!scratch) return -3;
     uint32_t *wbuf = (uint32_t *)(scratch + (64 - (uintptr_t)scratch % 64));
-    float *sbuf = (float *)(wbuf + CHUNK * PAIRS * 16), *pbuf = sbuf + CHUNK * 16;
+    float *sbuf = (float *)(wbuf + 2 * WBLOCK), *pbuf = sbuf + 2 * CHUNK * 16;
     for (int64_t r = 0; r < m; r++)
         for (int64_t l = 0; l < count; l++) out[r * ldo + n_start + l] = 0.0f;
-    /* chunk by chunk, the lanes' blocks inside: an NZ weight is read in storage order, and the
-       activation's chunk stays in cache across the blocks */
+    /* chunk by chunk, the lanes' blocks inside, two at a time: an NZ weight is read in storage order, and
+       the activation's chunk stays in cache across the blocks */
     for (int64_t ch = 0; ch < groups0; ch++) {
         int64_t g_first = ch * CHUNK;
         int gc = (int)(groups - g_first < CHUNK ? groups - g_first : CHUNK);
-        for (int64_t n0 = n_start; n0 < n_start + count; n0 += 16) {
-            int lanes = (int)(n_start + count - n0 < 16 ? n_start + count - n0 : 16);
-            for (int g = 0; g < gc; g++) {
-                uint32_t *dst = wbuf + g * PAIRS * 16;
-                int64_t gg = g_first + g;
+        for (int64_t n1 = n_start; n1 < n_start + count; n1 += 32) {
+            int blocks = n_start + count - n1 > 16 ? 2 : 1, lanes[2];
+            float l0[2][16];
+            for (int bl = 0; bl < blocks; bl++) {
+                int64_t n0 = n1 + 16 * bl;
+                lanes[bl] = (int)(n_start + count - n0 < 16 ? n_start + count - n0 : 16);
+                for (int g = 0; g < gc; g++) {
+                    uint32_t *dst = wbuf + bl * WBLOCK + g * PAIRS * 16;
+                    float *sdst = sbuf + bl * CHUNK * 16 + 16 * g;
+                    int64_t gg = g_first + g;
 #ifdef HAVE_BF16_DOT
-                /* a group whose bytes all lie in the rows (the last one of a ragged k may not) */
-                if (vector && (gg + 1) * gbytes <= kbytes && (gg + 1) * 32 <= k) {
-                    decode_group_avx(&w, n0, lanes, gg, dst);
-                    decode_scales_avx(&w, n0, lanes, gg, sbuf + 16 * g);
-                    continue;
-                }
+                    /* a group whose bytes all lie in the rows (the last one of a ragged k may not) */
+                    if (vector && (gg + 1) * gbytes <= kbytes && (gg + 1) * 32 <= k) {
+                        decode_group_avx(&w, n0, lanes[bl], gg, dst);
+                        decode_scales_avx(&w, n0, lanes[bl], gg, sdst);
+                        continue;
+                    }
 #endif
-                decode_group_scalar(&w, n0, lanes, gg, k, dst);
-                decode_scales_scalar(&w, n0, lanes, gg, sbuf + 16 * g);
+                    decode_group_scalar(&w, n0, lanes[bl], gg, k, dst);
+                    decode_scales_scalar(&w, n0, lanes[bl], gg, sdst);
+                }
+                for (int l = 0; l < 16; l++) l0[bl][l] = l0b && l < lanes[bl] ? l0b[ch * ldl0b + n0 + l] : 0.0f;
             }
-            float l0[16];
-            for (int l = 0; l < 16; l++) l0[l] = l0b && l < lanes ? l0b[ch * ldl0b + n0 + l] : 0.0f;
             for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
                 int rows = (int)(m - r0 < ROWS ? m - r0 : ROWS);
+                const uint32_t *a = act + r0 * lda;
 #ifdef HAVE_BF16_DOT
-                if (vector && rows == ROWS && gc % 2 == 0) partials_avx_rows(act + r0 * lda, lda, g_first, gc, wbuf, pbuf);
-                else if (vector) partials_avx(act + r0 * lda, lda, rows, g_first, gc, wbuf, pbuf);
-                else
-#endif
-                    partials_scalar(act + r0 * lda, lda, rows, g_first, gc, wbuf, pbuf);
-#ifdef HAVE_BF16_DOT
-                if (vector) {
-                    scale_rows_avx(out + r0 * ldo + n0, ldo, rows, lanes, pbuf, sa + r0 * groups + g_first, groups,
-                                   sbuf, gc, l0b ? l0a + r0 * groups0 + ch : NULL, groups0, l0);
+                if (vector && rows == ROWS && blocks == 2) { /* the common case: partial sums and scaling at once */
+                    rows2_avx(out + r0 * ldo + n1, ldo, lanes, a, lda, g_first, gc, wbuf, sa + r0 * groups + g_first,
+                              groups, sbuf, l0b ? l0a + r0 * groups0 + ch : NULL, groups0, &l0[0][0]);
                     continue;
                 }
 #endif
-                for (int r = 0; r < rows; r++) {
-                    const float *sar = sa + (r0 + r) * groups + g_first;
-                    float *o = out + (r0 + r) * ldo + n0;
-                    float acc[16], total[16];
-                    for (int l = 0; l < 16; l++) total[l] = l < lanes ? o[l] : 0.0f;
-                    for (int l = 0; l < 16; l++) acc[l] = l0b ? 0.0f : total[l];
-                    for (int g = 0; g < gc; g++) {
-                        const float *p = pbuf + (r * CHUNK + g) * 16, *s = sbuf + 16 * g;
-                        for (int l = 0; l < 16; l++) acc[l] = acc[l] + (p[l] * sar[g]) * s[l];
+                for (int bl = 0; bl < blocks; bl++) {
+                    const uint32_t *wb = wbuf + bl * WBLOCK;
+                    const float *sbl = sbuf + bl * CHUNK * 16;
+                    float *pb = pbuf, *o0 = out + r0 * ldo + n1 + 16 * bl;
+#ifdef HAVE_BF16_DOT
+                    if (vector && rows == ROWS && gc % 2 == 0) partials_avx_rows(a, lda, g_first, gc, wb, pb);
+                    else if (vector) partials_avx(a, lda, rows, g_first, gc, wb, pb);
+                    else
+#endif
+                        partials_scalar(a, lda, rows, g_first, gc, wb, pb);
+#ifdef HAVE_BF16_DOT
+                    if (vector) {
+                        scale_rows_avx(o0, ldo, rows, lanes[bl], pb, sa + r0 * groups + g_first, groups, sbl, gc,
+                                       l0b ? l0a + r0 * groups0 + ch : NULL, groups0, l0[bl]);
+                        continue;
                     }
-                    if (l0b) {
-                        float f = l0a[(r0 + r) * groups0 + ch];
-                        for (int l = 0; l < 16; l++) total[l] = total[l] + (f * l0[l]) * acc[l];
-                    } else {
-                        memcpy(total, acc, sizeof acc);
-                    }
-                    for (int l = 0; l < lanes; l++) o[l] = total[l];
+#endif
+                    scale_rows(o0, ldo, rows, lanes[bl], pb, sa + r0 * groups + g_first, groups, sbl, gc,
+                               l0b ? l0a + r0 * groups0 + ch : NULL, groups0, l0[bl]);
                 }
             }
         }
