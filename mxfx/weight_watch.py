@@ -61,10 +61,10 @@ class _Group:
         return [(_state(w), _state(b)) for w, b in self.tensors(args)]
 
     def prepare(self, target: Target, args) -> dict[str, torch.Tensor]:
-        (weight, bias), *more = self.tensors(args)
-        if not more:
-            return self.scheme.prepare(target, weight, bias, self.dtype)
-        weights, biases = zip(*self.tensors(args))
+        pairs = self.tensors(args)
+        if len(pairs) == 1:
+            return self.scheme.prepare(target, *pairs[0], self.dtype)
+        weights, biases = zip(*pairs)
         return prepare_merged(self.scheme, target, list(weights), list(biases), self.dtype)
 
 
