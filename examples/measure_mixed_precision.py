@@ -78,20 +78,14 @@ bf16_predictions, bf16_loss = evaluation.predictions_and_loss(model, batches, 8,
 print(f"bf16: perplexity {math.exp(bf16_loss):.4f} on {batches[:, 1:].numel()} held-out tokens")
 
 
-def first_blocks(n: int, high: str, rest: str = "mxfp4_w4a8+gptq") -> mp.Plan:
-    block = lambda fqn: int(fqn.partition(".layers.")[2].partition(".")[0])  # noqa: E731
-    choices = {fqn: high if block(fqn) < n else rest for fqn in sensitivity.linears}
-    return mp.Plan(sensitivity, choices)
-
-
 def uniform(label: str) -> mp.Plan:
     return mp.Plan(sensitivity, dict.fromkeys(sensitivity.linears, label))
 
 
 layers = model.config.num_hidden_layers
 runs = [(label, uniform(label)) for label in sensitivity.candidates]
-heuristics = [(f"first {n} bf16", first_blocks(n, "bf16")) for n in range(1, layers)]
-heuristics += [(f"first {n} mxfp8", first_blocks(n, "mxfp8")) for n in range(1, layers)]
+heuristics = [(f"first {n} {keep}", mp.first_blocks(sensitivity, n, "mxfp4_w4a8+gptq", keep))
+              for keep in ("bf16", "mxfp8") for n in range(1, layers)]
 budgets = sorted({*args.budgets, *(round(plan.bits, 4) for _, plan in heuristics if plan.bits <= 8.3)})
 runs += [(f"auto {bits}", mp.solve(sensitivity, bits)) for bits in budgets]
 runs += [(name, plan) for name, plan in heuristics if plan.bits <= 8.3]

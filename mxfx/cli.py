@@ -2,6 +2,7 @@
 tensor)."""
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -14,8 +15,10 @@ from passes.report import table
 from . import evaluation
 from .formats import dequantize_dual_level, dequantize_mx, quantize_dual_level, quantize_mx
 from .metrics import nbytes, sqnr_db
-from .mixed_precision import RECOVERED_CANDIDATES, WRITABLE_CANDIDATES
+from .mixed_precision import RECOVERED_CANDIDATES, WRITABLE_CANDIDATES, Plan
 from .schemes import SCHEMES
+
+MIXED = {"auto", "first-blocks"}  # --scheme values that are plans over a mixed-precision measurement
 
 
 def _formats_report(x: torch.Tensor) -> str:
@@ -52,25 +55,24 @@ def _formats_report(x: torch.Tensor) -> str:
             + table(header, rows))
 
 
-def _print_evaluation(result: "evaluation.Evaluation", tokens: evaluation.Tokenizer, prompt: str, plot: str | None,
-                      model: str) -> None:
+def _print_evaluation(result: "evaluation.Evaluation", runs: list, tokens: evaluation.Tokenizer, prompt: str,
+                      plot: str | None, model: str) -> None:
     first = result.results[0].report if result.results else None
     if first is not None:
         print(first, end="\n\n")
-    rows = [("bf16", f"{first.bytes_before / 2**20:.2f}" if first else "", "16", f"{result.bf16_perplexity:.3f}", "",
+    rows = [("bf16", f"{first.weight_bytes[0] / 2**20:.2f}" if first else "", "16", f"{result.bf16_perplexity:.3f}", "",
              "100.0%", "", "", f"{result.bf16_run_s:.1f}")]
     for r in result.results:
         sqnr = list(r.layer_sqnr.values())
-        bits = (f"{16 * r.report.bytes_after / r.report.bytes_before:.4f}" if r.report.bytes_before
-                else "nothing rewritten")
-        rows.append((r.scheme, f"{r.report.bytes_after / 2**20:.2f}", bits,
+        bits = f"{r.report.weight_bits:.4f}" if r.report.weight_bits is not None else "nothing rewritten"
+        rows.append((r.scheme, f"{r.report.weight_bytes[1] / 2**20:.2f}", bits,
                      f"{r.perplexity:.3f}", f"{100 * (r.perplexity / result.bf16_perplexity - 1):+.1f}%",
                      f"{100 * r.top1_agreement:.1f}%", f"{min(sqnr):.1f} / {sum(sqnr) / len(sqnr):.1f}" if sqnr else "",
                      f"{r.compile_s:.1f}", f"{r.run_s:.1f}"))
     print(f"held-out text: {result.tokens:,} tokens")
     print(table(("model", "linear MiB", "bits/weight", "perplexity", "vs bf16", "top-1 = bf16",
                   "layer SQNR min/mean dB", "compile s", "eval s"), rows))
-    names = list(result.results[0].layer_sqnr) if result.results else []
+    names = list(dict.fromkeys(name for r in result.results for name in r.layer_sqnr))
     if names:
         print("\nper-layer output SQNR (dB), quantized layer vs bf16 layer on the same input")
         print(table(("linear", *(r.scheme for r in result.results)),
@@ -82,6 +84,8 @@ def _print_evaluation(result: "evaluation.Evaluation", tokens: evaluation.Tokeni
             print(f"  {name:11s} {tokens.decode(ids)!r}")
     if plot:
         _plot(result, plot, model)
+        if len({r.report.weight_bits for r in result.results}) > 1:
+            _plot_bits(result, runs, plot, model)
 
 
 def _pyplot():
@@ -99,7 +103,7 @@ def _plot(result: "evaluation.Evaluation", path: str, model: str) -> None:
     """Per-layer SQNR per scheme, one panel per block: `model.layers.3.mlp.down_proj` is drawn as
     `mlp.down_proj` in block 3's panel, so the labels stay readable for any depth."""
     plt = _pyplot()
-    names = list(result.results[0].layer_sqnr)
+    names = list(dict.fromkeys(name for r in result.results for name in r.layer_sqnr))  # a plan's bf16 ones: none
     groups: dict[str, list[str]] = {}
     for name in names:
         block = name.partition(".layers.")[2].partition(".")[0]
@@ -108,7 +112,8 @@ def _plot(result: "evaluation.Evaluation", path: str, model: str) -> None:
                                 figsize=(max(6, 0.35 * len(names) + 1.5), 4.5), layout="constrained")
     for axis, (group, members) in zip(axes[0], groups.items()):
         for r in result.results:
-            axis.plot(range(len(members)), [r.layer_sqnr[n] for n in members], marker="o", label=r.scheme)
+            axis.plot(range(len(members)), [r.layer_sqnr.get(n, math.nan) for n in members], marker="o",
+                      label=r.scheme)
         axis.set_xticks(range(len(members)), [n.partition(".layers.")[2].partition(".")[2] or n for n in members],
                         rotation=60, ha="right", fontsize=8)
         axis.set_title(group, fontsize=9)
@@ -120,6 +125,35 @@ def _plot(result: "evaluation.Evaluation", path: str, model: str) -> None:
     figure.legend(handles, labels, loc="outside right upper", title="scheme")
     figure.savefig(path, dpi=120)
     print(f"\nwrote {path}")
+
+
+def _plot_bits(result: "evaluation.Evaluation", runs: list, path: str, model: str) -> None:
+    """Perplexity gap and next-token agreement against the average weight bits, one curve per series of
+    plans (auto over its budgets, the first-N-blocks heuristic over N), a point per uniform scheme; written
+    beside the per-layer figure (PATH-bits.png)."""
+    plt = _pyplot()
+    series: dict[str, list] = {}
+    for run, r in zip(runs, result.results):
+        series.setdefault(run.series if isinstance(run, Plan) else r.scheme, []).append(r)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
+    for name, members in series.items():
+        members.sort(key=lambda r: r.report.weight_bits)
+        bits = [r.report.weight_bits for r in members]
+        style = {"marker": "o", "linestyle": "-" if len(members) > 1 else "none"}
+        axes[0].plot(bits, [100 * (r.perplexity / result.bf16_perplexity - 1) for r in members], label=name, **style)
+        axes[1].plot(bits, [100 * r.top1_agreement for r in members], label=name, **style)
+    for axis, ylabel in zip(axes, ("perplexity vs bf16 (%)", "next token = bf16 (%)")):
+        axis.set_xlabel("average bits per weight element (codes and scales)")
+        axis.set_ylabel(ylabel)
+        axis.grid(True, alpha=0.4)
+    axes[0].axhline(0, color="black", linewidth=0.8)
+    figure.suptitle(f"{Path(model).name}: accuracy against weight bits ({result.tokens:,} held-out tokens)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside right upper")
+    out = Path(path)
+    out = out.with_name(f"{out.stem}-bits{out.suffix or '.png'}")
+    figure.savefig(out, dpi=120)
+    print(f"wrote {out}")
 
 
 def _load(args):
@@ -137,31 +171,46 @@ def _load(args):
         args.scheme = [stored]
     elif args.scheme is None:
         args.scheme = list(SCHEMES)
-    if "auto" in args.scheme:
-        tokens = evaluation.Tokenizer(Path(args.model), model)
-        plan = _auto_plan(args, model, tokens)
-        args.scheme = [plan if scheme == "auto" else scheme for scheme in args.scheme]
+    if MIXED & set(args.scheme):
+        plans = _mixed_plans(args, model, evaluation.Tokenizer(Path(args.model), model), set(args.scheme))
+        args.scheme = [run for scheme in args.scheme for run in plans.get(scheme, [scheme])]
     elif args.bits is not None:
         raise ValueError("--bits is for --scheme auto")
     return model
 
 
-def _auto_plan(args, model, tokens, share: str = "activation"):
-    """--scheme auto: the plan under --bits, printed (each linear's choice, sensitivity and bytes). The
-    sensitivities are measured on the first --sensitivity-tokens of the calibration windows, and cached
-    beside a --calibration file (FILE.sensitivity.json)."""
-    from . import mixed_precision
+def _mixed_plans(args, model, tokens, wanted: set[str], share: str = "activation") -> dict[str, list]:
+    """--scheme auto: a plan per --bits, each printed (each linear's choice, sensitivity and bytes);
+    --scheme first-blocks: the heuristic auto is compared with, the first N decoder blocks bf16 and the
+    rest the smallest candidate, for each N. The sensitivities are measured on the first
+    --sensitivity-tokens of the calibration windows, cached beside a --calibration file
+    (FILE.sensitivity.json); --tp N keeps only the candidates whose K rules hold at that TP size."""
+    from . import mixed_precision, parallel
 
-    if args.bits is None:
+    if "auto" in wanted and not args.bits:
         raise ValueError("--scheme auto needs --bits (the average bits per weight element, e.g. 4.5)")
     needs_gram = any("gptq" in candidate for candidate in args.candidates)
     calibration = _calibration(args, model, tokens, gram=needs_gram) if needs_gram else None
     batches = _calibration_windows(args, tokens)[: max(1, args.sensitivity_tokens // args.seq)]
     cache = None if args.calibration is None else Path(args.calibration + ".sensitivity.json")
     sensitivity = mixed_precision.measured(cache, model, batches.split(args.batch_size), calibration, args.candidates)
-    plan = mixed_precision.solve(sensitivity, args.bits, share)
-    print(plan, end="\n\n")
-    return plan
+    if getattr(args, "tp", 1) > 1:
+        sensitivity, dropped = parallel.constrain(sensitivity, model, args.tp)
+        for fqn, label, why in dropped:
+            print(f"TP={args.tp}: {fqn} cannot run {label} ({why})")
+    plans = {}
+    if "auto" in wanted:
+        plans["auto"] = [mixed_precision.solve(sensitivity, bits, share) for bits in args.bits]
+        for plan in plans["auto"]:
+            print(plan, end="\n\n")
+    if "first-blocks" in wanted:
+        if mixed_precision.blocks(sensitivity) < 2:
+            raise ValueError("--scheme first-blocks needs a model with at least 2 decoder blocks")
+        rest = mixed_precision.smallest(sensitivity)
+        plans["first-blocks"] = [mixed_precision.first_blocks(sensitivity, n, rest)
+                                 for n in range(1, mixed_precision.blocks(sensitivity))]
+        print(f"first-blocks: {', '.join(plan.label for plan in plans['first-blocks'])}, the rest {rest}\n")
+    return plans
 
 
 def _check_positions(args, model, prompt_tokens: int) -> None:
@@ -284,7 +333,7 @@ def _evaluate_folder(args) -> int:
         print("a quantized checkpoint: its \"bf16\" is the stored weights dequantized to bf16 (the original "
               "weights are not in it), so the comparison isolates the quantized matmuls and activations; it is "
               "streamed, each linear dequantized for its call (the bf16 model is never held)\n")
-    _print_evaluation(result, tokens, prompt if prompt_ids else None, getattr(args, "plot", None), args.model)
+    _print_evaluation(result, runs, tokens, prompt if prompt_ids else None, getattr(args, "plot", None), args.model)
     return 0
 
 
@@ -343,9 +392,12 @@ def _quantize(args) -> int:
         if args.recipe is not None:
             raise ValueError("--scheme auto picks recovered schemes itself: drop --recipe")
         model = evaluation.load_model(args.model)
-        scheme = _auto_plan(args, model, evaluation.Tokenizer(Path(args.model), model), share="type").schemes()
-    elif args.bits is not None:
-        raise ValueError("--bits is for --scheme auto")
+        if len(args.bits or ()) != 1:
+            raise ValueError("--scheme auto writes one checkpoint: give one --bits value")
+        plans = _mixed_plans(args, model, evaluation.Tokenizer(Path(args.model), model), {"auto"}, share="type")
+        scheme = plans["auto"][0].schemes()
+    elif args.bits is not None or args.tp > 1:
+        raise ValueError("--bits and --tp are for --scheme auto (a uniform scheme's TP split: mxfx inspect --tp N)")
     elif args.recipe is not None:  # refused before calibrating: a scheme recipes do not serve, an unknown recipe
         recipe = recipes.get_recipe(args.recipe, recipes.check_scheme(args.scheme))
         if recipe.needs_calibration or args.calibration:
@@ -410,8 +462,9 @@ def parser() -> argparse.ArgumentParser:
     formats.add_argument("--cols", type=at_least(1), default=4096, help="the quantized (last) axis")
 
     def auto_args(sub, candidates):
-        sub.add_argument("--bits", type=float, default=None,
-                         help="--scheme auto: the average bits per weight element (codes and scales; bf16 = 16)")
+        sub.add_argument("--bits", type=float, nargs="+", default=None,
+                         help="--scheme auto: the average bits per weight element (codes and scales; bf16 = 16), "
+                              "one plan per value")
         sub.add_argument("--candidates", nargs="+", default=candidates,
                          help="--scheme auto: the schemes each linear may get besides bf16, SCHEME or SCHEME+RECIPE")
         sub.add_argument("--sensitivity-tokens", type=at_least(1), default=4096,
@@ -429,9 +482,10 @@ def parser() -> argparse.ArgumentParser:
     def model_args(sub, default_model=None):
         sub.add_argument("--model", default=default_model, required=default_model is None,
                          help="a local Hugging Face Qwen3 folder, bf16 or a quantized checkpoint")
-        sub.add_argument("--scheme", nargs="+", choices=[*SCHEMES, "auto"], default=None,
+        sub.add_argument("--scheme", nargs="+", choices=[*SCHEMES, *MIXED], default=None,
                          help="schemes to compile with (default: all; a quantized checkpoint runs its stored one; "
-                              "auto: mixed precision under --bits)")
+                              "auto: mixed precision under each --bits; first-blocks: the first N decoder blocks "
+                              "bf16 and the rest the smallest --candidates scheme, each N)")
         auto_args(sub, list(RECOVERED_CANDIDATES))
 
     def recipe_args(sub, default):
@@ -458,7 +512,9 @@ def parser() -> argparse.ArgumentParser:
                               "words of the evaluation text)")
         sub.add_argument("--new-tokens", type=at_least(0), default=40, help="tokens per greedy continuation (0: none)")
         recipe_args(sub, ["none", "recommended"] if sub is demo else ["none"])
-    evaluate.add_argument("--plot", help="write a PNG of per-layer SQNR per scheme (needs matplotlib)")
+    evaluate.add_argument("--plot", help="write a PNG of per-layer SQNR per scheme, and for runs of several sizes "
+                                         "(auto at several --bits, first-blocks) PLOT-bits.png: perplexity and "
+                                         "agreement against the weight bits (needs matplotlib)")
     from .recipes import RECIPES
 
     inspect = command("inspect", _inspect, "the rewrite table of a model folder, without running it")
@@ -478,6 +534,9 @@ def parser() -> argparse.ArgumentParser:
     quantize.add_argument("--seq", type=at_least(1), default=256, help="tokens per calibration window")
     quantize.add_argument("--batch-size", type=at_least(1), default=8, help="calibration windows per forward")
     quantize.add_argument("--out", required=True, help="the new checkpoint folder (must not exist)")
+    quantize.add_argument("--tp", type=at_least(1), default=1,
+                          help="--scheme auto: choose only schemes whose K rules hold on the row-parallel linears' "
+                               "K/TP slices, so the checkpoint loads at this TP size")
     quantize.add_argument("--recipe", choices=["recommended", *RECIPES],
                           help="write the codes of this accuracy-recovery recipe, with the smoothing scales and "
                                "rotation the activations need (default: plain round to nearest)")

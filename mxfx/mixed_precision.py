@@ -141,6 +141,19 @@ class Sensitivity:
                     self._schemes[fqn, label] = resolved[label].scheme_for(module.weight)
         return self
 
+    def restricted(self, drop: dict[str, set[str]]) -> "Sensitivity":
+        """A copy without the options `drop` names per linear (bf16 always stays), bound like this one:
+        what a constraint outside the measurement (e.g. tensor parallelism's local K) leaves."""
+        if any(BF16 in labels for labels in drop.values()):
+            raise ValueError("bf16 is every linear's option; it cannot be dropped")
+        linears = [Linear(linear.fqn, linear.n, linear.k,
+                          {label: o for label, o in linear.options.items() if label not in drop.get(fqn, ())})
+                   for fqn, linear in self.linears.items()]
+        copy = Sensitivity(linears, self.groups, self.candidates, self.model_fingerprint, self.batches_fingerprint,
+                           self.tokens)
+        copy._fqn_of, copy._schemes = self._fqn_of, self._schemes
+        return copy
+
     def fqn_of(self, weight: torch.Tensor) -> str | None:
         return self._fqn_of.get(weight)
 
@@ -300,7 +313,37 @@ def solve(sensitivity: Sensitivity, bits: float, share: str = "activation") -> "
     for stage, group, parent in zip(reversed(stages), reversed(sensitivity.groups), reversed(parents)):
         state, option = (int(v) for v in parent[state])
         choices.update(zip(group, stage[option][0]))
-    return Plan(sensitivity, choices, bits, share)
+    return Plan(sensitivity, {fqn: choices[fqn] for fqn in sensitivity.linears}, bits, share)
+
+
+def block_of(fqn: str) -> int:
+    """The decoder block a linear belongs to: N of `....layers.N....`."""
+    index = fqn.partition(".layers.")[2].partition(".")[0]
+    if not index.isdigit():
+        raise ValueError(f"linear {fqn}: not inside a decoder block (no `.layers.N.` in its name)")
+    return int(index)
+
+
+def blocks(sensitivity: Sensitivity) -> int:
+    """How many decoder blocks the measured linears are in."""
+    return 1 + max(block_of(fqn) for fqn in sensitivity.linears)
+
+
+def smallest(sensitivity: Sensitivity) -> str:
+    """The candidate with the fewest bytes over every linear it serves (the heuristic's default rest)."""
+    linears = sensitivity.linears.values()
+    return min(sensitivity.candidates, key=lambda label: sum(
+        linear.options[label].bytes if label in linear.options else math.inf for linear in linears))
+
+
+def first_blocks(sensitivity: Sensitivity, n: int, rest: str, keep: str = BF16) -> "Plan":
+    """The heuristic auto is measured against (vllm-omni keeps its first blocks in bf16): every linear of
+    the first n decoder blocks runs `keep`, every other one `rest`."""
+    if not 0 < n < blocks(sensitivity):
+        raise ValueError(f"first {n} blocks: n must be in [1, {blocks(sensitivity)}) for the measured blocks")
+    choices = {fqn: keep if block_of(fqn) < n else rest for fqn in sensitivity.linears}
+    return Plan(sensitivity, choices, share="type", name=f"first {n} {keep}",
+                series=f"first N blocks {keep}, the rest {rest}")
 
 
 class Plan:
@@ -308,7 +351,7 @@ class Plan:
     selector `mxfx.backend(scheme=plan)` takes. Weights not in the sensitivity get None (left alone)."""
 
     def __init__(self, sensitivity: Sensitivity, choices: dict[str, str], budget: float | None = None,
-                 share: str = "activation"):
+                 share: str = "activation", name: str = "auto", series: str = "auto"):
         missing = sorted(set(sensitivity.linears) - set(choices))
         unknown = sorted(set(choices) - set(sensitivity.linears))
         if missing or unknown:
@@ -326,6 +369,7 @@ class Plan:
                 raise ValueError(f"linears {', '.join(group)} share an activation but would quantize it in "
                                  f"{len(keys)} ways ({', '.join(choices[m] for m in group)}; share={share!r})")
         self.sensitivity, self.choices, self.budget, self.share = sensitivity, choices, budget, share
+        self.name, self.series = name, series  # series: the curve a plot draws it on (bits vs perplexity)
 
     @property
     def bytes(self) -> int:
@@ -341,7 +385,7 @@ class Plan:
 
     @property
     def label(self) -> str:
-        return f"auto ({self.bits:.2f} bits)"
+        return f"{self.name} ({self.bits:.2f} bits)"
 
     def scheme_for(self, weight: torch.Tensor) -> Scheme | None:
         fqn = self.sensitivity.fqn_of(weight)

@@ -194,6 +194,43 @@ def plan(model: torch.nn.Module, tp_size: int, scheme=None, sharded: bool = Fals
     return ParallelReport(Layout(tp_rank, tp_size), linears), fallbacks
 
 
+def check_shardable(model: torch.nn.Module, report: ParallelReport, scheme=None) -> None:
+    """Refuse a selector that has a scheme for a weight but none for the rank's slice of it (one keyed on
+    the tensors themselves: a recipe's, a mixed-precision plan's), which would leave the sharded linears
+    unquantized; stored codes are sharded with their registration, so they are not asked."""
+    selector = get_scheme(scheme) if scheme is not None else _default_scheme(model)
+    for p in report.linears:
+        weight = model.get_submodule(p.name).weight
+        if p.scheme is None or p.kind == REPLICATED or STORED_WEIGHTS.get(weight) is not None:
+            continue
+        n, k = weight.shape
+        rows = shard_range(n, report.layout) if p.kind == COLUMN else (0, n)
+        cols = shard_range(k, report.layout) if p.kind == ROW else (0, k)
+        if selector.scheme_for(weight.detach()[rows[0]:rows[1], cols[0]:cols[1]]) is None:
+            raise ParallelError(f"{selector.label} chooses schemes by the weights themselves (a recipe's or a mixed-"
+                                f"precision plan's selector) and has none for {p.name}'s shard: write a checkpoint "
+                                f"with it (mxfx quantize; --tp N keeps a mixed plan's K rules at that size) and load "
+                                f"it per rank with checkpoint.load(path, tp_rank, tp_size)")
+
+
+def constrain(sensitivity, model: torch.nn.Module, tp_size: int):
+    """A mixed-precision measurement (mxfx.mixed_precision.Sensitivity) without the options whose scheme
+    breaks its K rule on a row-parallel linear's K/tp_size slice, so that a plan solved from it runs (and
+    its checkpoint loads) at that TP size unchanged; also (fqn, label, why) of each dropped option."""
+    check_divisible(model, tp_size)
+    kinds = linear_kinds(model)
+    drop, dropped = {}, []
+    for fqn, linear in sensitivity.linears.items():
+        if kinds.get(fqn) != ROW or tp_size == 1:
+            continue
+        for label in linear.options:
+            scheme = sensitivity.scheme(fqn, label)
+            if scheme is not None and (skip := scheme.skip(linear.k // tp_size)) is not None:
+                drop.setdefault(fqn, set()).add(label)
+                dropped.append((fqn, label, f"K/{tp_size} = {linear.k // tp_size}: {skip}"))
+    return sensitivity.restricted(drop), dropped
+
+
 def local_config(config, tp_size: int):
     """A copy of a Hugging Face config with one rank's head counts and intermediate size (head_dim made
     explicit, since it would otherwise be derived from the head count)."""
@@ -330,6 +367,8 @@ def tensor_parallel(model: torch.nn.Module, group=None, scheme=None) -> Parallel
                                 f"process is rank {layout.tp_rank} of a group of {layout.tp_size}: load it with "
                                 f"tp_rank={layout.tp_rank}, tp_size={layout.tp_size}")
         report, _ = plan(model, layout.tp_size, scheme, sharded=loaded is not None, tp_rank=layout.tp_rank)
+        if loaded is None and layout.tp_size > 1:
+            check_shardable(model, report, scheme)
         signature = (type(model).__name__, tuple((p.name, p.kind, p.k, p.n, p.scheme) for p in report.linears))
     except ParallelError as error:
         problem = str(error)

@@ -72,6 +72,24 @@ class RewriteReport(PassReport):
         return sum(linear.bytes_after for linear in self.rewritten)
 
     @property
+    def kept(self) -> list[LinearReport]:
+        """The linears the scheme was asked about and kept unquantized (a mixed plan's bf16, a checkpoint's
+        FLOAT): with the rewritten ones, what mxfx.mixed_precision budgets."""
+        return [r for r in self.skipped if r.skip_reason is SkipReason.NO_SCHEME]
+
+    @property
+    def weight_bytes(self) -> tuple[int, int]:
+        """(before, after) bytes of the rewritten and the kept linears' weights."""
+        kept = sum(r.bytes_before for r in self.kept)
+        return self.bytes_before + kept, self.bytes_after + kept
+
+    @property
+    def weight_bits(self) -> float | None:
+        """Average bits per weight element of the rewritten and kept linears (None: there are none)."""
+        before, after = self.weight_bytes
+        return 16 * after / before if before else None
+
+    @property
     def total_bytes_before(self) -> int:
         """Every listed weight's bytes, skipped ones (MoE experts, Conv1D, excluded linears) included."""
         return sum(linear.bytes_before for linear in self.linears)

@@ -2,6 +2,7 @@
 reports, one activation quantization per group of siblings, the errors, the model left unchanged, the
 sensitivity file, and a mixed checkpoint's round trip."""
 
+import importlib.util
 import itertools
 import math
 import random
@@ -228,7 +229,7 @@ def test_the_commands_take_scheme_auto(tmp_path, capsys):
 
     from mxfx import cli
 
-    config = Qwen3Config(vocab_size=257, hidden_size=512, intermediate_size=1536, num_hidden_layers=1,
+    config = Qwen3Config(vocab_size=257, hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
                          num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=512)
     torch.manual_seed(0)
     Qwen3ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # byte-level: vocab 257
@@ -245,3 +246,91 @@ def test_the_commands_take_scheme_auto(tmp_path, capsys):
     assert re.search(r"\nauto \([\d.]+ bits\) ", out), "its perplexity row"
     assert cli.main(["inspect", "--model", str(tmp_path / "bf16"), "--scheme", "mxfp8", "--bits", "5"]) == 2
     assert "--bits is for --scheme auto" in capsys.readouterr().err
+    assert cli.main(["quantize", "--model", str(tmp_path / "bf16"), "--out", str(tmp_path / "q2"), *auto[:3], "5",
+                     "6", *auto[4:]]) == 2
+    assert "give one --bits value" in capsys.readouterr().err
+    assert cli.main(["quantize", "--model", str(tmp_path / "bf16"), "--out", str(tmp_path / "q2"), "--scheme", "mxfp8",
+                     "--tp", "2"]) == 2
+    assert "--bits and --tp are for --scheme auto" in capsys.readouterr().err
+
+
+def test_eval_runs_a_curve_of_plans_with_the_budgets_bits(tmp_path, capsys):
+    from mxfx import cli
+
+    tiny_qwen3(layers=2, vocab_size=257, max_position_embeddings=512).save_pretrained(tmp_path / "bf16")
+    args = ["eval", "--model", str(tmp_path / "bf16"), "--scheme", "auto", "first-blocks", "mxfp8", "--bits", "5",
+            "6.5", "--candidates", "mxfp8", "mxfp4_w4a8", "--max-tokens", "256", "--new-tokens", "0",
+            "--sensitivity-tokens", "256", "--calibration-tokens", "256"]
+    plot = importlib.util.find_spec("matplotlib") is not None  # the optional extra mxfx[plot]
+    assert cli.main([*args, *(["--plot", str(tmp_path / "layers.png")] if plot else [])]) == 0
+    out = capsys.readouterr().out
+    assert "first-blocks: first 1 bf16 (10.12 bits), the rest mxfp4_w4a8" in out
+    rows = dict(re.findall(r"\n((?:auto|first 1 bf16) \([\d.]+ bits\)|mxfp8) +[\d.]+ +([\d.]+) ", out))
+    assert rows == {"auto (5.00 bits)": "5.0000", "auto (6.50 bits)": "6.5000", "first 1 bf16 (10.12 bits)": "10.1250",
+                    "mxfp8": "8.2500"}, "the table's bits are the plan's: its bf16 linears counted at 16"
+    if plot:
+        assert (tmp_path / "layers.png").stat().st_size and (tmp_path / "layers-bits.png").stat().st_size
+
+
+@pytest.fixture(scope="module")
+def two_blocks():
+    model = tiny_qwen3(layers=2)
+    return model, mp.measure(model, BATCHES[:1], candidates=["mxfp8", "mxfp4_w4a8", "mxfp4_dual"], progress=False)
+
+
+def test_first_blocks_keeps_the_first_n_blocks_in_bf16(two_blocks):
+    _, sensitivity = two_blocks
+    assert mp.blocks(sensitivity) == 2
+    assert mp.smallest(sensitivity) == "mxfp4_w4a8"  # 4.25 bits against dual-level's 4.3125 and mxfp8's 8.25
+    plan = mp.first_blocks(sensitivity, 1, "mxfp4_w4a8")
+    assert {fqn: label for fqn, label in plan.choices.items()} == {
+        fqn: "bf16" if ".layers.0." in fqn else "mxfp4_w4a8" for fqn in sensitivity.linears}
+    assert plan.label.startswith("first 1 bf16 (") and plan.series == "first N blocks bf16, the rest mxfp4_w4a8"
+    half = sum(linear.elements for fqn, linear in sensitivity.linears.items() if ".layers.0." in fqn)
+    assert plan.bytes == 2 * half + sum(linear.options["mxfp4_w4a8"].bytes for fqn, linear in
+                                        sensitivity.linears.items() if ".layers.1." in fqn)
+    with pytest.raises(ValueError, match="linear lm_head: not inside a decoder block"):
+        mp.block_of("lm_head")
+
+
+def test_a_restricted_measurement_drops_only_the_named_options(two_blocks):
+    model, sensitivity = two_blocks
+    down = "model.layers.1.mlp.down_proj"
+    restricted = sensitivity.restricted({down: {"mxfp4_dual"}})
+    assert list(restricted.linears[down].options) == ["bf16", "mxfp8", "mxfp4_w4a8"]
+    assert "mxfp4_dual" in sensitivity.linears[down].options, "the original is unchanged"
+    plan = mp.Plan(restricted, dict.fromkeys(restricted.linears, "mxfp8"))
+    assert plan.scheme_for(model.get_submodule(down).weight).name == "mxfp8", "still bound to the model"
+    with pytest.raises(ValueError, match="mxfp4_dual' is not one of its options"):
+        mp.Plan(restricted, {**plan.choices, down: "mxfp4_dual"})
+    with pytest.raises(ValueError, match="bf16 is every linear's option"):
+        sensitivity.restricted({down: {"bf16"}})
+
+
+def test_tensor_parallel_constraints_drop_what_a_k_slice_breaks(two_blocks):
+    from mxfx import parallel
+
+    model, sensitivity = two_blocks
+    constrained, dropped = parallel.constrain(sensitivity, model, 2)
+    # row-parallel o_proj (K 512 -> 256) and down_proj (1536 -> 768) break dual-level's 512 rule at TP=2
+    assert {(fqn, label) for fqn, label, _ in dropped} == {
+        (f"model.layers.{i}.{name}", "mxfp4_dual") for i in (0, 1) for name in ("self_attn.o_proj", "mlp.down_proj")}
+    assert "K/2 = 768" in next(why for fqn, _, why in dropped if fqn.endswith("layers.0.mlp.down_proj"))
+    plan = mp.solve(constrained, 4.3)
+    assert all(plan.choices[fqn] != "mxfp4_dual" for fqn, _, _ in dropped)
+    assert parallel.constrain(sensitivity, model, 1)[1] == []
+    with pytest.raises(parallel.ParallelError, match="tp_size"):
+        parallel.constrain(sensitivity, model, 3)
+
+
+def test_tensor_parallel_refuses_a_selector_that_forgets_the_shards(two_blocks):
+    from mxfx import parallel
+
+    model, sensitivity = two_blocks
+    plan = mp.Plan(sensitivity, dict.fromkeys(sensitivity.linears, "mxfp8"))
+    report, _ = parallel.plan(model, 2, plan)
+    with pytest.raises(parallel.ParallelError, match=r"chooses schemes by the weights themselves .* none for "
+                                                     r"model.layers.0.self_attn.q_proj's shard"):
+        parallel.check_shardable(model, report, plan)
+    report, _ = parallel.plan(model, 2, "mxfp8")
+    parallel.check_shardable(model, report, "mxfp8")  # a scheme serves any weight
