@@ -65,7 +65,7 @@ RECIPES = {
     "gptq+mse": Recipe(gptq=True, scale_search="mse"),
 }
 # per base scheme, chosen by measurement (README: accuracy recovery); a rotation is recommended only where it
-# pays for what it costs on the NPU (an online bmm, and the norm + quant fusion it prevents)
+# pays for what it costs on the NPU (an online bmm or npu_rotate_quant, and the fusions it prevents)
 RECOMMENDED = {
     "mxfp4_dual": "rotate+gptq",
     "mxfp4_w4a8": "gptq",

@@ -75,7 +75,7 @@ def test_torchair_ge_graphs_compose_the_rotation(torch_npu):
     assert ops["npu_rotate_quant.default"] == 0 and ops["bmm.default"] == 4 and ops["npu_dynamic_mx_quant.default"] == 4
     assert "npu_rotate_quant" not in {name for name, _ in npu_standin.calls}
     fused, _, _ = _run(model, "mxfp4_w4a8", "reference")
-    assert (ge - fused).abs().max() <= 0.05 * ge.abs().max(), "the same arithmetic up to the GEMMs' summation order"
+    assert (ge != fused).float().mean() < 1e-3, "the same arithmetic, up to the GEMMs' summation order"
 
 
 def test_the_dual_level_scheme_keeps_bmm_and_its_quantizer():
