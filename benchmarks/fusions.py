@@ -5,6 +5,10 @@ constants excluded. An op is a node that computes; views, getitem, splits and re
 the NPU a reshape of a split piece may copy). Each layer is counted from the nodes its module stack or
 its linears' tags place in a decoder layer, averaged over the layers.
 
+--recipes counts the same per recipe on the default (fused) pipeline: no recipe, smooth, rotate and
+smooth+rotate, each on the NPU graph with npu_rotate_quant and on a target lacking it (torchair GE: bmm + the
+quantizer, as every target emitted before npu_rotate_quant was mirrored).
+
 --perplexity also measures the shipped model (mxfx/data/tiny-qwen3-pydoc) on its held-out topics on the
 reference target, with and without the fusions: they change numerics (the NPU's fused arithmetic)."""
 
@@ -18,10 +22,12 @@ from pass_overhead import qwen3_06b_shaped_model, trace
 
 import mxfx
 import passes
-from mxfx import evaluation, textdata
+from mxfx import evaluation, recipes, textdata
+from mxfx.calibration import calibrate
+from mxfx.recovery.rotation import BlockRotation
 from mxfx.schemes import SCHEMES
-from mxfx.targets import get_target
-from passes import PassContext, mxfx_tag, run_passes
+from mxfx.targets import GE_LACKS, get_target
+from passes import PassContext, find_linears, mxfx_tag, run_passes
 
 aten = torch.ops.aten
 FREE = {operator.getitem, aten.reshape.default, aten.view.default, aten._unsafe_view.default,
@@ -79,6 +85,30 @@ def graph_costs(layers: int, seq: int) -> None:
         print(f"{name:<12}{ops0:>11.1f}{ops1:>10.1f}{bytes0:>25,.0f}{bytes1:>10,.0f}  {fused}")
 
 
+RECIPES = {"none": None, "smooth": recipes.Recipe(smooth_alpha=0.5),
+           "rotate": recipes.Recipe(rotation=BlockRotation(32)),
+           "smooth+rotate": recipes.Recipe(smooth_alpha=0.5, rotation=BlockRotation(32))}
+
+
+def recipe_costs(layers: int, seq: int) -> None:
+    model = qwen3_06b_shaped_model(layers)
+    ids = torch.randint(0, 4096, (1, seq), generator=torch.Generator().manual_seed(0))
+    calibration = calibrate(model, [ids], gram=False)
+    targets = {"npu": get_target("reference"), "GE": get_target("reference").without(GE_LACKS)}
+    print(f"\nops per decoder layer, default pipeline ({layers}-layer Qwen3-0.6B-shaped model):")
+    print(f"{'scheme':<12}" + "".join(f"{name + ' ' + t:>20}" for name in RECIPES for t in targets))
+    for name in recipes.RECOMMENDED:
+        row = []
+        for recipe in RECIPES.values():
+            for target in targets.values():
+                gm, weights, _ = trace(model, ids)
+                scheme = name if recipe is None else recipes.select(name, recipe, calibration, {
+                    site.fqn: weights[site.weight] for site in find_linears(gm) if ".layers." in (site.fqn or "")})
+                run_passes(gm, passes.DEFAULT_PASSES, PassContext(scheme, target, weights))
+                row.append(layer_costs(gm, set(weights), layers, seq)[0])
+        print(f"{name:<12}" + "".join(f"{ops:>20.1f}" for ops in row))
+
+
 def perplexity(max_tokens: int | None, seq: int, batch_size: int) -> None:
     model = evaluation.load_model(evaluation.SHIPPED_MODEL)
     stream = textdata.stream(textdata.texts(textdata.split()[1]))
@@ -104,10 +134,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--recipes", action="store_true")
     parser.add_argument("--perplexity", action="store_true")
     parser.add_argument("--max-tokens", type=int, default=None, help="held-out tokens for --perplexity (default all)")
     args = parser.parse_args()
     graph_costs(args.layers, args.seq)
+    if args.recipes:
+        recipe_costs(args.layers, args.seq)
     if args.perplexity:
         perplexity(args.max_tokens, 256, 8)
 

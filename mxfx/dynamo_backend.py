@@ -29,7 +29,7 @@ from mxfx.prepared import PREPARED, PreparedWeights
 from mxfx.schemes import MODELSLIM, SCHEMES, Scheme, SchemeSelector, get_scheme
 from mxfx.selection import Selection, SkipReason
 from mxfx.stored_weights import STORED_WEIGHTS, is_placeholder
-from mxfx.targets import Target, get_target
+from mxfx.targets import GE_LACKS, Target, get_target
 from mxfx.weight_watch import WeightWatch
 from passes import (
     DEFAULT_PASSES,
@@ -56,11 +56,13 @@ class MXFXCompileError(RuntimeError):
 @dataclass(frozen=True)
 class InnerCompiler:
     """The compiler the rewritten graph goes to. constants_as_parameters: pass the lifted constants as
-    nn.Parameters (torchair's frozen_parameter freezes exactly those)."""
+    nn.Parameters (torchair's frozen_parameter freezes exactly those). lacks: fused ops it cannot lower
+    (mxfx.targets.Target.lacks), which the target then composes."""
 
     compile: Callable
     constants_as_parameters: bool = False
     name: str = "callable"
+    lacks: frozenset[str] = frozenset()
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -113,7 +115,8 @@ def torchair_inner(compiler_config=None) -> InnerCompiler:
     compiler_config: the user's torchair.CompilerConfig (default: a new one, GE mode "max-autotune");
     its mode may be "reduce-overhead" / "npugraph_ex" (graph capture) too. mxfx sets
     experimental_config.frozen_parameter, which freezes inputs that are nn.Parameters: the lifted
-    constants are passed as such.
+    constants are passed as such. In GE mode ("max-autotune") the target lacks npu_rotate_quant
+    (mxfx.targets.GE_LACKS: torchair converts only its A2/A3 int form).
     """
     try:
         import torchair
@@ -124,7 +127,8 @@ def torchair_inner(compiler_config=None) -> InnerCompiler:
     config = compiler_config if compiler_config is not None else torchair.CompilerConfig()
     config.experimental_config.frozen_parameter = True
     compile = torchair.get_npu_backend(compiler_config=config)
-    return InnerCompiler(compile, constants_as_parameters=True, name="torchair")
+    lacks = GE_LACKS if config.mode == "max-autotune" else frozenset()
+    return InnerCompiler(compile, constants_as_parameters=True, name="torchair", lacks=lacks)
 
 
 def _inner_compiler(inner) -> InnerCompiler:
@@ -168,7 +172,7 @@ class Backend:
         if recipe is not None:  # refused here, not at the first compile
             _, recipe = recipes.check_recipe(self.scheme or DEFAULT_SCHEME, recipe, calibration)
         self.recipe, self.calibration = recipe, calibration
-        self.target_name = target if isinstance(target, str) else target.name
+        self._target, self.target_name = target, target if isinstance(target, str) else target.name
         if target != "auto":
             get_target(target)  # an unknown name fails here, not at the first compile
         self.inner = _inner_compiler(inner)
@@ -185,7 +189,7 @@ class Backend:
 
     @property
     def target(self) -> Target:
-        return get_target(self.target_name)
+        return get_target(self._target).without(self.inner.lacks)
 
     def _warn_if_nothing_rewritten(self, report: RewriteReport) -> None:
         """A compile that quantizes nothing is almost always a mistake (an fp32 model, an include that
@@ -281,7 +285,8 @@ class Backend:
         lifted = lift_constants(graph, fake_mode)
         pipeline.passes.append(lifted)
         self.pipeline_reports.append(pipeline)
-        log.info("mxfx: graph compiled for target %s:\n%s", target.name, pipeline)
+        lacks = f" (composing {', '.join(sorted(target.lacks))})" if target.lacks else ""
+        log.info("mxfx: graph compiled for target %s%s:\n%s", target.name, lacks, pipeline)
         return graph, lifted
 
 

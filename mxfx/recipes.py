@@ -12,9 +12,12 @@ with s the smoothing scale (bf16, as the kernel multiplies) and A the block-diag
 blocks are exact in bf16 (mxfx.recovery.rotation). The weight is transformed in fp32 at preparation,
 cast to the activation dtype, and quantized by the base scheme's quantizer, or by GPTQ / the scale
 search on the same grid. Activations: x*s inside npu_dynamic_dual_level_mx_quant(smooth_scale=s) on
-the dual-level scheme without rotation, else an aten.mul in the activation dtype before it; the rotation
-is aten.bmm over the K/b blocks (bf16 in, fp32 accumulation, one rounding to bf16: what the NPU's and
-CPU's bf16 GEMMs compute, up to summation order) before the quantizer.
+the dual-level scheme without rotation, else an aten.mul in the activation dtype before it. The rotation:
+on the single-level schemes one npu_rotate_quant (x A and the MX quantization in one op: fp32
+accumulation, one rounding to bf16, then npu_dynamic_mx_quant's rules); on the dual-level scheme, and on a
+target that lacks npu_rotate_quant (torchair GE), aten.bmm over the K/b blocks (bf16 in, fp32 accumulation,
+one rounding to the activation dtype) before the quantizer. For bf16 activations both compute the same
+bits, up to the GEMMs' summation order.
 """
 
 import dataclasses
@@ -29,9 +32,10 @@ from mxfx.recovery.gptq import gptq, round_to_nearest
 from mxfx.recovery.grids import DualLevelGrid, SingleLevelGrid
 from mxfx.recovery.rotation import BlockRotation, rotate
 from mxfx.recovery.smoothing import smooth_scale
-from mxfx.schemes import MXFP4W4A8, MXFP8, DualLevelMXFP4, Scheme, get_scheme, target_ops, tensor_key
+from mxfx.schemes import MXFP4, MXFP4W4A8, MXFP8, DualLevelMXFP4, Scheme, get_scheme, target_ops, tensor_key
 
 aten = torch.ops.aten
+SINGLE_LEVEL = (MXFP4W4A8, MXFP8, MXFP4)  # npu_dynamic_mx_quant activations: npu_rotate_quant rotates and quantizes
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ RECIPES = {
     "gptq+mse": Recipe(gptq=True, scale_search="mse"),
 }
 # per base scheme, chosen by measurement (README: accuracy recovery); a rotation is recommended only where it
-# pays for what it costs on the NPU (an online bmm, and the norm + quant fusion it prevents)
+# pays for what it costs on the NPU (an online bmm or npu_rotate_quant, and the fusions it prevents)
 RECOMMENDED = {
     "mxfp4_dual": "rotate+gptq",
     "mxfp4_w4a8": "gptq",
@@ -230,6 +234,10 @@ class Recovered(Scheme):
         fused_smooth = self.smooth is not None and rotation is None and isinstance(self.base, DualLevelMXFP4)
         if self.smooth is not None and not fused_smooth:
             x2d = aten.mul.Tensor(x2d, prepared["smooth_scale"])
+        if rotation is not None and isinstance(self.base, SINGLE_LEVEL) and target.emits("npu_rotate_quant"):
+            return target_ops(target).npu_rotate_quant(
+                x2d, prepared["rotation"], dst_dtype=self.base.activation_dst_type,
+                round_mode=self.base.activation_round_mode)
         if rotation is not None:
             blocks = aten.bmm.default(aten.transpose.int(aten.reshape.default(x2d, [-1, self.k // rotation.block,
                                                                                     rotation.block]), 0, 1),

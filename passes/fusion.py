@@ -35,6 +35,7 @@ class FusionSkipReason(enum.Enum):
     BIAS = "bias"  # merge_siblings: some siblings have a bias and some not
     NOT_MERGED = "not merged"  # fuse_swiglu_quant: gate and up are separate matmuls (run merge_siblings first)
     ORDER = "order"  # an input of the fused op is defined after a node it must precede
+    ROTATED = "rotated"  # npu_rotate_quant rotates and quantizes in one op; no fused op also normalizes / gates
 
 
 @dataclass
@@ -112,6 +113,12 @@ def activation_quants(graph: fx.Graph, ops: tuple) -> list[fx.Node]:
     """The activation quantizations a rewrite (or a fusion) emitted, calling one of `ops`."""
     return [n for n in graph.nodes
             if n.op == "call_function" and n.target in ops and mxfx_tag(n).get("role") == "activation_quant"]
+
+
+def rotate_quants(graph: fx.Graph) -> list[fx.Node]:
+    """The rewrite's npu_rotate_quant activation quantizations (by op name: on either target)."""
+    return [n for n in graph.nodes if n.op == "call_function" and mxfx_tag(n).get("role") == "activation_quant"
+            and getattr(n.target, "__name__", "") == "npu_rotate_quant.default"]
 
 
 def _flattens(node) -> bool:
@@ -227,6 +234,9 @@ class QuantFusion:
                 self.report.fuse(linears, outcome)
             else:
                 self.report.skip(linears, *outcome)
+        for quant in rotate_quants(self.graph):
+            self.report.skip(mxfx_tag(quant)["linears"], FusionSkipReason.ROTATED,
+                             "npu_rotate_quant: no fused op also normalizes or applies SwiGLU before a rotation")
         self.graph.lint()
         self.gm.recompile()
         log.info("%s: %s", self.report.pass_name, self.report.summary())

@@ -18,7 +18,7 @@ import mxfx.ops  # noqa: F401
 mx = torch.ops.mxfx
 OPS = ("npu_dynamic_dual_level_mx_quant", "npu_dual_level_quant_matmul", "npu_dynamic_mx_quant",
        "npu_quant_matmul", "npu_format_cast", "npu_convert_weight_to_int4pack", "npu_weight_quant_batchmatmul",
-       "npu_rms_norm_dynamic_mx_quant", "npu_add_rms_norm_dynamic_mx_quant", "npu_swiglu_mx_quant")
+       "npu_rms_norm_dynamic_mx_quant", "npu_add_rms_norm_dynamic_mx_quant", "npu_swiglu_mx_quant", "npu_rotate_quant")
 E8M0, E4M3, FP4, NZ = 293, 292, 296, 29
 
 calls: list[tuple[str, dict]] = []
@@ -55,6 +55,21 @@ def _mx_quant(input, *, axis=-1, round_mode="rint", dst_type=FP4, block_size=32,
                   {"input": tuple(input.shape), "dst_type": dst_type, "round_mode": round_mode}))
     return mx.npu_dynamic_mx_quant(input, axis=axis, round_mode=round_mode, dst_type=dst_type,
                                    block_size=block_size, scale_alg=scale_alg)
+
+
+def _rotate_quant(x, rotation, *, alpha=None, dst_dtype=None, axis=-1, round_mode="rint", scale_alg=0,
+                  dst_type_max=0.0, transpose_y=False):
+    k = rotation.shape[-1]
+    _check(x.dtype in (torch.bfloat16, torch.float16) and rotation.dtype == x.dtype and 1 <= x.dim() <= 7,
+           f"x {x.dtype} {x.dim()}-D, rotation {rotation.dtype}")
+    _check(k in (32, 64, 128) and x.shape[-1] % k == 0
+           and tuple(rotation.shape) in ((k, k), (x.shape[-1] // k, k, k)), f"rotation {list(rotation.shape)}")
+    _check(isinstance(dst_dtype, int) and dst_dtype in (E4M3, FP4), f"dst_dtype {dst_dtype!r} (an int: 292 or 296)")
+    _check(alpha is None and not transpose_y and axis in (-1, x.dim() - 1), "alpha / transpose_y / axis")
+    calls.append(("npu_rotate_quant", {"x": tuple(x.shape), "rotation": tuple(rotation.shape), "dst_dtype": dst_dtype,
+                                       "round_mode": round_mode, "scale_alg": scale_alg}))
+    return mx.npu_rotate_quant(x, rotation, dst_dtype=dst_dtype, round_mode=round_mode, scale_alg=scale_alg,
+                               dst_type_max=dst_type_max)
 
 
 def _format_cast(self, acl_format, *, customize_dtype=None, input_dtype=None):
@@ -176,7 +191,8 @@ _KERNELS = {"npu_dynamic_dual_level_mx_quant": _dual_level_quant, "npu_dynamic_m
             "npu_format_cast": _format_cast, "npu_dual_level_quant_matmul": _dual_level_matmul,
             "npu_quant_matmul": _quant_matmul, "npu_convert_weight_to_int4pack": _int4pack,
             "npu_weight_quant_batchmatmul": _weight_quant_matmul, "npu_rms_norm_dynamic_mx_quant": _rms_norm_quant,
-            "npu_add_rms_norm_dynamic_mx_quant": _add_rms_norm_quant, "npu_swiglu_mx_quant": _swiglu_quant}
+            "npu_add_rms_norm_dynamic_mx_quant": _add_rms_norm_quant, "npu_swiglu_mx_quant": _swiglu_quant,
+            "npu_rotate_quant": _rotate_quant}
 
 
 def _format_cast_fake(self, acl_format, *, customize_dtype=None, input_dtype=None):

@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (registration)
     matmul,
     norm_quant,
     quant,
+    rotate_quant,
     swiglu_quant,
     weight_quant,
 )
