@@ -27,16 +27,6 @@ EXPECTED = {
 }
 
 
-@pytest.fixture
-def torch_npu(monkeypatch):
-    torch._dynamo.reset()
-    module = npu_standin.module()
-    monkeypatch.setitem(sys.modules, "torch_npu", module)
-    npu_standin.calls.clear()
-    yield module
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("scheme", list(EXPECTED))
 def test_qwen3_on_target_npu_calls_the_scheme_table_and_matches_the_reference(torch_npu, scheme):
     model = tiny_qwen3()

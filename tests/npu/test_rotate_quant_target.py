@@ -21,15 +21,6 @@ IDS = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
 E4M3 = 292
 
 
-@pytest.fixture
-def torch_npu(monkeypatch):
-    torch._dynamo.reset()
-    monkeypatch.setitem(sys.modules, "torch_npu", npu_standin.module())
-    npu_standin.calls.clear()
-    yield
-    torch._dynamo.reset()
-
-
 def _run(model, scheme, target, lacks=frozenset()):
     """(logits, graph op counts, backend) of the model compiled with the rotate recipe."""
     graphs = []

@@ -4,7 +4,6 @@ SwiGLU fed to the hand-composed reference linears (tests/reference_linear.py); e
 fused or skipped with its typed reason."""
 
 import operator
-import sys
 from collections import Counter
 
 import numpy as np
@@ -282,15 +281,6 @@ def test_fusion_passes_on_qwen3(scheme):
 
 
 # -- the NPU target -----------------------------------------------------------------------------------
-@pytest.fixture
-def torch_npu(monkeypatch):
-    torch._dynamo.reset()
-    monkeypatch.setitem(sys.modules, "torch_npu", npu_standin.module())
-    npu_standin.calls.clear()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("scheme", SINGLE)
 def test_fusions_on_target_npu_call_the_fused_torch_npu_ops(torch_npu, scheme):
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
