@@ -57,7 +57,7 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, grid, damp: float = 0.01) -> 
             q = grid.quantize(block[:, i], col)
             result[:, col] = q
             error = (block[:, i] - q) / h1[i, i]
-            block[:, i:] -= error.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            block[:, i:].addr_(error, h1[i, i:], alpha=-1.0)
             errors[:, i] = error
         w[:, i2:] -= errors @ hinv[i1:i2, i2:]
     return result

@@ -43,17 +43,27 @@ class _Grid:
         return torch.where(errors[1] < errors[0], up, floor_byte)
 
     def start(self, w: torch.Tensor, col: int) -> None:
-        """Called at each group's first column with the current weights [N, K]."""
+        """Called at each group's first column with the current weights [N, K]: its bytes, and the
+        multipliers its columns are rounded with (computed once per group, not per column)."""
         group = w[:, col:col + GROUP]
-        self.bytes[:, col // GROUP] = self._choose(group, col, self._floor_byte(group, col))
+        byte = self._choose(group, col, self._floor_byte(group, col))
+        self.bytes[:, col // GROUP] = byte
+        self.multipliers = self._multipliers(byte, col)
 
     def quantize(self, column: torch.Tensor, col: int) -> torch.Tensor:
         """Round one column onto its group's grid (recording the code); returns the dequantized column."""
         return self.quantize_group(column.unsqueeze(1), col).squeeze(1)
 
     def quantize_group(self, columns: torch.Tensor, col: int) -> torch.Tensor:
-        """Round columns [N, c] from `col` (inside one group) onto its grid, recording their codes."""
-        return self._dequantize(columns, self.bytes[:, col // GROUP], col, record=True)
+        """Round columns [N, c] from `col` (inside the group last started) onto its grid, recording their
+        codes."""
+        codes, values = self._round(columns, col, *self.multipliers)
+        self.codes[:, col:col + columns.shape[1]] = codes
+        return values
+
+    def _dequantize(self, x, byte, col):
+        """x [N, c] rounded onto the grid of `byte` [N] (a candidate's: nothing recorded)."""
+        return self._round(x, col, *self._multipliers(byte, col))[1]
 
 
 class DualLevelGrid(_Grid):
@@ -80,13 +90,14 @@ class DualLevelGrid(_Grid):
         byte = shared_scale_bytes(amax, E2M1_EMAX, E2M1_MAX, "floor")
         return byte.masked_fill(biased_exponent(amax) == 0, 0)  # no normal value: zero codes (the kernel's rule)
 
-    def _dequantize(self, x, byte, col, record=False):
-        temp, level0 = self._temp(x, col)
+    def _multipliers(self, byte, col):
+        """(bf16 reciprocal of the block scale, 0 for byte 0; fp32 block scale * level 0), [N, 1] each."""
         reciprocal = pow2_reciprocal(byte, torch.bfloat16).masked_fill(byte == 0, 0.0).unsqueeze(1)
-        codes = e2m1_encode(temp * reciprocal, "rint")
-        if record:
-            self.codes[:, col:col + x.shape[1]] = codes
-        return e2m1_decode(codes) * e8m0_decode(byte).unsqueeze(1) * level0
+        return reciprocal, e8m0_decode(byte).unsqueeze(1) * self.level0[:, col // LEVEL0_BLOCK].unsqueeze(1)
+
+    def _round(self, x, col, reciprocal, scale):
+        codes = e2m1_encode(self._temp(x, col)[0] * reciprocal, "rint")
+        return codes, e2m1_decode(codes) * scale
 
     def result(self) -> dict[str, torch.Tensor]:
         return {"q": pack_fp4(self.codes), "level0": self.level0, "level1": to_paired_scales(self.bytes)}
@@ -105,13 +116,14 @@ class SingleLevelGrid(_Grid):
     def _floor_byte(self, group, col):
         return shared_scale_bytes(group.abs().amax(1), self.emax, self.max_normal, "floor")
 
-    def _dequantize(self, x, byte, col, record=False):
-        scaled = x * pow2_reciprocal(byte, torch.float32).masked_fill(byte == 0, 0.0).unsqueeze(1)
-        codes = e2m1_encode(scaled, "rint") if self.fp4 else e4m3_encode(scaled)
-        if record:
-            self.codes[:, col:col + x.shape[1]] = codes
-        values = e2m1_decode(codes) if self.fp4 else codes.float()
-        return values * e8m0_decode(byte).unsqueeze(1)
+    def _multipliers(self, byte, col):
+        """(fp32 reciprocal of the block scale, 0 for byte 0; the block scale), [N, 1] each."""
+        reciprocal = pow2_reciprocal(byte, torch.float32).masked_fill(byte == 0, 0.0).unsqueeze(1)
+        return reciprocal, e8m0_decode(byte).unsqueeze(1)
+
+    def _round(self, x, col, reciprocal, scale):
+        codes = e2m1_encode(x * reciprocal, "rint") if self.fp4 else e4m3_encode(x * reciprocal)
+        return codes, (e2m1_decode(codes) if self.fp4 else codes.float()) * scale
 
     def result(self) -> dict[str, torch.Tensor]:
         q = pack_fp4(self.codes) if self.fp4 else self.codes
