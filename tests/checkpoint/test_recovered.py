@@ -88,7 +88,8 @@ def _copy(folder, tmp_path):
 @pytest.mark.parametrize("scheme, recipe", CASES, ids=lambda v: v if isinstance(v, str) else "smooth+random64")
 def test_a_recovered_checkpoint_compiles_to_the_online_recipes_logits(bf16, calibration, written, scheme, recipe):
     out = written(scheme, recipe)
-    expected, online, online_sites = _compiled(bf16, recipes.apply(scheme, recipe, calibration, bf16))
+    selector = recipes.apply(scheme, recipe, calibration, bf16)
+    expected, online, online_sites = _compiled(bf16, selector)
     loaded = checkpoint.load(out)
     got, report, sites = _compiled(loaded, None)  # the default backend: the stored codes
     assert torch.equal(got, expected)
@@ -97,7 +98,12 @@ def test_a_recovered_checkpoint_compiles_to_the_online_recipes_logits(bf16, cali
 
     r = recipes.get_recipe(recipe, mxfx.schemes.SCHEMES[scheme])
     steps = [step for step, on in (("smooth", r.smooth_alpha is not None), ("rotate", r.rotation)) if on]
-    assert {x.scheme for x in report.rewritten} == {"+".join([f"modelslim/{scheme}", *steps])}
+    # a folded o_proj (Hadamard, no smoothing) is stored as plain codes: its rotation is in v_proj's rows
+    folded = {f.o_proj for f in selector.folds if f.folded}
+    assert bool(folded) == (r.rotation is not None and r.rotation.kind == "hadamard" and r.smooth_alpha is None)
+    assert {x.fqn: x.scheme for x in report.rewritten} == {
+        x.fqn: f"modelslim/{scheme}" if x.fqn in folded else "+".join([f"modelslim/{scheme}", *steps])
+        for x in report.rewritten}
     stored = checkpoint.stored_weights(loaded)[Q]
     assert stored.rotation == r.rotation
     # the model holds the original weight W = W' A^T s (not the transformed codes), so it also runs eagerly
