@@ -10,8 +10,8 @@ still fuses the norm with the quantization. Roundings (of the fp32 normalized n;
 u = 2^-8): the unfolded graph rounds n, gamma * n and (gamma * n) * s, within 3u of the exact product; the
 folded and fused one rounds gamma * s and the fp32 product n * (gamma * s), within 2u; so within 5u of
 each other per element (tests/passes/test_fold_smooth_norm.py checks all three bounds).
-Every other multiply stays, reported as a cost (skipped, with why). The new constant is not watched for
-changes of gamma after compiling (mxfx.weight_watch re-prepares linear weights only).
+Every other multiply stays, reported as a cost (skipped, with why). The new constant carries its source
+(the norm weight's input and a SmoothedNorm preparation), so mxfx.weight_watch folds an updated gamma again.
 """
 
 from dataclasses import dataclass
@@ -20,6 +20,8 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from mxfx.recipes import Constant
 
 from .fuse_norm_quant import match_rms_norm
 from .fusion import Emitter, FusionReport, FusionSkipReason, erase_unused, is_call, only_used_by, size_users, value
@@ -34,6 +36,17 @@ class SmoothFoldReport(FusionReport):
     pass_name: ClassVar[str] = PASS
 
 
+@dataclass(frozen=True)
+class SmoothedNorm:
+    """The folded norm weight's preparation (what the weight watch runs again when gamma changes)."""
+
+    scale: Constant  # the smooth scale s [K]
+
+    def prepare(self, target, weight: torch.Tensor, bias, dtype) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {"norm_weight": (weight.detach().float() * self.scale.tensor.float()).to(weight.dtype)}
+
+
 def _smooth_muls(graph: fx.Graph) -> list[fx.Node]:
     """The rewrite's smoothing multiplies: x * (the prepared smooth_scale constant)."""
     return [n for n in graph.nodes if is_call(n, (aten.mul.Tensor,)) and mxfx_tag(n).get("role") == "activation_quant"
@@ -42,7 +55,7 @@ def _smooth_muls(graph: fx.Graph) -> list[fx.Node]:
 
 class _Fold:
     def __init__(self, gm: fx.GraphModule, context):
-        self.gm, self.graph, self.weights = gm, gm.graph, context.weights
+        self.gm, self.graph, self.weights, self.target = gm, gm.graph, context.weights, context.target
         self.emit, self.report = Emitter(gm, PASS), SmoothFoldReport()
 
     def tensor(self, node: fx.Node) -> torch.Tensor | None:
@@ -67,12 +80,13 @@ class _Fold:
         if gamma is None or value(norm.weight) is None or value(norm.weight).shape != value(scale).shape:
             return FusionSkipReason.NO_SHAPE, f"the norm weight {norm.weight} is not a [K] constant of the graph"
         with unset_fake_temporarily():
-            smooth = getattr(self.gm, scale.target)
-            folded = (gamma.detach().float() * smooth.float()).to(gamma.dtype)
+            preparation = SmoothedNorm(Constant(getattr(self.gm, scale.target)))
+            folded = preparation.prepare(self.target, gamma, None, value(norm.x).dtype)["norm_weight"]
         # at the top: fuse_norm_quant's add variant goes where the residual add is, which the weight must precede
         with self.graph.inserting_before(next(n for n in self.graph.nodes if n.op != "placeholder")):
             weight = self.emit.constant(f"{CONSTANT_PREFIX}{mul.name}_norm_weight", folded, name="norm_weight",
-                                        linear=mxfx_tag(mul)["linear"])
+                                        linear=mxfx_tag(mul)["linear"],
+                                        source=(norm.weight.name, None, value(norm.x).dtype, preparation))
         norm.nodes[-1].replace_input_with(norm.weight, weight)
         mul.replace_all_uses_with(x)
         unused = set(scale.users) == {mul}

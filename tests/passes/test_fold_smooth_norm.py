@@ -135,3 +135,18 @@ def test_dual_level_folds_only_where_a_rotation_follows():
     _, rotated = _compiled(model, recipes.apply("mxfp4_dual", recipe, calibration, model), IDS)
     fold = _report(rotated, "fold_smooth_norm")
     assert len(fold.fused) == 2 and len(fold.skipped) == 2
+
+
+def test_an_updated_norm_weight_is_folded_again():
+    """The folded weight is a prepared constant with a source: the weight watch folds the new gamma."""
+    model, x = NormThenLinears(), _x()
+    selector = recipes.apply("mxfp8", "smooth", calibrate(model, [_x(2)], gram=False), model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=mxfx.backend(selector, target="reference"), fullgraph=True)
+    with torch.no_grad():
+        before = compiled(x)
+        model.norm.weight.mul_(1.5)
+        after = compiled(x)
+    expected, _ = _compiled(model, selector, x)
+    assert not torch.equal(before[0], after[0])
+    assert all(torch.equal(a, b) for a, b in zip(after, expected))

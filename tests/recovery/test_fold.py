@@ -207,3 +207,22 @@ def test_a_folded_pair_half_rewritten_is_refused_by_name():
                                         r"v_proj is skipped \(excluded"):
         _compiled(model, selector, target="reference", exclude="*v_proj")
     assert issubclass(RewriteError, RuntimeError)
+
+
+def test_an_updated_v_proj_is_merged_again_with_its_rows_rotated():
+    """The merged q/k/v constants keep one scheme per sibling: the weight watch re-prepares v_proj's rotated
+    rows (and bias) when its weight changes after compiling."""
+    model = tiny_qwen3(layers=1, attention_bias=True)
+    selector = recipes.apply("mxfp8", "rotate", None, model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=mxfx.backend(selector, target="reference"), fullgraph=True)
+    v = model.get_submodule(f"{ATTENTION.format(0)}.v_proj")
+    with torch.no_grad():
+        before = compiled(IDS).logits
+        v.weight.mul_(-1)
+        v.bias.add_(0.5)
+        after = compiled(IDS).logits
+    expected, be, _ = _compiled(model, selector, target="reference")
+    merged = [s.linears for s in be.pipeline_reports[-1].passes[1].fused]
+    assert merged[0] == tuple(f"{ATTENTION.format(0)}.{p}_proj" for p in "qkv"), "v_proj merges with q/k"
+    assert not torch.equal(before, after) and torch.equal(after, expected)
