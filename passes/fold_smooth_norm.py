@@ -24,7 +24,17 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from mxfx.recipes import Constant
 
 from .fuse_norm_quant import match_rms_norm
-from .fusion import Emitter, FusionReport, FusionSkipReason, erase_unused, is_call, only_used_by, size_users, value
+from .fusion import (
+    Emitter,
+    FusionReport,
+    FusionSkipReason,
+    erase_unused,
+    is_call,
+    only_used_by,
+    quant_input,
+    size_users,
+    value,
+)
 from .quantize_linears import CONSTANT_PREFIX, mxfx_tag
 
 aten = torch.ops.aten
@@ -66,8 +76,7 @@ class _Fold:
 
     def fold(self, mul: fx.Node) -> "str | tuple[FusionSkipReason, str]":
         x, scale = mul.args[:2]
-        flatten = x if is_call(x, (aten.reshape.default,)) and mxfx_tag(x).get("role") == "activation_quant" else None
-        source = flatten.args[0] if flatten is not None else x
+        source, flatten = quant_input(mul)  # the rewrite's flattening, or an aot graph's own view to [M, K]
         norm = match_rms_norm(source) if isinstance(source, fx.Node) else None
         if norm is None:
             return FusionSkipReason.NO_PATTERN, f"the smoothed tensor {source} is not an RMSNorm: x * s stays (a cost)"

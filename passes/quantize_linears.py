@@ -306,7 +306,8 @@ class _Rewrite:
         base = x
         while value.dim() == 2 and base.op == "call_function" and base.target in FLATTENING_VIEWS:
             base = base.args[0]  # views that flatten the same tensor to [M, K] share its quantization
-        key = (base, value.shape[-1], value.dtype, scheme.activation_key(tensors))
+        with unset_fake_temporarily():  # the key reads real constants (a smooth scale); an engine's fake mode is on
+            key = (base, value.shape[-1], value.dtype, scheme.activation_key(tensors))
         if key not in self.activations:
             self.tracer.tag = {"pass": PASS, "role": "activation_quant", "linears": [], "linear": fqn}
             linears = self.tracer.tag["linears"]
