@@ -455,10 +455,8 @@ def select(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibrat
                                  "which read the same input but are not given")
             s = smooth_scale(stats.amax, [weights[member] for member in stats.members], recipe.smooth_alpha)
             smooth[stats.members[0]] = Constant(s.to(weight.dtype))
-        head = None
-        if name in heads:  # one head's blocks (fold_rotations checked they repeat per head position)
-            fold = heads[name]
-            head = Constant(recipe.rotation.activation_blocks(fold.head_dim))
+        # v_proj of a fold: one head's blocks (fold_rotations checked that they repeat per head position)
+        head = Constant(recipe.rotation.activation_blocks(heads[name].head_dim)) if name in heads else None
         schemes[weight] = Recovered(
             base=base, recipe=recipe, k=k, smooth=smooth.get(stats.members[0]) if recipe.smooth_alpha else None,
             # keyed by the input, not the linear: siblings (one Gram matrix) get equal schemes, so they merge

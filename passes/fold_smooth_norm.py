@@ -80,9 +80,9 @@ class _Fold:
         norm = match_rms_norm(source) if isinstance(source, fx.Node) else None
         if norm is None:
             return FusionSkipReason.NO_PATTERN, f"the smoothed tensor {source} is not an RMSNorm: x * s stays (a cost)"
-        chain = {*norm.nodes, *([flatten] if flatten else [])}
-        allowed = chain | {mul, *size_users(norm.nodes[-1])}
-        if (shared := only_used_by([*norm.nodes, *([flatten] if flatten else [])], allowed)) is not None:
+        chain = [*norm.nodes, *([flatten] if flatten else [])]
+        allowed = {*chain, mul, *size_users(norm.nodes[-1])}
+        if (shared := only_used_by(chain, allowed)) is not None:
             others = [u.name for u in shared.users if u not in allowed]
             return FusionSkipReason.SHARED_OUTPUT, f"{shared} (the norm) is also used by {others}: x * s stays (a cost)"
         gamma = self.tensor(norm.weight)

@@ -150,3 +150,21 @@ def test_an_updated_norm_weight_is_folded_again():
     expected, _ = _compiled(model, selector, x)
     assert not torch.equal(before[0], after[0])
     assert all(torch.equal(a, b) for a, b in zip(after, expected))
+
+
+class SharedNorm(NormThenLinears):
+    def forward(self, x):
+        h = self.norm(x)
+        return self.q(h), self.k(h), h  # the norm's output is also a result
+
+
+def test_a_norm_output_used_elsewhere_keeps_its_multiply():
+    model, x = SharedNorm(), _x()
+    selector = recipes.apply("mxfp8", "smooth", calibrate(model, [_x(2)], gram=False), model)
+    got, be = _compiled(model, selector, x)
+    (site,) = _report(be, "fold_smooth_norm").sites
+    assert site.reason is FusionSkipReason.SHARED_OUTPUT and "x * s stays (a cost)" in site.detail
+    with torch.no_grad():
+        assert torch.equal(got[2], model.norm(x)), "the norm itself computes what it did"
+    unfolded, _ = _compiled(model, selector, x, passes=[p for p in be.passes if p.__name__ != "fold_smooth_norm"])
+    assert all(torch.equal(a, b) for a, b in zip(got, unfolded)), "nothing changed"
