@@ -27,7 +27,7 @@ def prepare_merged(schemes: list[Scheme], target: Target, weights: list[torch.Te
     transforms (v_proj's folded head rotation), never in the layout (merge_siblings checks)."""
     codes = [scheme.weight_codes(target, w, dtype) for scheme, w in zip(schemes, weights)]
     merged = {name: _cat([c[name] for c in codes]) for name in codes[0]}
-    bias = None if biases[0] is None else torch.cat([s.output_bias(b).float() for s, b in zip(schemes, biases)])
+    bias = None if biases[0] is None else torch.cat([s.output_bias(b) for s, b in zip(schemes, biases)])
     return schemes[0].layout(target, merged, bias, dtype)
 
 
