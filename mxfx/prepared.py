@@ -19,13 +19,16 @@ def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prepare_merged(scheme: Scheme, target: Target, weights: list[torch.Tensor], biases: list, dtype) -> Tensors:
-    """What one matmul over sibling linears reads: their codes and biases concatenated along N, laid out by
-    the scheme. Exact for the per-row schemes: the codes of the concatenated weight are the concatenated codes."""
-    codes = [scheme.weight_codes(target, w, dtype) for w in weights]
+def prepare_merged(schemes: list[Scheme], target: Target, weights: list[torch.Tensor], biases: list,
+                   dtype) -> Tensors:
+    """What one matmul over sibling linears reads: their codes (each weight's by its own scheme) and biases
+    concatenated along N, laid out by the first scheme. Exact for the per-row schemes: the codes of the
+    concatenated weight are the concatenated codes. The schemes differ at most in their weights' own row
+    transforms (v_proj's folded head rotation), never in the layout (merge_siblings checks)."""
+    codes = [scheme.weight_codes(target, w, dtype) for scheme, w in zip(schemes, weights)]
     merged = {name: _cat([c[name] for c in codes]) for name in codes[0]}
-    bias = None if biases[0] is None else torch.cat(biases)
-    return scheme.layout(target, merged, bias, dtype)
+    bias = None if biases[0] is None else torch.cat([s.output_bias(b) for s, b in zip(schemes, biases)])
+    return schemes[0].layout(target, merged, bias, dtype)
 
 
 def _sources(weights: list[torch.Tensor], biases: list) -> tuple[torch.Tensor, ...]:
@@ -51,10 +54,10 @@ class PreparedWeights(TensorCache):
         """Drop a linear's prepared tensors (merge_siblings replaced them with merged ones)."""
         self.discard(_sources([weight], [bias]), (bias is None, scheme, target, dtype))
 
-    def prepare_merged(self, scheme: Scheme, target: Target, weights: list[torch.Tensor], biases: list,
+    def prepare_merged(self, schemes: list[Scheme], target: Target, weights: list[torch.Tensor], biases: list,
                        dtype: torch.dtype) -> Tensors:
-        return self.get(_sources(weights, biases), lambda: prepare_merged(scheme, target, weights, biases, dtype),
-                        ("merged", len(weights), biases[0] is None, scheme, target, dtype))
+        return self.get(_sources(weights, biases), lambda: prepare_merged(schemes, target, weights, biases, dtype),
+                        ("merged", len(weights), biases[0] is None, tuple(schemes), target, dtype))
 
 
 PREPARED = PreparedWeights()  # process-wide: a second torch.compile of the same model reuses it

@@ -18,6 +18,12 @@ accumulation, one rounding to bf16, then npu_dynamic_mx_quant's rules); on the d
 target that lacks npu_rotate_quant (torchair GE), aten.bmm over the K/b blocks (bf16 in, fp32 accumulation,
 one rounding to the activation dtype) before the quantizer. For bf16 activations both compute the same
 bits, up to the GEMMs' summation order.
+
+The per-head rotation of o_proj's input folds offline (`fold_rotations`): attention mixes tokens, not
+channels, so with v_proj's rows rotated per head, A^T W_v (and its bias b A), attention's output is already
+o A, and o_proj keeps its weight W_o A^-T with no online rotation. It needs the same b x b blocks at every
+head position (with GQA a kv head serves several heads), b dividing head_dim, and head_dim read from the
+model (never guessed from shapes).
 """
 
 import dataclasses
@@ -124,13 +130,17 @@ class Recovered(Scheme):
     """`base` with `recipe` applied to one linear of input width k (smooth: its bf16 scale [K]; gram:
     its input's Gram matrix, for GPTQ and the weighted scale search). stored=True (with a stored base):
     a recovered checkpoint's linear (stored_transforms), whose codes come from the checkpoint and whose
-    activation runs the smoothing and rotation it stored."""
+    activation runs the smoothing and rotation it stored. The offline fold of o_proj's rotation
+    (fold_rotations): fold_input (o_proj: the weight is rotated, the activation arrives rotated) and
+    head_rotation (v_proj: one head's blocks [head_dim/b, b, b], its rows rotated per kv head)."""
 
     base: Scheme = dataclasses.field(default_factory=DualLevelMXFP4)
     recipe: Recipe = Recipe()
     k: int = 0
     smooth: Constant | None = None
     gram: GramOf | None = None
+    fold_input: bool = False
+    head_rotation: Constant | None = None
 
     @property
     def name(self):
@@ -147,13 +157,20 @@ class Recovered(Scheme):
     @property
     def label(self):
         if self.stored:  # the checkpoint's codes: only the activation's transforms are known
-            steps = [step for step, on in (("smooth", self.smooth), ("rotate", self.recipe.rotation)) if on]
+            steps = [step for step, on in (("smooth", self.smooth), ("rotate", self.online_rotation)) if on]
             return f"{self.base.label}+{'+'.join(steps)}"
-        return f"{self.base.label}+{recipe_name(self.recipe)}"
+        fold = (" (input rotation folded offline)" if self.fold_input else
+                " (output rows rotated per head)" if self.head_rotation is not None else "")
+        return f"{self.base.label}+{recipe_name(self.recipe)}{fold}"
+
+    @property
+    def online_rotation(self) -> BlockRotation | None:
+        """The rotation the activation runs through online (None where none, or where it is folded)."""
+        return None if self.fold_input else self.recipe.rotation
 
     @property
     def activation_constants(self) -> tuple[str, ...]:
-        return tuple(name for name, on in (("smooth_scale", self.smooth), ("rotation", self.recipe.rotation)) if on)
+        return tuple(name for name, on in (("smooth_scale", self.smooth), ("rotation", self.online_rotation)) if on)
 
     # -- weights -----------------------------------------------------------------------------------
     def _rotation(self, dtype: torch.dtype, weight: bool) -> torch.Tensor:
@@ -161,17 +178,27 @@ class Recovered(Scheme):
         return (rotation.weight_blocks(self.k) if weight else rotation.activation_blocks(self.k)).to(dtype)
 
     def transformed_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """(W / s) A^-T in fp32 (A^-T = A for the orthogonal blocks of the exact Hadamard)."""
+        """(W / s) A^-T in fp32 (A^-T = A for the orthogonal blocks of the exact Hadamard); with a head
+        rotation R, R^T ((W / s) A^-T), the rows rotated."""
         w = weight.float()
         if self.smooth is not None:
             w = w / self.smooth.tensor.float()
         if self.recipe.rotation is not None:
             w = rotate(w, self._rotation(torch.float32, weight=True))
+        if self.head_rotation is not None:
+            w = rotate_heads(w.T, self.head_rotation.tensor).T
         return w
+
+    def output_bias(self, bias):
+        """b R with a head rotation (computed in fp32, in the bias's dtype, as a checkpoint stores it), else b."""
+        if self.head_rotation is None or bias is None:
+            return bias
+        return rotate_heads(bias.float(), self.head_rotation.tensor).to(bias.dtype)
 
     def original_weight(self, transformed: torch.Tensor) -> torch.Tensor:
         """The inverse of transformed_weight, fp32: ((W / s) A^-T) A^T s = W (a stored linear's weight as the
-        model holds it, so that x W^T is what its codes compute before quantization)."""
+        model holds it, so that x W^T is what its codes compute before quantization; a stored linear has no
+        head rotation: its codes hold the rotated rows)."""
         w = transformed.float()
         if self.recipe.rotation is not None:
             w = rotate(w, self._rotation(torch.float32, weight=False).transpose(-1, -2))
@@ -216,7 +243,7 @@ class Recovered(Scheme):
         prepared = dict(self.base.layout(target, codes, bias, dtype))
         if self.smooth is not None:
             prepared["smooth_scale"] = self.smooth.tensor.to(dtype)
-        if self.recipe.rotation is not None:
+        if self.online_rotation is not None:
             prepared["rotation"] = self._rotation(dtype, weight=False)
         return prepared
 
@@ -230,7 +257,7 @@ class Recovered(Scheme):
         return (self.base.activation_rule, self.activation_constants)
 
     def quantize_activation(self, target, x2d, prepared):
-        rotation = self.recipe.rotation
+        rotation = self.online_rotation
         fused_smooth = self.smooth is not None and rotation is None and isinstance(self.base, DualLevelMXFP4)
         if self.smooth is not None and not fused_smooth:
             x2d = aten.mul.Tensor(x2d, prepared["smooth_scale"])
@@ -251,6 +278,12 @@ class Recovered(Scheme):
         return self.base.matmul(target, activation, prepared, dtype)
 
 
+def rotate_heads(t: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """t [..., N] times the block-diagonal rotation of one head's blocks `head` [head_dim/b, b, b] repeated over
+    the N/head_dim heads, in t's dtype (v_proj's rows: R^T W = (W^T R)^T; its bias: b R)."""
+    return rotate(t, head.repeat(t.shape[-1] // (head.shape[0] * head.shape[-1]), 1, 1))
+
+
 def stored_transforms(base: Scheme, k: int, smooth: torch.Tensor | None,
                       rotation: BlockRotation | None) -> Scheme:
     """The scheme of a checkpoint linear stored as `base` (a stored scheme) whose activation is smoothed by
@@ -266,12 +299,101 @@ def recipe_name(recipe: Recipe) -> str:
     return next((name for name, value in RECIPES.items() if value == recipe), repr(recipe))
 
 
+# transformers' attention modules whose forward passes v_proj's output straight to the attention product
+# (per head, mixing tokens only; a KV cache stores it as computed) and o_proj reads that product's heads
+FOLDABLE_ATTENTION = ("Qwen3Attention", "Qwen3MoeAttention", "Qwen2Attention", "LlamaAttention", "MistralAttention")
+
+
+@dataclass(frozen=True)
+class Attention:
+    """An attention module's value and output projections (FQNs) and head size; head_dim None: why it is not
+    known to fold."""
+
+    v_proj: str
+    o_proj: str
+    head_dim: int | None
+    why: str = ""
+
+
+def attentions(model: torch.nn.Module) -> list[Attention]:
+    """The model's attention modules with nn.Linear v_proj and o_proj children; head_dim from the module
+    (transformers sets it from the config), for the classes known to fold (FOLDABLE_ATTENTION)."""
+    found = []
+    for name, module in model.named_modules():
+        v, o = getattr(module, "v_proj", None), getattr(module, "o_proj", None)
+        if not (isinstance(v, torch.nn.Linear) and isinstance(o, torch.nn.Linear)):
+            continue
+        prefix = f"{name}." if name else ""
+        kind, head_dim = type(module).__name__, getattr(module, "head_dim", None)
+        why = (f"attention class {kind} is not known to pass v_proj's output straight to attention"
+               if kind not in FOLDABLE_ATTENTION else
+               "" if isinstance(head_dim, int) else f"{kind} has no integer head_dim")
+        found.append(Attention(f"{prefix}v_proj", f"{prefix}o_proj", None if why else head_dim, why))
+    return found
+
+
+@dataclass(frozen=True)
+class RotationFold:
+    """o_proj's input rotation moved offline into v_proj's output rows (folded), or why it stays online."""
+
+    o_proj: str
+    v_proj: str
+    head_dim: int | None
+    folded: bool
+    reason: str = ""
+
+    def __str__(self) -> str:
+        what = "folded into v_proj's rows" if self.folded else f"online: {self.reason}"
+        return f"{self.o_proj}: input rotation {what}"
+
+
+NO_MODEL = ("o_proj's input rotation runs online: this selector was built from a graph's linears, which do not "
+            "say head_dim; build it from the model (recipes.apply(scheme, recipe, calibration, model)) to fold it")
+
+
+def fold_rotations(base: Scheme, recipe: Recipe, weights: Mapping[str, torch.Tensor],
+                   found: list[Attention]) -> list[RotationFold]:
+    """Which o_proj input rotations fold into their v_proj (`weights`: the recipe's linears, FQN -> weight;
+    only shapes are read): both quantized by the recipe, o_proj's input not smoothed (a per-channel scale of
+    every head cannot move into a v head that GQA shares), b dividing head_dim, the shapes whole heads, and
+    the same blocks at every head position (Hadamard; seeded random blocks differ per position)."""
+    rotation = recipe.rotation
+    folds = []
+    for a in found:
+        o = weights.get(a.o_proj)
+        if rotation is None or o is None or base.skip(o.shape[1]) is not None:
+            continue  # o_proj is not rotated: nothing to fold
+        v, k = weights.get(a.v_proj), o.shape[1]
+        reason = (a.why if a.head_dim is None else
+                  f"{a.v_proj} is not quantized by the recipe" if v is None or base.skip(v.shape[1]) is not None else
+                  "o_proj's input is smoothed before its rotation" if recipe.smooth_alpha is not None else
+                  f"rotation block {rotation.block} does not divide head_dim {a.head_dim}"
+                  if a.head_dim % rotation.block else
+                  f"K={k} or v_proj's N={v.shape[0]} is not whole heads of {a.head_dim}"
+                  if k % a.head_dim or v.shape[0] % a.head_dim else "")
+        if not reason:
+            blocks = rotation.activation_blocks(k).reshape(k // a.head_dim, a.head_dim // rotation.block,
+                                                           rotation.block, rotation.block)
+            if not torch.equal(blocks, blocks[:1].expand_as(blocks)):
+                reason = f"the {rotation.kind} blocks differ between head positions"
+        folds.append(RotationFold(a.o_proj, a.v_proj, a.head_dim, not reason, reason))
+    return folds
+
+
 class RecipeSelector:
     """Each weight of the model the recipe was applied to -> its Recovered scheme; other weights -> None
-    (left alone, reported as such)."""
+    (left alone, reported as such). folds: the o_proj rotations folded or not (None: the selector could not
+    tell, NO_MODEL)."""
 
-    def __init__(self, base: Scheme, recipe: Recipe, schemes: WeakIdKeyDictionary):
-        self.base, self.recipe, self._schemes = base, recipe, schemes
+    def __init__(self, base: Scheme, recipe: Recipe, schemes: WeakIdKeyDictionary,
+                 folds: "list[RotationFold] | None" = None):
+        self.base, self.recipe, self._schemes, self.folds = base, recipe, schemes, folds
+
+    def fold_report(self, linears: set[str]) -> list[str]:
+        """The folds of `linears` (one graph's), as report lines."""
+        if self.folds is None:
+            return [NO_MODEL] if self.recipe.rotation is not None else []
+        return [str(f) for f in self.folds if f.o_proj in linears]
 
     @property
     def label(self) -> str:
@@ -310,13 +432,16 @@ def check_recipe(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Ca
 
 @torch.no_grad()
 def select(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibration | None,
-           weights: Mapping[str, torch.Tensor]) -> RecipeSelector:
+           weights: Mapping[str, torch.Tensor], folds: "list[RotationFold] | None" = None) -> RecipeSelector:
     """The selector running `scheme` with `recipe` on the linears `weights` (FQN -> weight [N, K], by
     identity): a model's (apply) or one graph's (the backend). Each linear is checked against the
-    calibration (its statistics and shape); the linears sharing its input must be among `weights`."""
+    calibration (its statistics and shape); the linears sharing its input must be among `weights`.
+    folds (fold_rotations; None: unknown, nothing folds): the o_proj rotations that fold into v_proj."""
     base, recipe = check_recipe(scheme, recipe, calibration)
     schemes = WeakIdKeyDictionary()
     smooth: dict[str, Constant] = {}
+    folded = {f.o_proj: f for f in folds or () if f.folded}
+    heads = {f.v_proj: f for f in folded.values()}
     for name, weight in weights.items():
         k = weight.shape[1]
         if base.skip(k) is not None:  # the rewrite skips it for its K: keep the base scheme's reason
@@ -338,12 +463,15 @@ def select(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibrat
                                  "which read the same input but are not given")
             s = smooth_scale(stats.amax, [weights[member] for member in stats.members], recipe.smooth_alpha)
             smooth[stats.members[0]] = Constant(s.to(weight.dtype))
+        # v_proj of a fold: one head's blocks (fold_rotations checked that they repeat per head position)
+        head = Constant(recipe.rotation.activation_blocks(heads[name].head_dim)) if name in heads else None
         schemes[weight] = Recovered(
             base=base, recipe=recipe, k=k, smooth=smooth.get(stats.members[0]) if recipe.smooth_alpha else None,
             # keyed by the input, not the linear: siblings (one Gram matrix) get equal schemes, so they merge
             gram=GramOf(calibration, stats.members[0]) if stats is not None and stats.gram is not None else None,
+            fold_input=name in folded, head_rotation=head,
         )
-    return RecipeSelector(base, recipe, schemes)
+    return RecipeSelector(base, recipe, schemes, folds)
 
 
 def apply(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibration | None,
@@ -355,4 +483,4 @@ def apply(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibrati
     if recipe.needs_calibration:
         calibration.check(model)
     weights = {name: m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    return select(base, recipe, calibration, weights)
+    return select(base, recipe, calibration, weights, fold_rotations(base, recipe, weights, attentions(model)))

@@ -115,11 +115,15 @@ class Scheme:
         constants (a rotation or smooth scale is shared by every linear on the activation)."""
         return nbytes(t for name, t in prepared.items() if name != "bias" and name not in self.activation_constants)
 
+    def output_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The bias as the matmul adds it (a recipe that rotates the output rows rotates it too)."""
+        return bias
+
     def prepare(self, target: Target, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> Tensors:
         """What the matmul reads, for activations of `dtype`. Under no_grad: prepared tensors must not
         hold the weights through an autograd graph."""
         with torch.no_grad():
-            return self.layout(target, self.weight_codes(target, weight, dtype), bias, dtype)
+            return self.layout(target, self.weight_codes(target, weight, dtype), self.output_bias(bias), dtype)
 
     # -- activations and the matmul ----------------------------------------------------------------
     @property

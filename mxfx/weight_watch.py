@@ -45,7 +45,8 @@ def _same(a: tuple | None, b: tuple | None) -> bool:
 @dataclass
 class _Group:
     """Constants prepared from the same weights: pairs (weight input index, bias input index or None), one
-    pair per linear (several for merged siblings), the scheme and dtype, and [(constant index, name)]."""
+    pair per linear (several for merged siblings), the scheme (merged: one per sibling) and dtype, and
+    [(constant index, name)]."""
 
     pairs: list[tuple[int, int | None]]
     scheme: object
@@ -65,7 +66,7 @@ class _Group:
         if len(pairs) == 1:
             return self.scheme.prepare(target, *pairs[0], self.dtype)
         weights, biases = zip(*pairs)
-        return prepare_merged(self.scheme, target, list(weights), list(biases), self.dtype)
+        return prepare_merged(list(self.scheme), target, list(weights), list(biases), self.dtype)
 
 
 def _sources(tag: dict) -> tuple | None:

@@ -5,6 +5,7 @@ They know FX graphs, the schemes (mxfx.schemes) and the target table (mxfx.targe
 torchair or a device: the ops a rewrite emits come from the target."""
 
 from .find_linears import LinearSite, find_linears
+from .fold_smooth_norm import fold_smooth_norm
 from .fuse_norm_quant import fuse_norm_quant
 from .fuse_swiglu_quant import fuse_swiglu_quant
 from .fusion import FusionReport, FusionSite, FusionSkipReason
@@ -40,6 +41,7 @@ __all__ = [
     "RewriteError",
     "RewriteReport",
     "find_linears",
+    "fold_smooth_norm",
     "fuse_norm_quant",
     "fuse_swiglu_quant",
     "lift_constants",

@@ -12,6 +12,7 @@ Runs after the linear rewrite; finds the matmuls by tag (role "matmul", with the
 names) and groups those whose activation operands are the same nodes. The merged matmul is tagged
 role "matmul" with "linears" (in graph order) and the split role "split"."""
 
+import dataclasses
 import functools
 import logging
 import operator
@@ -33,6 +34,12 @@ aten = torch.ops.aten
 PASS = "merge_siblings"
 # schemes whose codes are all [N, ...] rows (the int4 per-group scale is [K/group, N]: not merged)
 ROW_SCHEMES = (DualLevelMXFP4, MXFP8, MXFP4W4A8)
+
+
+def _merge_key(scheme):
+    """What siblings must share to merge: their scheme, up to v_proj's folded head rotation (a transform of
+    its own rows, in its codes and bias; the activation and the layout are the siblings')."""
+    return dataclasses.replace(scheme, head_rotation=None) if isinstance(scheme, Recovered) else scheme
 
 
 def _per_row(scheme) -> bool:
@@ -75,7 +82,7 @@ class _Merge:
     def check(self, matmuls, weights, biases, schemes) -> tuple[FusionSkipReason, str] | None:
         if len(matmuls) == 1:
             return FusionSkipReason.SINGLE, "the only linear on its activation quantization"
-        if len(set(schemes)) != 1 or not _per_row(schemes[0]):
+        if len({_merge_key(s) for s in schemes}) != 1 or not _per_row(schemes[0]):
             labels = sorted({s.label for s in schemes})
             return FusionSkipReason.SCHEME, f"schemes {labels}: one per-row MX scheme is needed"
         if len({b is None for b in biases}) != 1:
@@ -96,15 +103,15 @@ class _Merge:
             return
         scheme, target, dtype = schemes[0], self.context.target, value(matmuls[0]).dtype
         with unset_fake_temporarily():  # real weights; aot_autograd runs an engine's passes under its fake mode
-            prepared = self.context.prepare_merged(scheme, target, weights, biases, dtype)
-        for weight, bias in zip(weights, biases):  # the siblings' own constants are not kept (nor cached)
-            self.context.discard_prepared(scheme, target, weight, bias, dtype)
+            prepared = self.context.prepare_merged(schemes, target, weights, biases, dtype)
+        for own, weight, bias in zip(schemes, weights, biases):  # the siblings' own constants are not kept
+            self.context.discard_prepared(own, target, weight, bias, dtype)
         stem = self._stem()
         first = matmuls[0]
-        # "sources": the merged linears' weight and bias inputs, dtype and scheme (the weight watch merges them
+        # "sources": the merged linears' weight and bias inputs, dtype and schemes (the weight watch merges them
         # again when one changes)
         tag = {"linear": "+".join(linears), "linears": linears,
-               "sources": ([(t["weight"], t["bias"]) for t in tags], dtype, scheme)}
+               "sources": ([(t["weight"], t["bias"]) for t in tags], dtype, tuple(schemes))}
         with self.graph.inserting_before(first):
             read = {mxfx_tag(n)["name"] for n in first.all_input_nodes if _is_constant(n)}
             constants = {name: self.emit.constant(f"{stem}_{name}", t, name=name, **tag)

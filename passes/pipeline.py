@@ -15,6 +15,7 @@ from mxfx.schemes import Scheme, SchemeSelector
 from mxfx.selection import ALL, Selection
 from mxfx.targets import Target
 
+from .fold_smooth_norm import fold_smooth_norm
 from .fuse_norm_quant import fuse_norm_quant
 from .fuse_swiglu_quant import fuse_swiglu_quant
 from .merge_siblings import merge_siblings
@@ -54,8 +55,9 @@ def rewrite_linears(gm: fx.GraphModule, context: PassContext) -> RewriteReport:
 
 UNFUSED_PASSES: tuple[GraphPass, ...] = (rewrite_linears,)
 # After the rewrite. On both targets by default: the reference runs the NPU's graph, fused arithmetic
-# included (README, "Fusions": what the fused norm's rounding does to perplexity).
-FUSION_PASSES: tuple[GraphPass, ...] = (merge_siblings, fuse_norm_quant, fuse_swiglu_quant)
+# included (README, "Fusions": what the fused norm's rounding does to perplexity). A smoothing multiply
+# folds into its RMSNorm's weight before fuse_norm_quant, so that the norm still fuses.
+FUSION_PASSES: tuple[GraphPass, ...] = (merge_siblings, fold_smooth_norm, fuse_norm_quant, fuse_swiglu_quant)
 DEFAULT_PASSES: tuple[GraphPass, ...] = (*UNFUSED_PASSES, *FUSION_PASSES)
 
 

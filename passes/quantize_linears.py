@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 
 from mxfx.metrics import nbytes
+from mxfx.recipes import RecipeSelector
 from mxfx.schemes import Scheme, SchemeSelector, Tensors, get_scheme
 from mxfx.selection import ALL, Selection, Skip, SkipReason
 from mxfx.targets import Target, get_target
@@ -78,6 +79,7 @@ def quantize_linears(
             raise RewriteError(f"linear {site.fqn or site.weight} (node {site.node.name}): {error}") from error
     for other in others:
         rewrite.report_other_matmul(other)
+    _check_folds(rewrite.selector, rewrite.report)
     gm.graph.lint()
     gm.recompile()
     log.info("%s: %s", PASS, rewrite.report.summary())
@@ -86,6 +88,21 @@ def quantize_linears(
 
 class RewriteError(RuntimeError):
     """A linear the pass had accepted could not be rewritten (the message names it and says why)."""
+
+
+def _check_folds(selector, report: RewriteReport) -> None:
+    """Report a recipe's o_proj rotation folds, and refuse a folded pair half rewritten: o_proj would read an
+    unrotated attention output, or a rotated one unrotated (an exclude pattern, a skip reason on one side)."""
+    if not isinstance(selector, RecipeSelector):
+        return
+    linears = {r.fqn: r for r in report.linears}
+    report.folds = selector.fold_report(set(linears))
+    for fold in selector.folds or ():
+        pair = [linears.get(fold.o_proj), linears.get(fold.v_proj)]
+        if fold.folded and None not in pair and pair[0].outcome != pair[1].outcome:
+            skipped = next(r for r in pair if r.outcome == "skipped")
+            raise RewriteError(f"linear {fold.o_proj}: its input rotation is folded into {fold.v_proj}'s rows, but "
+                               f"{skipped.fqn} is skipped ({skipped.reason}): quantize both or neither")
 
 
 class _TaggingTracer(fx.proxy.GraphAppendingTracer):
@@ -289,7 +306,8 @@ class _Rewrite:
         base = x
         while value.dim() == 2 and base.op == "call_function" and base.target in FLATTENING_VIEWS:
             base = base.args[0]  # views that flatten the same tensor to [M, K] share its quantization
-        key = (base, value.shape[-1], value.dtype, scheme.activation_key(tensors))
+        with unset_fake_temporarily():  # the key reads real constants (a smooth scale); an engine's fake mode is on
+            key = (base, value.shape[-1], value.dtype, scheme.activation_key(tensors))
         if key not in self.activations:
             self.tracer.tag = {"pass": PASS, "role": "activation_quant", "linears": [], "linear": fqn}
             linears = self.tracer.tag["linears"]

@@ -54,6 +54,7 @@ class RewriteReport(PassReport):
     target: str
     linears: list[LinearReport] = field(default_factory=list)
     activation_quants: int = 0
+    folds: list[str] = field(default_factory=list)  # a recipe's o_proj rotations: folded offline, or why not
 
     @property
     def rewritten(self) -> list[LinearReport]:
@@ -117,7 +118,7 @@ class RewriteReport(PassReport):
             header = (*header[:4], "scheme", *header[4:])
             rows = [(*row[:4], r.scheme, *row[4:]) for row, r in zip(rows, self.linears)]
         return "\n".join([f"mxfx rewrite: scheme {self.scheme}, target {self.target}", table(header, rows),
-                          self.summary()])
+                          *self.folds, self.summary()])
 
 
 @dataclass

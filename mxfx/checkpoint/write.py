@@ -41,10 +41,17 @@ class _RecipeSchemes:
     of them is written."""
 
     def __init__(self, tensors: _Tensors, base: Scheme, recipe: "recipes.Recipe", calibration: Calibration | None,
-                 written: set[str]):
+                 written: set[str], folds: "list[recipes.RotationFold]"):
         self.tensors, self.base, self.recipe, self.calibration = tensors, base, recipe, calibration
-        self.written = written
+        self.written, self.folds = written, folds
         self.groups: dict[str, list] = {}  # first member -> [selector, weights, members not yet written]
+        # v_proj prefix -> one head's blocks, for the o_proj rotations folded into its rows (and its bias)
+        self.heads = {f.v_proj: recipe.rotation.activation_blocks(f.head_dim) for f in folds if f.folded}
+
+    def bias(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor that is not quantized, as written: a folded v_proj's bias rotated with its rows."""
+        head = self.heads.get(name.removesuffix(".bias")) if name.endswith(".bias") else None
+        return tensor if head is None else recipes.rotate_heads(tensor.float(), head).to(tensor.dtype)
 
     def __call__(self, name: str, tensor: torch.Tensor) -> tuple[Scheme, torch.Tensor]:
         """(scheme, the weight it is keyed on) for the linear weight `name` read as `tensor`."""
@@ -53,7 +60,7 @@ class _RecipeSchemes:
         if members[0] not in self.groups:
             weights = {m: tensor if m == fqn else self.tensors.read(f"{m}.weight") for m in members
                        if m == fqn or f"{m}.weight" in self.tensors}
-            selector = recipes.select(self.base, self.recipe, self.calibration, weights)
+            selector = recipes.select(self.base, self.recipe, self.calibration, weights, self.folds)
             self.groups[members[0]] = [selector, weights, {m for m in members if f"{m}.weight" in self.written}]
         selector, weights, left = self.groups[members[0]]
         left.discard(fqn)
@@ -202,8 +209,11 @@ def quantize(model_dir: str | Path, scheme: "str | Mapping[str, Scheme | None]",
         kinds = collections.Counter(WRITTEN[chosen.name].name for chosen in eligible.values())
         # msmodelslim's header names one type: a mixed checkpoint's most common (each tensor has its own)
         description = {"model_quant_type": kinds.most_common(1)[0][0], "version": "1.0.0", "group_size": 32}
-        schemes = (_RecipeSchemes(tensors, get_scheme(scheme), recipe, calibration, set(eligible))
-                   if recipe is not None else lambda name, tensor: (eligible[name], tensor))
+        schemes = None
+        if recipe is not None:  # the o_proj rotations that fold, from the architecture (head_dim, shapes)
+            weights = {name.removesuffix(".weight"): architecture.get_parameter(name) for name in eligible}
+            folds = recipes.fold_rotations(get_scheme(scheme), recipe, weights, recipes.attentions(architecture))
+            schemes = _RecipeSchemes(tensors, get_scheme(scheme), recipe, calibration, set(eligible), folds)
         partial = _partial_folder(out)
         try:
             _write(tensors, eligible, schemes, description, partial, shard_bytes)
@@ -221,12 +231,12 @@ def quantize(model_dir: str | Path, scheme: "str | Mapping[str, Scheme | None]",
     return out
 
 
-def _write(tensors: _Tensors, eligible: dict[str, Scheme], schemes, description: dict, partial: Path,
-           shard_bytes: int) -> None:
+def _write(tensors: _Tensors, eligible: dict[str, Scheme], schemes: "_RecipeSchemes | None", description: dict,
+           partial: Path, shard_bytes: int) -> None:
     """Every tensor of the folder, quantized if eligible by its scheme's own quantizer (so a written
-    checkpoint runs exactly what the scheme would; schemes(name, tensor) -> (scheme, the tensor it is keyed
-    on)), into shards in `partial` (and their index); a recipe's smoothing scales beside the codes and its
-    rotation in the description."""
+    checkpoint runs exactly what the scheme would; with a recipe, schemes(name, tensor) -> (scheme, the
+    tensor it is keyed on)), into shards in `partial` (and their index); a recipe's smoothing scales beside
+    the codes, its rotation in the description (not o_proj's where it folds into v_proj's rows, and bias)."""
     shards, shard, size, weight_map, reference = [], {}, 0, {}, get_target("reference")
     rotated: dict[str, int] = {}  # prefix -> K
     rotation = None
@@ -246,16 +256,16 @@ def _write(tensors: _Tensors, eligible: dict[str, Scheme], schemes, description:
     for name, (f, _, stored) in tqdm(tensors.files.items(), desc="mxfx quantize", unit="tensor", disable=None):
         tensor = f.get_tensor(stored)
         prefix = name.removesuffix(".weight")
-        written, floats, kind = {}, {name: tensor}, None
+        written, floats, kind = {}, {name: tensor if schemes is None else schemes.bias(name, tensor)}, None
         if name in eligible:
-            scheme, tensor = schemes(name, tensor)
+            scheme, tensor = (eligible[name], tensor) if schemes is None else schemes(name, tensor)
             kind = WRITTEN[scheme.name]
             codes = kind.from_codes(scheme.quantize_weight(reference, tensor), tensor.shape[-1])
             written, floats = {f"{prefix}.{suffix}": value for suffix, value in codes.items()}, {}
             if isinstance(scheme, Recovered) and scheme.smooth is not None:
                 floats[f"{prefix}.{SMOOTH}"] = scheme.smooth.tensor.float()  # msmodelslim's fp32 [K], FLOAT
-            if isinstance(scheme, Recovered) and scheme.recipe.rotation is not None:
-                rotation, rotated[prefix] = scheme.recipe.rotation, scheme.k
+            if isinstance(scheme, Recovered) and scheme.online_rotation is not None:
+                rotation, rotated[prefix] = scheme.online_rotation, scheme.k
         for key, value in (*written.items(), *floats.items()):
             description[key] = kind.name if key in written else FLOAT
             shard[key] = value.contiguous()

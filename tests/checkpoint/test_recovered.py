@@ -88,7 +88,8 @@ def _copy(folder, tmp_path):
 @pytest.mark.parametrize("scheme, recipe", CASES, ids=lambda v: v if isinstance(v, str) else "smooth+random64")
 def test_a_recovered_checkpoint_compiles_to_the_online_recipes_logits(bf16, calibration, written, scheme, recipe):
     out = written(scheme, recipe)
-    expected, online, online_sites = _compiled(bf16, recipes.apply(scheme, recipe, calibration, bf16))
+    selector = recipes.apply(scheme, recipe, calibration, bf16)
+    expected, online, online_sites = _compiled(bf16, selector)
     loaded = checkpoint.load(out)
     got, report, sites = _compiled(loaded, None)  # the default backend: the stored codes
     assert torch.equal(got, expected)
@@ -97,7 +98,12 @@ def test_a_recovered_checkpoint_compiles_to_the_online_recipes_logits(bf16, cali
 
     r = recipes.get_recipe(recipe, mxfx.schemes.SCHEMES[scheme])
     steps = [step for step, on in (("smooth", r.smooth_alpha is not None), ("rotate", r.rotation)) if on]
-    assert {x.scheme for x in report.rewritten} == {"+".join([f"modelslim/{scheme}", *steps])}
+    # a folded o_proj (Hadamard, no smoothing) is stored as plain codes: its rotation is in v_proj's rows
+    folded = {f.o_proj for f in selector.folds if f.folded}
+    assert bool(folded) == (r.rotation is not None and r.rotation.kind == "hadamard" and r.smooth_alpha is None)
+    assert {x.fqn: x.scheme for x in report.rewritten} == {
+        x.fqn: f"modelslim/{scheme}" if x.fqn in folded else "+".join([f"modelslim/{scheme}", *steps])
+        for x in report.rewritten}
     stored = checkpoint.stored_weights(loaded)[Q]
     assert stored.rotation == r.rotation
     # the model holds the original weight W = W' A^T s (not the transformed codes), so it also runs eagerly
@@ -236,3 +242,29 @@ def test_cli_quantize_with_a_recipe(model_dir, tmp_path, capsys):
                      "--out", str(tmp_path / "s")]) == 2
     assert "serve --recipe or --scheme auto: give one" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+
+
+def test_a_folded_rotation_with_biases_is_stored_as_plain_codes_and_reloads_bit_identically(tmp_path):
+    """o_proj's rotation folded into v_proj: o_proj leaves the rotation entry, v_proj's bias is written rotated
+    (b A, in bf16, as the online fold adds it), and the loaded checkpoint computes the online fold's logits."""
+    folder = tmp_path / "bf16"
+    model = tiny_qwen3(layers=1, attention_bias=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    model.save_pretrained(folder)
+    bf16 = evaluation.load_model(folder)
+    selector = recipes.apply("mxfp4_dual", "rotate", None, bf16)
+    assert [f.folded for f in selector.folds] == [True]
+    out = checkpoint.quantize(folder, "mxfp4_dual", tmp_path / "q", recipe="rotate")
+    expected, online, _ = _compiled(bf16, selector)
+    got, report, _ = _compiled(checkpoint.load(out), None)
+    assert torch.equal(got, expected)
+    o, v = (f"model.layers.0.self_attn.{p}" for p in ("o_proj", "v_proj"))
+    assert o not in json.loads((out / checkpoint.DESCRIPTION).read_text())["optional"]["mxfx_rotation"]["linears"]
+    assert {r.fqn: r.scheme for r in report.rewritten}[o] == "modelslim/mxfp4_dual"
+    bias = bf16.get_parameter(f"{v}.bias")
+    stored = load_file(out / "model.safetensors")[f"{v}.bias"]
+    assert torch.equal(stored, selector.scheme_for(bf16.get_parameter(f"{v}.weight")).output_bias(bias))
+    assert not torch.equal(stored, bias)

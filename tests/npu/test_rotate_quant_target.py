@@ -12,6 +12,8 @@ import mxfx
 from mxfx.dynamo_backend import Backend, InnerCompiler
 from mxfx.prepared import PreparedWeights
 from mxfx.targets import GE_LACKS, TARGETS
+from passes.fuse_norm_quant import NormQuantReport
+from passes.fuse_swiglu_quant import SwigluQuantReport
 from passes.fusion import FusionSkipReason
 
 from .. import npu_standin
@@ -52,7 +54,8 @@ def test_single_level_rotation_is_one_npu_rotate_quant_per_activation(torch_npu,
         {"x": (16, k), "rotation": (k // 32, 32, 32), "dst_dtype": E4M3, "round_mode": "rint", "scale_alg": 0}
         for k in (512, 512, 512, 1536)  # q/k/v, o, gate/up, down
     ]
-    norm, swiglu = be.pipeline_reports[-1].passes[2:4]
+    norm, = be.pipeline_reports[-1].get(NormQuantReport)
+    swiglu, = be.pipeline_reports[-1].get(SwigluQuantReport)
     assert {s.reason for s in norm.skipped} == {s.reason for s in swiglu.skipped} == {FusionSkipReason.ROTATED}
 
 

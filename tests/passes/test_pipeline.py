@@ -96,21 +96,27 @@ def test_fusions_are_on_by_default_and_fuse_false_turns_them_off():
         mxfx.backend(fuse=True, passes=passes.UNFUSED_PASSES)
 
 
-def test_an_engine_runs_the_pipeline_as_a_custom_pass_on_its_aot_autograd_graph():
+@pytest.mark.parametrize("recipe", [None, "smooth"])
+def test_an_engine_runs_the_pipeline_as_a_custom_pass_on_its_aot_autograd_graph(recipe):
     """A serving engine owns its compile pipeline (aot_autograd, then its own passes): it hands mxfx the
     post-autograd forward graph with the weights as inputs. The rewrite and every fusion match there as on
-    the Dynamo graph, and the logits are the mxfx backend's, bit for bit."""
+    the Dynamo graph (a recipe's smoothing folds into the aten RMSNorm chain), and the logits are the mxfx
+    backend's, bit for bit."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
+    from mxfx import recipes
+    from mxfx.calibration import calibrate
+
     model, ids = tiny_qwen3(layers=1), torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    scheme = "mxfp8" if recipe is None else recipes.apply("mxfp8", recipe, calibrate(model, [ids], gram=False), model)
     reports = []
 
     def engine(gm, example_inputs):
         def forward_compiler(fw, fw_inputs):
             placeholders = [n.name for n in fw.graph.nodes if n.op == "placeholder"]
             weights = {name: t for name, t in zip(placeholders, example_inputs) if isinstance(t, torch.nn.Parameter)}
-            context = PassContext("mxfp8", get_target("reference"), weights,
+            context = PassContext(scheme, get_target("reference"), weights,
                                   fake_mode=torch._guards.detect_fake_mode(fw_inputs))
             reports.append(run_passes(fw, passes.DEFAULT_PASSES, context))
             return make_boxed_func(fw.forward)
@@ -121,10 +127,12 @@ def test_an_engine_runs_the_pipeline_as_a_custom_pass_on_its_aot_autograd_graph(
         torch._dynamo.reset()
         got = torch.compile(model, backend=engine, fullgraph=True)(ids).logits
         torch._dynamo.reset()
-        expected = torch.compile(model, backend=mxfx.backend("mxfp8", target="reference"), fullgraph=True)(ids).logits
+        expected = torch.compile(model, backend=mxfx.backend(scheme, target="reference"), fullgraph=True)(ids).logits
     torch._dynamo.reset()
-    rewrite, merge, norm, swiglu = reports[-1].passes
+    rewrite, merge, smooth, norm, swiglu = reports[-1].passes
+    assert len(smooth.fused) == (0 if recipe is None else 2), "q/k/v's and gate/up's smoothing: into their norms"
     assert len(rewrite.rewritten) == 7
     assert [len(site.linears) for site in merge.fused] == [3, 2]
-    assert len(norm.fused) == 2 and len(swiglu.fused) == 1
+    # down_proj's smoothing multiply (a cost, reported) sits between the SwiGLU and its quantization
+    assert len(norm.fused) == 2 and len(swiglu.fused) == (1 if recipe is None else 0)
     assert torch.equal(got, expected)
