@@ -57,6 +57,7 @@ RECIPES = {
     "gptq": Recipe(gptq=True),
     "smooth+gptq": Recipe(smooth_alpha=0.5, gptq=True),
     "rotate+gptq": Recipe(rotation=BlockRotation(32), gptq=True),
+    "smooth+rotate+gptq": Recipe(smooth_alpha=0.5, rotation=BlockRotation(32), gptq=True),
     "mse": Recipe(scale_search="mse"),
     "gptq+mse": Recipe(gptq=True, scale_search="mse"),
 }

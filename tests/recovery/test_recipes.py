@@ -48,7 +48,7 @@ def test_the_rewrite_is_smoothing_and_rotation_composed_by_hand(scheme, rotation
 
     w = model.proj.weight.detach()
     amax_x = _inputs(seed=1).float().abs().reshape(-1, 512).amax(0)
-    s = (amax_x.sqrt() / w.float().abs().amax(0).sqrt()).bfloat16()  # alpha 0.5
+    s = (w.float().abs().amax(0).sqrt() / amax_x.sqrt()).bfloat16()  # alpha 0.5: x divided by SmoothQuant's scale
     x_t, w_t = x * s, w.float() / s.float()
     if rotation is not None:
         a = torch.block_diag(*rotation.activation_blocks(512))
