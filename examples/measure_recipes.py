@@ -1,7 +1,8 @@
 """Accuracy recovery measured: calibrate the shipped model on its training topics, then compare each
 scheme with and without recipes on the held-out topics (perplexity against bf16, next-token agreement).
 
-    python examples/measure_recipes.py [--model DIR] [--windows 64] [--max-tokens N] [--runs mxfp4_dual mxfp4_dual:rotate ...]
+    python examples/measure_recipes.py [--model DIR] [--windows 64] [--max-tokens N]
+        [--runs mxfp4_dual mxfp4_dual:rotate ...]
 
 A run is SCHEME or SCHEME:RECIPE (mxfx.recipes.RECIPES names, or "recommended").
 """
