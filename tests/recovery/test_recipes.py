@@ -147,7 +147,8 @@ def test_the_report_counts_the_weight_not_the_activations_constants():
 
 
 def _searched_errors(scheme, x, w, amax_x):
-    """The oracle: each candidate's quantized output error, from the formula and the hand-composed linears."""
+    """The oracle: each candidate's quantized output error, from the formula and the hand-composed linears
+    (one linear: its error relative to the output's energy orders the candidates as the plain error does)."""
     exact = x.float() @ w.float().T
     errors = {None: (reference_linear.linear(scheme, x, w, None).float() - exact).square().sum().item()}
     for alpha in recipes.SEARCHED_ALPHAS:
@@ -211,3 +212,43 @@ def test_the_alpha_search_refuses_a_calibration_without_a_sample():
     recipes.apply("mxfp4_dual", "smooth", calibrate(model, [_inputs()], gram=False, sample_rows=0), model)  # no need
     with pytest.raises(ValueError, match="smooth_alpha must be a number in \\[0, 1\\], 'search' or None"):
         Recipe(smooth_alpha="best")
+
+
+class Two(torch.nn.Module):
+    """Two linears on one input, b's outputs ~64x a's: an outlier channel that b's column has absorbed."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = (torch.nn.Linear(512, 64, bias=False, dtype=torch.bfloat16) for _ in range(2))
+        with torch.no_grad():
+            self.b.weight *= 64
+            self.b.weight[:, 37] /= 256
+            self.a.weight[:, 100] *= 8
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def test_the_alpha_search_weighs_each_linear_by_its_outputs_energy():
+    torch.manual_seed(0)
+    model = Two()
+    x = torch.randn(4, 64, 512, generator=torch.Generator().manual_seed(1))
+    x[..., 37] *= 300
+    calibration = calibrate(model, [x.bfloat16()], gram=False, sample_rows=128)
+    stats, weights = calibration.stats("a"), [model.a.weight.detach(), model.b.weight.detach()]
+    amax_w = torch.maximum(*(w.double().abs().amax(0) for w in weights))
+    plain, relative = {}, {}
+    for alpha in (None, *recipes.SEARCHED_ALPHAS):
+        s = None if alpha is None else (amax_w ** (1 - alpha) / stats.amax.double() ** alpha).bfloat16()
+        errors = []
+        for w in weights:
+            exact = stats.sample.float() @ w.float().T
+            y = (reference_linear.linear("mxfp4_dual", stats.sample, w, None) if s is None else
+                 reference_linear.linear("mxfp4_dual", stats.sample * s, (w.float() / s.float()).bfloat16(), None))
+            errors.append(((y.float() - exact).square().sum().item(), exact.square().sum().item()))
+        plain[alpha], relative[alpha] = sum(e for e, _ in errors), sum(e / energy for e, energy in errors)
+    best = min(relative, key=relative.get)
+    assert best != min(plain, key=plain.get)  # b's error alone would decide the plain sum
+    chosen = recipes.apply("mxfp4_dual", "smooth-search", calibration, model).scheme_for(model.a.weight).smooth
+    expected = (amax_w ** (1 - best) / stats.amax.double() ** best).bfloat16()
+    torch.testing.assert_close(chosen.tensor.float(), expected.float(), rtol=1e-2, atol=0)
