@@ -73,10 +73,11 @@ RECIPES = {
 }
 SEARCHED_ALPHAS = tuple(i / 10 for i in range(11))  # smooth_alpha="search" also tries no smoothing
 # per base scheme, chosen by measurement (README: accuracy recovery); a rotation is recommended only where it
-# pays for what it costs on the NPU (an online bmm, and the norm + quant fusion it prevents)
+# pays for what it costs on the NPU (an online bmm, and the norm + quant fusion it prevents); the searched
+# smoothing where outlier channels make the plain recipe fall apart (README: the outlier model)
 RECOMMENDED = {
-    "mxfp4_dual": "rotate+gptq",
-    "mxfp4_w4a8": "gptq",
+    "mxfp4_dual": "smooth-search+rotate+gptq",
+    "mxfp4_w4a8": "smooth-search+gptq",
     "mxfp8": "gptq",
 }
 
