@@ -1,9 +1,10 @@
-"""Calibration statistics of a model's linear inputs: what smoothing (per-channel amax) and GPTQ (the K x K
-Gram matrix) read.
+"""Calibration statistics of a model's linear inputs: what smoothing (per-channel amax; its alpha search, a
+sample of rows) and GPTQ (the K x K Gram matrix) read.
 
 `calibrate(model, batches)` runs the model in bf16 and collects, per distinct linear input (q/k/v read one
-activation, gate/up another: each is counted once), the per-channel abs-max and sum(x^T x) (each batch's
-product in fp32, summed in fp64). This first version hooks nn.Linear modules (forward pre-hooks), not the
+activation, gate/up another: each is counted once), the per-channel abs-max, sum(x^T x) (each batch's
+product in fp32, summed in fp64) and a seeded uniform sample of its rows (bottom-k of one random key per row,
+in the input's dtype). This first version hooks nn.Linear modules (forward pre-hooks), not the
 traced graph: linears on one input are the ones whose hooks see the same tensor object within a forward.
 A Calibration is saved as one safetensors file whose metadata holds the JSON description (groups,
 members, K, token count, model signature), and is checked against a model before it is used.
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-FORMAT = "mxfx-calibration/1"
+FORMAT = "mxfx-calibration/1"  # `i.sample` tensors are optional: files without them load (sample None)
+SAMPLE_ROWS = 512
 
 
 class CalibrationError(ValueError):
@@ -26,12 +28,14 @@ class CalibrationError(ValueError):
 @dataclass(frozen=True, eq=False)
 class InputStats:
     """One activation, read by `members` (linear FQNs, in forward order): abs-max per channel [K] fp32,
-    Gram sum(x^T x) [K, K] fp64 (None when not collected), over `tokens` rows."""
+    Gram sum(x^T x) [K, K] fp64 (None when not collected), over `tokens` rows; `sample`: [R, K] of those
+    rows in the input's dtype (None when not collected, or in a file written before samples existed)."""
 
     members: tuple[str, ...]
     amax: torch.Tensor
     gram: torch.Tensor | None
     tokens: int
+    sample: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -48,6 +52,11 @@ class InputStats:
                 raise CalibrationError(f"calibration of {name}: Gram matrix {list(self.gram.shape)} for K={self.k}")
             if not torch.isfinite(self.gram).all():
                 raise CalibrationError(f"calibration of {name}: its Gram matrix has inf/NaN entries")
+        if self.sample is not None:
+            if self.sample.dim() != 2 or self.sample.shape[1] != self.k or not len(self.sample):
+                raise CalibrationError(f"calibration of {name}: input sample {list(self.sample.shape)} for K={self.k}")
+            if not torch.isfinite(self.sample).all():
+                raise CalibrationError(f"calibration of {name}: its input sample has inf/NaN entries")
         if self.tokens <= 0:
             raise CalibrationError(f"calibration of {name}: no tokens")
 
@@ -103,6 +112,8 @@ class Calibration:
             tensors[f"{index}.amax"] = stats.amax.contiguous()
             if stats.gram is not None:
                 tensors[f"{index}.gram"] = stats.gram.contiguous()
+            if stats.sample is not None:
+                tensors[f"{index}.sample"] = stats.sample.contiguous()
             groups.append({"members": list(stats.members), "tokens": stats.tokens})
         description = {"format": FORMAT, "inputs": groups, "signature": {k: list(v) for k, v in self.signature.items()}}
         save_file(tensors, str(path), metadata={"mxfx_calibration": json.dumps(description)})
@@ -121,9 +132,13 @@ class Calibration:
                     raise CalibrationError(f"{path}: calibration format {description.get('format')!r}, "
                                            f"expected {FORMAT}")
                 names = set(file.keys())
+
+                def optional(i, name):
+                    return file.get_tensor(f"{i}.{name}") if f"{i}.{name}" in names else None
+
                 inputs = [
-                    InputStats(tuple(group["members"]), file.get_tensor(f"{i}.amax"),
-                               file.get_tensor(f"{i}.gram") if f"{i}.gram" in names else None, int(group["tokens"]))
+                    InputStats(tuple(group["members"]), file.get_tensor(f"{i}.amax"), optional(i, "gram"),
+                               int(group["tokens"]), optional(i, "sample"))
                     for i, group in enumerate(description["inputs"])
                 ]
         except (SafetensorError, OSError, ValueError, KeyError) as error:
@@ -139,13 +154,21 @@ def _linear_signature(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
 
 
 class _Accumulator:
-    def __init__(self, k: int, gram: bool):
+    def __init__(self, k: int, gram: bool, rows: int, seed: int):
         self.amax = torch.zeros(k, dtype=torch.float32)
         self.gram = torch.zeros(k, k, dtype=torch.float64) if gram else None
         self.tokens = 0
+        self.rows, self.generator = rows, torch.Generator().manual_seed(seed)
+        self.sample, self.keys = None, torch.empty(0)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        x = x.detach().reshape(-1, x.shape[-1])
+        if self.rows:  # keep the rows with the `rows` smallest keys seen so far: a uniform sample without replacement
+            sample = x if self.sample is None else torch.cat([self.sample, x.to(self.sample.dtype)])
+            keys = torch.cat([self.keys, torch.rand(x.shape[0], generator=self.generator)])
+            kept = keys.topk(min(self.rows, len(keys)), largest=False).indices.sort().values
+            self.sample, self.keys = sample[kept].clone(), keys[kept]
+        x = x.float()
         self.amax = torch.maximum(self.amax, x.abs().amax(0))
         if self.gram is not None:
             self.gram += (x.T @ x).double()
@@ -153,10 +176,14 @@ class _Accumulator:
 
 
 @torch.no_grad()
-def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor], gram: bool = True) -> Calibration:
+def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor], gram: bool = True,
+              sample_rows: int = SAMPLE_ROWS) -> Calibration:
     """Run `model` on each batch (token ids) and collect every nn.Linear input's statistics. gram=False
-    skips the Gram matrices (smoothing needs only the abs-max). Linears sharing an input must share it
-    in every batch (the grouping is taken from the first batch and checked on the others)."""
+    skips the Gram matrices (smoothing needs only the abs-max); sample_rows: the rows kept per input for
+    the smoothing's alpha search (0: none). Linears sharing an input must share it in every batch (the
+    grouping is taken from the first batch and checked on the others)."""
+    if sample_rows < 0:
+        raise CalibrationError(f"calibrate: sample_rows must be >= 0, got {sample_rows}")
     names = {module: name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     groups: list[tuple[str, ...]] | None = None
     accumulators: dict[str, _Accumulator] = {}  # first member -> statistics
@@ -175,7 +202,8 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor], gram: boo
             found = [tuple(members) for _, members in seen.values()]
             if groups is None:
                 groups = found
-                accumulators = {members[0]: _Accumulator(x.shape[-1], gram) for x, members in seen.values()}
+                accumulators = {members[0]: _Accumulator(x.shape[-1], gram, sample_rows, seed)
+                                for seed, (x, members) in enumerate(seen.values())}
             elif found != groups:
                 raise CalibrationError("the linears sharing an input changed between calibration batches "
                                        f"({sorted(set(found) ^ set(groups))[0]})")
@@ -188,6 +216,6 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor], gram: boo
         seen.clear()
     if not count:
         raise CalibrationError("calibrate: no batches")
-    inputs = [InputStats(members, acc.amax, acc.gram, acc.tokens) for members in groups
+    inputs = [InputStats(members, acc.amax, acc.gram, acc.tokens, acc.sample) for members in groups
               for acc in [accumulators[members[0]]]]
     return Calibration(inputs, _linear_signature(model))

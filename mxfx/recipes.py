@@ -33,12 +33,13 @@ from dataclasses import dataclass
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from mxfx.calibration import Calibration
+from mxfx.calibration import Calibration, InputStats
 from mxfx.recovery.gptq import gptq, round_to_nearest
 from mxfx.recovery.grids import DualLevelGrid, SingleLevelGrid
 from mxfx.recovery.rotation import BlockRotation, rotate
 from mxfx.recovery.smoothing import smooth_scale
 from mxfx.schemes import MXFP4, MXFP4W4A8, MXFP8, DualLevelMXFP4, Scheme, get_scheme, target_ops, tensor_key
+from mxfx.targets import get_target
 
 aten = torch.ops.aten
 SINGLE_LEVEL = (MXFP4W4A8, MXFP8, MXFP4)  # npu_dynamic_mx_quant activations: npu_rotate_quant rotates and quantizes
@@ -46,15 +47,21 @@ SINGLE_LEVEL = (MXFP4W4A8, MXFP8, MXFP4)  # npu_dynamic_mx_quant activations: np
 
 @dataclass(frozen=True)
 class Recipe:
-    """smooth_alpha: SmoothQuant migration strength (None: no smoothing); rotation: a block rotation
-    (None: none); gptq: GPTQ codes (else round to nearest); scale_search: "floor" (the kernel's rule)
-    or "mse" (per 32-block, floor exponent or one up); damp: GPTQ's relative diagonal damping."""
+    """smooth_alpha: SmoothQuant migration strength (None: no smoothing; "search": per activation, the one of
+    SEARCHED_ALPHAS, or no smoothing, with the least quantized output error on the calibration's sample);
+    rotation: a block rotation (None: none); gptq: GPTQ codes (else round to nearest); scale_search: "floor"
+    (the kernel's rule) or "mse" (per 32-block, floor exponent or one up); damp: GPTQ's relative diagonal
+    damping."""
 
-    smooth_alpha: float | None = None
+    smooth_alpha: float | str | None = None
     rotation: BlockRotation | None = None
     gptq: bool = False
     scale_search: str = "floor"
     damp: float = 0.01
+
+    def __post_init__(self):
+        if isinstance(self.smooth_alpha, str) and self.smooth_alpha != "search":
+            raise ValueError(f"smooth_alpha must be a number in [0, 1], 'search' or None, got {self.smooth_alpha!r}")
 
     @property
     def needs_calibration(self) -> bool:
@@ -67,14 +74,20 @@ RECIPES = {
     "gptq": Recipe(gptq=True),
     "smooth+gptq": Recipe(smooth_alpha=0.5, gptq=True),
     "rotate+gptq": Recipe(rotation=BlockRotation(32), gptq=True),
+    "smooth+rotate+gptq": Recipe(smooth_alpha=0.5, rotation=BlockRotation(32), gptq=True),
+    "smooth-search": Recipe(smooth_alpha="search"),
+    "smooth-search+gptq": Recipe(smooth_alpha="search", gptq=True),
+    "smooth-search+rotate+gptq": Recipe(smooth_alpha="search", rotation=BlockRotation(32), gptq=True),
     "mse": Recipe(scale_search="mse"),
     "gptq+mse": Recipe(gptq=True, scale_search="mse"),
 }
+SEARCHED_ALPHAS = tuple(i / 10 for i in range(11))  # smooth_alpha="search" also tries no smoothing
 # per base scheme, chosen by measurement (README: accuracy recovery); a rotation is recommended only where it
-# pays for what it costs on the NPU (an online bmm or npu_rotate_quant, and the fusions it prevents)
+# pays for what it costs on the NPU (an online bmm or npu_rotate_quant, and the fusions it prevents); the
+# searched smoothing where outlier channels make the plain recipe fall apart (README: the outlier model)
 RECOMMENDED = {
-    "mxfp4_dual": "rotate+gptq",
-    "mxfp4_w4a8": "gptq",
+    "mxfp4_dual": "smooth-search+rotate+gptq",
+    "mxfp4_w4a8": "smooth-search+gptq",
     "mxfp8": "gptq",
 }
 
@@ -295,6 +308,33 @@ def stored_transforms(base: Scheme, k: int, smooth: torch.Tensor | None,
                      smooth=None if smooth is None else Constant(smooth), stored=True)
 
 
+@torch.no_grad()
+def searched_smooth(base: Scheme, recipe: Recipe, stats: InputStats, weights: list[torch.Tensor]) -> Constant | None:
+    """The smooth scale of one activation (None: no smoothing) among SEARCHED_ALPHAS' and none, minimizing
+    sum_i ||Q(x s) Q(W_i / s)^T - x W_i^T||^2 / ||x W_i^T||^2 over the linears W_i reading it, x the
+    calibration's sample: each candidate run through the scheme's own quantizers (round to nearest, with the
+    recipe's rotation). Each linear's error is relative to its output's energy: on the outlier model v_proj's
+    output is 100x q_proj's in energy, so the plain sum chose what suits v and cost q/k 5x their error
+    (+11.7% perplexity against +4.0% with alpha 0.5), while what q/k and v pass on is relative (q_norm,
+    k_norm, and the scale o_proj's weight carries)."""
+    name = stats.members[0]
+    if stats.sample is None:
+        raise ValueError(f"linear {name}: the smoothing's alpha search needs a sample of its input's rows, which "
+                         "the calibration lacks (calibrate again: mxfx.calibrate keeps one unless sample_rows=0)")
+    target, x, dtype = get_target("reference"), stats.sample, weights[0].dtype
+    exact = [x.float() @ w.float().T for w in weights]
+    energy = [y.square().sum().clamp(min=torch.finfo(torch.float32).tiny).item() for y in exact]
+    candidates = [None, *(Constant(smooth_scale(stats.amax, weights, alpha).to(dtype)) for alpha in SEARCHED_ALPHAS)]
+
+    def error(smooth: Constant | None) -> float:
+        scheme = Recovered(base=base, recipe=Recipe(rotation=recipe.rotation), k=stats.k, smooth=smooth)
+        outputs = (scheme.linear(target, x, scheme.prepare(target, w, None, x.dtype)) for w in weights)
+        return sum((y_q.float() - y).square().sum().item() / e for y_q, y, e in zip(outputs, exact, energy))
+
+    errors = [error(smooth) for smooth in candidates]
+    return candidates[min(range(len(candidates)), key=errors.__getitem__)]
+
+
 def recipe_name(recipe: Recipe) -> str:
     return next((name for name, value in RECIPES.items() if value == recipe), repr(recipe))
 
@@ -461,12 +501,17 @@ def select(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibrat
             if missing:
                 raise ValueError(f"linear {name}: the smoothing of its input needs the weights of {missing}, "
                                  "which read the same input but are not given")
-            s = smooth_scale(stats.amax, [weights[member] for member in stats.members], recipe.smooth_alpha)
-            smooth[stats.members[0]] = Constant(s.to(weight.dtype))
+            members = [weights[member] for member in stats.members]
+            if recipe.smooth_alpha == "search":
+                smooth[stats.members[0]] = searched_smooth(base, recipe, stats, members)
+            else:
+                smooth[stats.members[0]] = Constant(smooth_scale(stats.amax, members, recipe.smooth_alpha)
+                                                    .to(weight.dtype))
         # v_proj of a fold: one head's blocks (fold_rotations checked that they repeat per head position)
         head = Constant(recipe.rotation.activation_blocks(heads[name].head_dim)) if name in heads else None
         schemes[weight] = Recovered(
-            base=base, recipe=recipe, k=k, smooth=smooth.get(stats.members[0]) if recipe.smooth_alpha else None,
+            base=base, recipe=recipe, k=k,
+            smooth=smooth.get(stats.members[0]) if recipe.smooth_alpha is not None else None,
             # keyed by the input, not the linear: siblings (one Gram matrix) get equal schemes, so they merge
             gram=GramOf(calibration, stats.members[0]) if stats is not None and stats.gram is not None else None,
             fold_input=name in folded, head_rotation=head,

@@ -172,11 +172,11 @@ def test_recipes_run_next_to_plain_rounding_from_a_calibration_file(byte_model, 
     out = capsys.readouterr().out
     rows = [line.split()[0] for line in out.splitlines() if line.startswith("mxfp")]
     # each scheme plain, then its recipes, each once (mxfp8's recommended recipe is gptq)
-    assert rows == ["mxfp4_w4a8", "mxfp4_w4a8+gptq", "mxfp8", "mxfp8+gptq"]
+    assert rows == ["mxfp4_w4a8", "mxfp4_w4a8+gptq", "mxfp4_w4a8+smooth-search+gptq", "mxfp8", "mxfp8+gptq"]
     assert cli.main(["inspect", "--model", str(byte_model), "--scheme", "mxfp4_dual", "mxfp4", "--recipe",
                      "rotate", "recommended", "--calibration", str(calibration)]) == 0
     out = capsys.readouterr().out
-    assert "mxfx rewrite: scheme mxfp4_dual+rotate," in out and "scheme mxfp4_dual+rotate+gptq," in out
+    assert "mxfx rewrite: scheme mxfp4_dual+rotate," in out and "scheme mxfp4_dual+smooth-search+rotate+gptq," in out
     assert "mxfp4: recipes serve mxfp4_dual, mxfp4_w4a8 and mxfp8 only; it runs plain for --recipe rotate" in out
     assert "mxfx rewrite: scheme mxfp4," in out and "scheme mxfp4_dual," not in out
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [  # lowest first; a module belongs to the first prefix that names it
     ["mxfx.formats"],
     ["mxfx.ops", "mxfx.targets", "mxfx.selection", "mxfx.stored_weights", "mxfx.tensor_cache", "mxfx.metrics",
-     "mxfx.calibration", "mxfx.recovery"],
+     "mxfx.calibration", "mxfx.recovery", "mxfx.outliers"],
     ["mxfx.schemes", "mxfx.prepared", "mxfx.recipes", "mxfx.mixed_precision"],
     ["passes"],
     ["mxfx.dynamo_backend", "mxfx.weight_watch", "mxfx.checkpoint", "mxfx.evaluation", "mxfx.textdata",

@@ -85,3 +85,40 @@ def test_bad_statistics_and_files_are_refused_naming_the_linear(tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 5)
     with pytest.raises(CalibrationError, match="cannot read the calibration"):
         Calibration.load(tmp_path / "broken.safetensors")
+
+
+def test_the_sample_is_seeded_rows_of_the_input_and_round_trips(tmp_path):
+    model, batches = Toy(), _batches()
+    calibration = calibrate(model, batches, sample_rows=16)
+    x = torch.cat([b.reshape(-1, 64) for b in batches])
+    sample = calibration.stats("q").sample
+    assert sample.shape == (16, 64) and sample.dtype == x.dtype
+    rows = (sample.unsqueeze(1) == x.unsqueeze(0)).all(-1)  # [16, 60]: which input row each sample row is
+    assert (rows.sum(1) == 1).all() and rows.any(0).sum() == 16  # 16 distinct rows of the input
+    assert torch.equal(calibrate(model, batches, sample_rows=16).stats("q").sample, sample)  # seeded
+    assert calibrate(model, batches, sample_rows=100).stats("q").sample.shape == (60, 64)  # fewer rows than asked
+    calibration.save(tmp_path / "cal.safetensors")
+    loaded = Calibration.load(tmp_path / "cal.safetensors")
+    assert all(torch.equal(a.sample, b.sample) for a, b in zip(calibration.inputs, loaded.inputs))
+    without = calibrate(model, batches, sample_rows=0)  # what a file written before samples existed holds
+    without.save(tmp_path / "old.safetensors")
+    assert all(s.sample is None for s in Calibration.load(tmp_path / "old.safetensors").inputs)
+
+
+def test_a_bad_sample_is_refused_naming_the_linear(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    calibrate(Toy(), _batches(), sample_rows=8).save(tmp_path / "cal.safetensors")
+    with safe_open(str(tmp_path / "cal.safetensors"), framework="pt") as file:
+        tensors, metadata = {name: file.get_tensor(name) for name in file.keys()}, file.metadata()
+    tensors["1.sample"][3, 5] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=metadata)
+    with pytest.raises(CalibrationError, match="calibration of o: its input sample has inf/NaN entries"):
+        Calibration.load(tmp_path / "nan.safetensors")
+    tensors["1.sample"] = torch.ones(4, 7)
+    save_file(tensors, str(tmp_path / "shape.safetensors"), metadata=metadata)
+    with pytest.raises(CalibrationError, match=r"calibration of o: input sample \[4, 7\] for K=32"):
+        Calibration.load(tmp_path / "shape.safetensors")
+    with pytest.raises(CalibrationError, match="sample_rows must be >= 0"):
+        calibrate(Toy(), _batches(), sample_rows=-1)

@@ -64,9 +64,11 @@ def test_smooth_scale_is_smoothquant_over_all_linears_on_the_activation():
     weights = [rng.normal(size=(n, 64)).astype(np.float32) for n in (16, 8)]
     alpha = 0.7
     amax_w = np.maximum(np.abs(weights[0]).max(0), np.abs(weights[1]).max(0))
-    expected = amax_x ** alpha / amax_w ** (1 - alpha)
+    expected = amax_w ** (1 - alpha) / amax_x ** alpha  # x * s: the activation divided by SmoothQuant's scale
     got = smooth_scale(torch.from_numpy(amax_x), [torch.from_numpy(w) for w in weights], alpha)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+    balanced = smooth_scale(torch.from_numpy(amax_x), [torch.from_numpy(w) for w in weights], 0.5).numpy()
+    np.testing.assert_allclose(amax_x * balanced, amax_w / balanced, rtol=1e-5)  # alpha 0.5: equal ranges
     dead = smooth_scale(torch.zeros(64), [torch.from_numpy(weights[0])], alpha)
     assert (dead >= SCALE_MIN).all() and torch.isfinite(dead).all()
     with pytest.raises(ValueError, match="alpha"):
