@@ -102,8 +102,11 @@ def recipe_costs(layers: int, seq: int) -> None:
         for recipe in RECIPES.values():
             for target in targets.values():
                 gm, weights, _ = trace(model, ids)
-                scheme = name if recipe is None else recipes.select(name, recipe, calibration, {
-                    site.fqn: weights[site.weight] for site in find_linears(gm) if ".layers." in (site.fqn or "")})
+                linears = {site.fqn: weights[site.weight] for site in find_linears(gm)
+                           if ".layers." in (site.fqn or "")}
+                folds = None if recipe is None else recipes.fold_rotations(  # o_proj's rotation, where it folds
+                    *recipes.check_recipe(name, recipe, calibration), linears, recipes.attentions(model))
+                scheme = name if recipe is None else recipes.select(name, recipe, calibration, linears, folds)
                 run_passes(gm, passes.DEFAULT_PASSES, PassContext(scheme, target, weights))
                 row.append(layer_costs(gm, set(weights), layers, seq)[0])
         print(f"{name:<12}" + "".join(f"{ops:>20.1f}" for ops in row))
