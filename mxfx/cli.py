@@ -13,6 +13,7 @@ from passes import FusionReport
 from passes.report import table
 
 from . import evaluation
+from .dynamo_backend import DEFAULT_SCHEME
 from .formats import dequantize_dual_level, dequantize_mx, quantize_dual_level, quantize_mx
 from .metrics import nbytes, sqnr_db
 from .mixed_precision import RECOVERED_CANDIDATES, WRITABLE_CANDIDATES, Plan
@@ -274,20 +275,23 @@ def _calibration(args, model, tokens: evaluation.Tokenizer, gram: bool = True):
 
 
 def _runs(args, model, tokens: evaluation.Tokenizer) -> list:
-    """Each --scheme plain ("none") and with each other --recipe, in that order, each recipe once; a scheme
-    the recipes do not serve, or without a recommended recipe, runs plain only, and says so."""
+    """Each --scheme plain ("none") and with each other --recipe, in that order, each recipe once (a
+    SCHEME+RECIPE entry: that recipe only); a scheme the recipes do not serve, or without a recommended
+    recipe, runs plain only, and says so."""
     from . import recipes
 
     asked = getattr(args, "recipe", None) or ["none"]
-    if asked == ["none"]:
-        return list(args.scheme)
+    wanted = [(s.partition("+")[0], [s.partition("+")[2]]) if isinstance(s, str) and "+" in s else (s, asked)
+              for s in args.scheme]  # SCHEME+RECIPE: that recipe only
+    if all(names == ["none"] for _, names in wanted):
+        return [scheme for scheme, _ in wanted]
     if args.scheme == ["modelslim"]:
         raise ValueError(f"--model {args.model} is a quantized checkpoint: its codes are fixed, so --recipe "
                          f"{' '.join(asked)} cannot apply (recipes run when quantizing a bf16 model)")
     chosen = {}  # scheme -> recipe names, in order, "none" for plain rounding
-    for scheme in args.scheme:
+    for scheme, recipe_names in wanted:
         names, label = chosen.setdefault(scheme, []), getattr(scheme, "label", scheme)
-        for recipe in asked:
+        for recipe in recipe_names:
             name = recipe
             if recipe != "none" and not (isinstance(scheme, str) and recipes.serves(scheme)):
                 print(f"{label}: recipes serve mxfp4_dual, mxfp4_w4a8 and mxfp8 only; it runs plain for --recipe "
@@ -424,6 +428,18 @@ def _formats(args) -> int:
     return 0
 
 
+def scheme_arg(text: str) -> str:
+    """An argparse type: a scheme, a mixed-precision choice, or SCHEME+RECIPE (a recipe or 'recommended')."""
+    from .recipes import RECIPES
+
+    name, plus, recipe = text.partition("+")
+    if name not in (*SCHEMES, *MIXED) or (plus and (name in MIXED or recipe not in (*RECIPES, "recommended"))):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a scheme: choose one of {', '.join([*SCHEMES, *sorted(MIXED)])}, or SCHEME+RECIPE with "
+            f"a recipe of {', '.join([*RECIPES, 'recommended'])}")
+    return text
+
+
 def at_least(minimum: int):
     """An argparse type: an integer >= minimum; anything else is a usage error that says what is allowed."""
 
@@ -482,10 +498,11 @@ def parser() -> argparse.ArgumentParser:
     def model_args(sub, default_model=None):
         sub.add_argument("--model", default=default_model, required=default_model is None,
                          help="a local Hugging Face Qwen3 folder, bf16 or a quantized checkpoint")
-        sub.add_argument("--scheme", nargs="+", choices=[*SCHEMES, *MIXED], default=None,
-                         help="schemes to compile with (default: all; a quantized checkpoint runs its stored one; "
-                              "auto: mixed precision under each --bits; first-blocks: the first N decoder blocks "
-                              "bf16 and the rest the smallest --candidates scheme, each N)")
+        sub.add_argument("--scheme", nargs="+", type=scheme_arg, default=None, metavar="SCHEME[+RECIPE]",
+                         help=f"schemes to compile with, of {', '.join([*SCHEMES, *sorted(MIXED)])} (default: all; a "
+                              "quantized checkpoint runs its stored one; auto: mixed precision under each --bits; "
+                              "first-blocks: the first N decoder blocks bf16 and the rest the smallest --candidates "
+                              "scheme, each N); SCHEME+RECIPE runs that recipe only (e.g. mxfp4_dual+recommended)")
         auto_args(sub, list(RECOVERED_CANDIDATES))
 
     def recipe_args(sub, default):
@@ -511,7 +528,10 @@ def parser() -> argparse.ArgumentParser:
                          help="prompt of the greedy continuations ('' for none; default for eval: the first "
                               "words of the evaluation text)")
         sub.add_argument("--new-tokens", type=at_least(0), default=40, help="tokens per greedy continuation (0: none)")
-        recipe_args(sub, ["none", "recommended"] if sub is demo else ["none"])
+        recipe_args(sub, ["none"])
+    # the default scheme's recommended recipe next to every scheme's plain rounding (the others' recipes:
+    # --recipe recommended, minutes more)
+    demo.set_defaults(scheme=[*SCHEMES, f"{DEFAULT_SCHEME}+recommended"])
     evaluate.add_argument("--plot", help="write a PNG of per-layer SQNR per scheme, and for runs of several sizes "
                                          "(auto at several --bits, first-blocks) PLOT-bits.png: perplexity and "
                                          "agreement against the weight bits (needs matplotlib)")
