@@ -349,6 +349,10 @@ def _inspect_parallel(model, args) -> int:
     """The per-linear tensor-parallel plan of each scheme (shapes only: nothing is sharded or run)."""
     from .parallel import ParallelError, plan
 
+    recipes = [s for s in args.scheme if isinstance(s, str) and "+" in s] + [r for r in args.recipe if r != "none"]
+    if recipes:
+        raise ValueError(f"--tp shows how plain schemes and mixed plans split; recipes ({', '.join(recipes)}) are not "
+                         "tensor-parallelized here (their smoothing and rotation constants come from whole weights)")
     for scheme in args.scheme:
         try:
             print(plan(model, args.tp, scheme)[0], end="\n\n")

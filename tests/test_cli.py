@@ -198,3 +198,6 @@ def test_recipe_inputs_that_cannot_serve_are_refused_by_name(byte_model, tmp_pat
     assert cli.main(["quantize", "--model", str(byte_model), "--scheme", "mxfp8", "--out", str(checkpoint)]) == 0
     assert cli.main(["eval", "--model", str(checkpoint), "--recipe", "gptq", "--seq", "32", *QUICK]) == 2
     assert "is a quantized checkpoint: its codes are fixed, so --recipe gptq cannot apply" in capsys.readouterr().err
+    for recipe in (["--scheme", "mxfp8+gptq"], ["--scheme", "mxfp8", "--recipe", "rotate"]):  # not silently dropped
+        assert cli.main(["inspect", "--model", str(byte_model), "--tp", "2", *recipe]) == 2
+        assert "recipes (" in capsys.readouterr().err
