@@ -54,8 +54,9 @@ def time_qwen3_shaped(layers: int) -> None:
     elapsed = time.perf_counter() - start
     runs = sum(len(linear.options) - 1 for linear in sensitivity.linears.values())
     print(f"Qwen3-0.6B-shaped, {layers} layers: {runs} runs in {elapsed:.0f} s ({elapsed / runs:.2f} s a run, "
-          f"a bf16 forward {forward_s:.2f} s); 28 layers have {runs * 28 // layers} runs, each at least as long: "
-          f"over {runs * 28 // layers * elapsed / runs / 60:.0f} min (not measured)")
+          f"a bf16 forward {forward_s:.2f} s)" + ("" if layers == 28 else (
+              f"; 28 layers have {runs * 28 // layers} runs, each at least as long: over "
+              f"{runs * 28 // layers * elapsed / runs / 60:.0f} min (not measured)")))
 
 
 if args.qwen3_layers:
