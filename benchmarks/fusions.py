@@ -27,7 +27,7 @@ from mxfx.calibration import calibrate
 from mxfx.recovery.rotation import BlockRotation
 from mxfx.schemes import SCHEMES
 from mxfx.targets import GE_LACKS, get_target
-from passes import PassContext, find_linears, mxfx_tag, run_passes
+from passes import PassContext, mxfx_tag, run_passes
 
 aten = torch.ops.aten
 FREE = {operator.getitem, aten.reshape.default, aten.view.default, aten._unsafe_view.default,
@@ -99,14 +99,10 @@ def recipe_costs(layers: int, seq: int) -> None:
     print(f"{'scheme':<12}" + "".join(f"{name + ' ' + t:>20}" for name in RECIPES for t in targets))
     for name in recipes.RECOMMENDED:
         row = []
-        for recipe in RECIPES.values():
+        for recipe in RECIPES.values():  # from the model, as the CLI builds it: o_proj's rotation folds
+            scheme = name if recipe is None else recipes.apply(name, recipe, calibration, model)
             for target in targets.values():
                 gm, weights, _ = trace(model, ids)
-                linears = {site.fqn: weights[site.weight] for site in find_linears(gm)
-                           if ".layers." in (site.fqn or "")}
-                folds = None if recipe is None else recipes.fold_rotations(  # o_proj's rotation, where it folds
-                    *recipes.check_recipe(name, recipe, calibration), linears, recipes.attentions(model))
-                scheme = name if recipe is None else recipes.select(name, recipe, calibration, linears, folds)
                 run_passes(gm, passes.DEFAULT_PASSES, PassContext(scheme, target, weights))
                 row.append(layer_costs(gm, set(weights), layers, seq)[0])
         print(f"{name:<12}" + "".join(f"{ops:>20.1f}" for ops in row))
