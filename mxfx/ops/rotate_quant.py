@@ -87,8 +87,6 @@ def _check(x, rotation, alpha, dst_dtype, axis, round_mode, scale_alg, dst_type_
         raise ValueError(f"{OP}: transpose_y=True is not supported (aclnnRotateQuant takes False only)")
     if alpha is not None and (alpha.dtype != torch.bfloat16 or tuple(alpha.shape) != (1,)):
         raise ValueError(f"{OP}: alpha must be a bf16 tensor of shape [1], got {alpha.dtype} {list(alpha.shape)}")
-    if fmt == "fp4_e2m1" and n % 2:
-        raise ValueError(f"{OP}: FP4 packs two values a byte, so N must be even, got {n}")
     return fmt, _SCALE_ALGS[fmt][alg], round_mode, limit
 
 
