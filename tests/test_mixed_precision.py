@@ -16,6 +16,7 @@ from mxfx import checkpoint, evaluation
 from mxfx import mixed_precision as mp
 from mxfx.calibration import calibrate
 from mxfx.selection import SkipReason
+from tests.compiled import compiled
 from tests.models import tiny_qwen3
 
 BATCHES = [torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
@@ -50,12 +51,8 @@ def _brute_force(sensitivity, bits, share):
 
 
 def _compiled(model, plan):
-    torch._dynamo.reset()
-    be = mxfx.backend(scheme=plan, target="reference")
-    compiled = torch.compile(model, backend=be, fullgraph=True)
-    with torch.no_grad():
-        logits = compiled(BATCHES[0]).logits
-    return logits, be.reports[-1]
+    out, be = compiled(model, BATCHES[0], scheme=plan)
+    return out.logits, be.reports[-1]
 
 
 def test_the_measurement_leaves_the_model_unchanged_and_groups_the_siblings(model, sensitivity):

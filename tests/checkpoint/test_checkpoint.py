@@ -16,18 +16,15 @@ from mxfx.checkpoint import CheckpointError
 from mxfx.formats import quantize_mx
 
 from .. import msmodelslim
+from ..compiled import compiled
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 SCHEMES = ["mxfp8", "mxfp4_w4a8", "mxfp4_dual", "mxfp4"]
 
 
 def _logits(model, scheme):
-    torch._dynamo.reset()
-    be = mxfx.backend(scheme, target="reference")
-    with torch.no_grad():
-        logits = torch.compile(model, backend=be, fullgraph=True)(IDS).logits
-    torch._dynamo.reset()
-    return logits, be.reports[-1]
+    out, be = compiled(model, IDS, scheme=scheme)
+    return out.logits, be.reports[-1]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -18,6 +18,7 @@ from mxfx.recovery.rotation import BlockRotation
 from passes import FusionReport
 
 from .. import msmodelslim
+from ..compiled import compiled
 from ..models import tiny_qwen3
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -71,11 +72,8 @@ def written(model_dir, calibration, tmp_path_factory):
 
 
 def _compiled(model, scheme):
-    torch._dynamo.reset()
-    be = mxfx.backend(scheme, target="reference")
-    with torch.no_grad():
-        logits = torch.compile(model, backend=be, fullgraph=True)(IDS).logits
-    torch._dynamo.reset()
+    out, be = compiled(model, IDS, scheme=scheme)
+    logits = out.logits
     sites = [[(site.linears, site.outcome, site.reason) for site in r.sites]
              for r in be.pipeline_reports[-1].get(FusionReport)]
     return logits, be.reports[-1], sites

@@ -5,20 +5,17 @@ unrewritten linears, and measure (bf16 baseline streamed) exactly what the dequa
 import pytest
 import torch
 
-import mxfx
 from mxfx import checkpoint, evaluation
 from mxfx.checkpoint import PlaceholderWeightError
 from mxfx.dynamo_backend import MXFXCompileError
+
+from ..compiled import compiled
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
 def _compiled_logits(model, **options):
-    torch._dynamo.reset()
-    with torch.no_grad():
-        logits = torch.compile(model, backend=mxfx.backend(target="reference", **options), fullgraph=True)(IDS).logits
-    torch._dynamo.reset()
-    return logits
+    return compiled(model, IDS, **options)[0].logits
 
 
 def _storage_bytes(tensors) -> int:
