@@ -73,7 +73,7 @@ def _print_evaluation(result: "evaluation.Evaluation", runs: list, tokens: evalu
     print(f"held-out text: {result.tokens:,} tokens")
     print(table(("model", "linear MiB", "bits/weight", "perplexity", "vs bf16", "top-1 = bf16",
                   "layer SQNR min/mean dB", "compile s", "eval s"), rows))
-    names = list(dict.fromkeys(name for r in result.results for name in r.layer_sqnr))
+    names = _sqnr_linears(result)
     if names:
         print("\nper-layer output SQNR (dB), quantized layer vs bf16 layer on the same input")
         print(table(("linear", *(r.scheme for r in result.results)),
@@ -87,6 +87,11 @@ def _print_evaluation(result: "evaluation.Evaluation", runs: list, tokens: evalu
         _plot(result, plot, model)
         if len({r.report.weight_bits for r in result.results}) > 1:
             _plot_bits(result, runs, plot, model)
+
+
+def _sqnr_linears(result: "evaluation.Evaluation") -> list[str]:
+    """The linears any run measured a layer SQNR for, in order (a plan's bf16 ones have none)."""
+    return list(dict.fromkeys(name for r in result.results for name in r.layer_sqnr))
 
 
 def _pyplot():
@@ -104,7 +109,7 @@ def _plot(result: "evaluation.Evaluation", path: str, model: str) -> None:
     """Per-layer SQNR per scheme, one panel per block: `model.layers.3.mlp.down_proj` is drawn as
     `mlp.down_proj` in block 3's panel, so the labels stay readable for any depth."""
     plt = _pyplot()
-    names = list(dict.fromkeys(name for r in result.results for name in r.layer_sqnr))  # a plan's bf16 ones: none
+    names = _sqnr_linears(result)
     groups: dict[str, list[str]] = {}
     for name in names:
         block = name.partition(".layers.")[2].partition(".")[0]
