@@ -23,7 +23,7 @@ from pass_overhead import qwen3_06b_shaped_model, trace
 import mxfx
 import passes
 from mxfx import evaluation, recipes, textdata
-from mxfx.calibration import calibrate
+from mxfx.calibrating import calibrate
 from mxfx.recovery.rotation import BlockRotation
 from mxfx.schemes import SCHEMES
 from mxfx.targets import GE_LACKS, get_target

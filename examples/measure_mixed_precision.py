@@ -18,7 +18,7 @@ import torch
 import mxfx
 from mxfx import evaluation, textdata
 from mxfx import mixed_precision as mp
-from mxfx.calibration import calibrate
+from mxfx.calibrating import calibrate
 from mxfx.cli import HelpFormatter
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)

@@ -15,7 +15,7 @@ import torch
 
 import mxfx
 from mxfx import evaluation, recipes, textdata
-from mxfx.calibration import calibrate
+from mxfx.calibrating import calibrate
 from mxfx.cli import HelpFormatter
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)

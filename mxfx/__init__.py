@@ -11,7 +11,7 @@ _EXPORTS = {
     "Calibration": "mxfx.calibration",
     "MXFXCompileError": "mxfx.dynamo_backend",
     "backend": "mxfx.dynamo_backend",
-    "calibrate": "mxfx.calibration",
+    "calibrate": "mxfx.calibrating",
     "mxfx_backend": "mxfx.dynamo_backend",
     "torchair_inner": "mxfx.dynamo_backend",
 }

@@ -1,17 +1,13 @@
 """Calibration statistics of a model's linear inputs: what smoothing (per-channel amax; its alpha search, a
-sample of rows) and GPTQ (the K x K Gram matrix) read.
-
-`calibrate(model, batches)` runs the model in bf16 and collects, per distinct linear input (q/k/v read one
-activation, gate/up another: each is counted once), the per-channel abs-max, sum(x^T x) (each batch's
-product in fp32, summed in fp64) and a seeded uniform sample of its rows (bottom-k of one random key per row,
-in the input's dtype). This first version hooks nn.Linear modules (forward pre-hooks), not the
-traced graph: linears on one input are the ones whose hooks see the same tensor object within a forward.
+sample of rows) and GPTQ (the K x K Gram matrix) read. `mxfx.calibrating.calibrate` collects them from the
+traced graph; this module is the data: per distinct linear input (q/k/v read one activation, gate/up
+another: each is counted once), the per-channel abs-max, sum(x^T x) (each batch's product in fp32, summed
+in fp64) and a seeded uniform sample of its rows (bottom-k of one random key per row, in the input's dtype).
 A Calibration is saved as one safetensors file whose metadata holds the JSON description (groups,
 members, K, token count, model signature), and is checked against a model before it is used.
 """
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +59,8 @@ class InputStats:
 
 class Calibration:
     """Statistics per linear input; `stats(fqn)` finds a linear's. `signature`: each calibrated linear's
-    (FQN, in_features, out_features), what `check(model)` compares."""
+    FQN -> weight shape [N, K] (every linear of the model's graphs: nn.Linear modules, and F.linear calls
+    on a module's own parameter, under that module's FQN), what `check(model)` compares."""
 
     def __init__(self, inputs: list[InputStats], signature: dict[str, tuple[int, int]]):
         self.inputs, self.signature = inputs, signature
@@ -83,7 +80,7 @@ class Calibration:
     def check(self, model: torch.nn.Module) -> None:
         """Raise unless every calibrated linear is in `model` with the same shape and every linear of the
         model was calibrated (a calibration for another model is refused)."""
-        linears = _linear_signature(model)
+        linears = _linear_signature(model, self.signature)
         missing = sorted(set(linears) - set(self.signature))
         foreign = sorted(set(self.signature) - set(linears))
         if foreign:
@@ -148,9 +145,19 @@ class Calibration:
         return cls(inputs, {k: tuple(v) for k, v in description["signature"].items()})
 
 
-def _linear_signature(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    return {name: (m.out_features, m.in_features) for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear)}
+def _linear_signature(model: torch.nn.Module, calibrated: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """The model's linears [N, K]: every nn.Linear module's weight, and for each `calibrated` FQN naming
+    another module (an F.linear call on its parameter, which only the graph shows) its 2-D parameter of
+    the calibrated shape, else its first (which check_linear then refuses); one without any is absent."""
+    linears = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            linears[name] = (module.out_features, module.in_features)
+        elif name in calibrated:
+            shapes = [tuple(p.shape) for p in module.parameters(recurse=False) if p.dim() == 2]
+            if shapes:
+                linears[name] = tuple(calibrated[name]) if tuple(calibrated[name]) in shapes else shapes[0]
+    return linears
 
 
 class _Accumulator:
@@ -173,49 +180,3 @@ class _Accumulator:
         if self.gram is not None:
             self.gram += (x.T @ x).double()
         self.tokens += x.shape[0]
-
-
-@torch.no_grad()
-def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor], gram: bool = True,
-              sample_rows: int = SAMPLE_ROWS) -> Calibration:
-    """Run `model` on each batch (token ids) and collect every nn.Linear input's statistics. gram=False
-    skips the Gram matrices (smoothing needs only the abs-max); sample_rows: the rows kept per input for
-    the smoothing's alpha search (0: none). Linears sharing an input must share it in every batch (the
-    grouping is taken from the first batch and checked on the others)."""
-    if sample_rows < 0:
-        raise CalibrationError(f"calibrate: sample_rows must be >= 0, got {sample_rows}")
-    names = {module: name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    groups: list[tuple[str, ...]] | None = None
-    accumulators: dict[str, _Accumulator] = {}  # first member -> statistics
-    seen: dict[int, tuple[torch.Tensor, list[str]]] = {}  # id(input) -> (input, linears reading it), one forward
-
-    def hook(module, args):
-        x = args[0]
-        seen.setdefault(id(x), (x, []))[1].append(names[module])  # the tensor is held: its id stays unique
-
-    handles = [module.register_forward_pre_hook(hook) for module in names]
-    try:
-        count = 0
-        for batch in batches:
-            seen.clear()
-            model(batch)
-            found = [tuple(members) for _, members in seen.values()]
-            if groups is None:
-                groups = found
-                accumulators = {members[0]: _Accumulator(x.shape[-1], gram, sample_rows, seed)
-                                for seed, (x, members) in enumerate(seen.values())}
-            elif found != groups:
-                raise CalibrationError("the linears sharing an input changed between calibration batches "
-                                       f"({sorted(set(found) ^ set(groups))[0]})")
-            for x, members in seen.values():
-                accumulators[members[0]].add(x)
-            count += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-        seen.clear()
-    if not count:
-        raise CalibrationError("calibrate: no batches")
-    inputs = [InputStats(members, acc.amax, acc.gram, acc.tokens, acc.sample) for members in groups
-              for acc in [accumulators[members[0]]]]
-    return Calibration(inputs, _linear_signature(model))

@@ -261,7 +261,8 @@ def _calibration_windows(args, tokens: evaluation.Tokenizer) -> torch.Tensor:
 def _calibration(args, model, tokens: evaluation.Tokenizer, gram: bool = True):
     """--calibration FILE when it exists (checked against the model), else the model calibrated on
     _calibration_windows (and written to FILE when one is named)."""
-    from .calibration import Calibration, calibrate
+    from .calibrating import calibrate
+    from .calibration import Calibration
 
     path = getattr(args, "calibration", None)
     if path is not None and Path(path).is_file():

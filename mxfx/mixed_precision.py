@@ -32,7 +32,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from tqdm.auto import tqdm
 
 from mxfx import recipes
-from mxfx.calibration import Calibration, calibrate
+from mxfx.calibrating import calibrate
+from mxfx.calibration import Calibration
 from mxfx.schemes import SCHEMES, Scheme
 from mxfx.selection import Selection
 from mxfx.targets import Target, get_target
@@ -228,7 +229,8 @@ def measure(model: torch.nn.Module, batches: Sequence[torch.Tensor], calibration
     modules = {fqn: m for fqn, m in modules.items() if served[fqn]}
     if not modules:
         raise ValueError(f"measure: no linear of the model is eligible for {', '.join(candidates)}")
-    members = (calibration.inputs if calibration is not None else calibrate(model, batches[:1], gram=False).inputs)
+    members = (calibration.inputs if calibration is not None
+               else calibrate(model, batches[:1], gram=False, sample_rows=0).inputs)
     groups = [g for g in (tuple(m for m in stats.members if m in modules) for stats in members) if g]
 
     references = [torch.log_softmax(model(batch).logits.float(), -1) for batch in batches]

@@ -13,10 +13,10 @@ LAYERS = [  # lowest first; a module belongs to the first prefix that names it
     ["mxfx.formats"],
     ["mxfx.ops", "mxfx.targets", "mxfx.selection", "mxfx.stored_weights", "mxfx.tensor_cache", "mxfx.metrics",
      "mxfx.calibration", "mxfx.recovery", "mxfx.outliers"],
-    ["mxfx.schemes", "mxfx.prepared", "mxfx.recipes", "mxfx.mixed_precision"],
+    ["mxfx.schemes", "mxfx.prepared", "mxfx.recipes"],
     ["passes"],
     ["mxfx.dynamo_backend", "mxfx.weight_watch", "mxfx.checkpoint", "mxfx.evaluation", "mxfx.textdata",
-     "mxfx.parallel"],
+     "mxfx.parallel", "mxfx.calibrating", "mxfx.mixed_precision"],
     ["mxfx.cli"],
 ]
 

@@ -14,7 +14,7 @@ import torch
 import mxfx
 from mxfx import checkpoint, evaluation
 from mxfx import mixed_precision as mp
-from mxfx.calibration import calibrate
+from mxfx.calibrating import calibrate
 from mxfx.selection import SkipReason
 from tests.compiled import compiled
 from tests.models import tiny_qwen3

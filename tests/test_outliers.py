@@ -7,7 +7,7 @@ import torch
 
 import mxfx
 from mxfx import evaluation, recipes
-from mxfx.calibration import calibrate
+from mxfx.calibrating import calibrate
 from mxfx.metrics import sqnr_db
 from mxfx.outliers import with_outliers
 from tests.models import tiny_qwen3

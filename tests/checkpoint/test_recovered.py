@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 import mxfx
 from mxfx import checkpoint, cli, evaluation, recipes
-from mxfx.calibration import CalibrationError, calibrate
+from mxfx.calibrating import calibrate
+from mxfx.calibration import CalibrationError
 from mxfx.checkpoint import CheckpointError
 from mxfx.recipes import Recipe
 from mxfx.recovery.rotation import BlockRotation

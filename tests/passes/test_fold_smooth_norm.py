@@ -11,7 +11,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 import mxfx
 from mxfx import recipes
-from mxfx.calibration import calibrate
+from mxfx.calibrating import calibrate
 from mxfx.recipes import Recipe
 from mxfx.recovery.rotation import BlockRotation
 from passes import FusionSkipReason

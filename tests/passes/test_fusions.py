@@ -339,7 +339,7 @@ def test_an_update_of_a_merged_weight_is_merged_again():
 def test_recipe_siblings_merge_bit_exactly(scheme, recipe):
     """A recipe's siblings differ only in their codes (GPTQ is per linear) and share their activation's
     rotation: they merge, and the merged graph computes what the unmerged one does, bit for bit."""
-    from mxfx.calibration import calibrate
+    from mxfx.calibrating import calibrate
 
     model, ids = tiny_qwen3(layers=1), torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
     calibration = calibrate(model, [ids])

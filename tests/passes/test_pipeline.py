@@ -106,7 +106,7 @@ def test_an_engine_runs_the_pipeline_as_a_custom_pass_on_its_aot_autograd_graph(
     from torch._dynamo.backends.common import aot_autograd
 
     from mxfx import recipes
-    from mxfx.calibration import calibrate
+    from mxfx.calibrating import calibrate
 
     model, ids = tiny_qwen3(layers=1), torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
     scheme = "mxfp8" if recipe is None else recipes.apply("mxfp8", recipe, calibrate(model, [ids], gram=False), model)

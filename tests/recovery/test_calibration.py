@@ -4,7 +4,8 @@ file round trip, and the errors that name the linear."""
 import pytest
 import torch
 
-from mxfx.calibration import Calibration, CalibrationError, calibrate
+from mxfx.calibrating import calibrate
+from mxfx.calibration import Calibration, CalibrationError
 
 
 class Toy(torch.nn.Module):

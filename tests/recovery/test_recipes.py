@@ -7,7 +7,7 @@ import torch
 
 import mxfx
 from mxfx import recipes
-from mxfx.calibration import calibrate
+from mxfx.calibrating import calibrate
 from mxfx.recipes import Recipe
 from mxfx.recovery.rotation import BlockRotation
 from tests import reference_linear
