@@ -7,7 +7,7 @@ sensitivity is the lowest any assignment reaches.
   (`Scheme.linear` through a forward hook, removed afterwards: the model is never changed).
 - Bytes: what the matmul reads for the weight, counted from the prepared tensors (codes and scales; not
   the bias nor per-activation constants such as a rotation, which one activation shares); bf16 is 16 bits.
-- Constraints: linears on one activation (q/k/v, gate/up; grouped as `mxfx.calibration` groups them) are a
+- Constraints: linears on one activation (q/k/v, gate/up; grouped as `mxfx.calibrate` groups them) are a
   group that is either all bf16 or quantizes its activation once: every member's activation key equal
   (share="activation"); share="type" also asks for one scheme name per group (one stored type, what
   vllm-ascend's fused qkv/gate_up linears and `passes.merge_siblings` need). K rules: a candidate a

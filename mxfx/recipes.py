@@ -522,7 +522,7 @@ def select(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibrat
 def apply(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibration | None,
           model: torch.nn.Module) -> RecipeSelector:
     """The selector running `scheme` with `recipe` on `model`'s linears (their weights, by identity).
-    calibration: from mxfx.calibration.calibrate on this model (checked against it); rotation alone
+    calibration: from mxfx.calibrate on this model (checked against it); rotation alone
     needs none."""
     base, recipe = check_recipe(scheme, recipe, calibration)
     if recipe.needs_calibration:
