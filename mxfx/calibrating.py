@@ -76,11 +76,10 @@ class _Collector:
             return members
         group = next(iter(known))
         if len(known) > 1 or set(group) != set(members):
-            other = sorted(known, key=lambda g: g != group)
-            name = next(m for m in members if m in self.group_of)
+            name = next(m for m in members if m in group)
             raise CalibrationError(
                 f"linear {name} is called on inputs shared with different linears ({', '.join(members)} on one, "
-                f"{', '.join(other[0])} on another): its statistics cannot be one activation's")
+                f"{', '.join(group)} on another): its statistics cannot be one activation's")
         return group
 
     def record(self, group: tuple[str, ...], x: torch.Tensor) -> None:
