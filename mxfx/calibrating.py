@@ -17,8 +17,8 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.fx as fx
 
-from mxfx.calibration import SAMPLE_ROWS, Calibration, CalibrationError, InputStats, _Accumulator
-from mxfx.dynamo_backend import _copy, _weights
+from mxfx.calibration import SAMPLE_ROWS, Accumulator, Calibration, CalibrationError, InputStats
+from mxfx.dynamo_backend import copy_graph, graph_weights
 from passes import find_linears
 
 
@@ -39,14 +39,14 @@ class _Collector:
 
     def __init__(self, gram: bool, rows: int):
         self.gram, self.rows = gram, rows
-        self.accumulators: dict[tuple[str, ...], _Accumulator] = {}
+        self.accumulators: dict[tuple[str, ...], Accumulator] = {}
         self.group_of: dict[str, tuple[str, ...]] = {}
         self.weights: dict[str, torch.Tensor] = {}
         self.recorded: set[tuple[str, ...]] = set()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
-        graph = _copy(gm)  # Dynamo's graph is not changed
-        weights = _weights(graph, example_inputs)
+        graph = copy_graph(gm)  # Dynamo's graph is not changed
+        weights = graph_weights(graph, example_inputs)
         readers: dict[fx.Node, list] = {}  # input node -> the linears reading it, in graph order
         for site in find_linears(graph):
             if site.fqn and site.weight in weights:
@@ -71,7 +71,7 @@ class _Collector:
         """The group `members` (read one input node) belong to: new, or the one they formed before."""
         known = {self.group_of[m] for m in members if m in self.group_of}
         if not known:
-            self.accumulators[members] = _Accumulator(k, self.gram, self.rows, seed=len(self.accumulators))
+            self.accumulators[members] = Accumulator(k, self.gram, self.rows, seed=len(self.accumulators))
             self.group_of.update(dict.fromkeys(members, members))
             return members
         group = next(iter(known))

@@ -160,7 +160,9 @@ def _linear_signature(model: torch.nn.Module, calibrated: dict[str, tuple[int, i
     return linears
 
 
-class _Accumulator:
+class Accumulator:
+    """One activation's running statistics (what InputStats holds), batch by batch."""
+
     def __init__(self, k: int, gram: bool, rows: int, seed: int):
         self.amax = torch.zeros(k, dtype=torch.float32)
         self.gram = torch.zeros(k, k, dtype=torch.float64) if gram else None

@@ -65,7 +65,7 @@ class InnerCompiler:
     lacks: frozenset[str] = frozenset()
 
 
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """A new GraphModule over a copied graph (Dynamo's own graph must not be mutated)."""
     graph = fx.Graph()
     mapping: dict[fx.Node, fx.Node] = {}
@@ -78,7 +78,7 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
-def _weights(gm: fx.GraphModule, example_inputs) -> dict[str, torch.Tensor]:
+def graph_weights(gm: fx.GraphModule, example_inputs) -> dict[str, torch.Tensor]:
     """The placeholders Dynamo fed with parameters or buffers of the model: the graph's constants."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return {
@@ -93,7 +93,7 @@ def _placeholders(gm: fx.GraphModule, weights: "dict[str, torch.Tensor] | list")
     bf16_weights=False): unrewritten, they would compute NaN. `weights`: by placeholder name, or the
     graph's example inputs."""
     if isinstance(weights, list):
-        weights = _weights(gm, weights)
+        weights = graph_weights(gm, weights)
     return [site.fqn or site.weight for site in find_linears(gm)
             if site.weight in weights and is_placeholder(weights[site.weight])]
 
@@ -249,8 +249,8 @@ class Backend:
                 npu_support.install()
             except RuntimeError as error:
                 raise MXFXCompileError(str(error)) from error
-        graph = _copy(gm)
-        weights = _weights(graph, example_inputs)
+        graph = copy_graph(gm)
+        weights = graph_weights(graph, example_inputs)
         if (dtensors := parallel.dtensor_problem(weights)) is not None:
             raise MXFXCompileError(dtensors)
         scheme = self.scheme_for_graph(graph, weights)

@@ -130,7 +130,7 @@ def test_a_bad_sample_is_refused_naming_the_linear(tmp_path):
 def _hooked(model, batches, gram=True, sample_rows=512):
     """The oracle: nn.Linear forward pre-hooks on the eager model, linears grouped by the tensor object
     they read in a forward, groups seeded in forward order (what mxfx.calibration did before the graph)."""
-    from mxfx.calibration import InputStats, _Accumulator
+    from mxfx.calibration import Accumulator, InputStats
 
     names = {m: n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     seen, accumulators = {}, {}
@@ -145,7 +145,7 @@ def _hooked(model, batches, gram=True, sample_rows=512):
             model(**batch) if isinstance(batch, dict) else model(batch)
             for x, members in seen.values():
                 key = tuple(dict.fromkeys(members))
-                accumulators.setdefault(key, _Accumulator(x.shape[-1], gram, sample_rows, len(accumulators))).add(x)
+                accumulators.setdefault(key, Accumulator(x.shape[-1], gram, sample_rows, len(accumulators))).add(x)
     finally:
         for handle in handles:
             handle.remove()
