@@ -102,10 +102,16 @@ class _Merge:
             self.report.skip(linears, *why)
             return
         scheme, target, dtype = schemes[0], self.context.target, value(matmuls[0]).dtype
+        old = {n for m in matmuls for n in m.all_input_nodes if _is_constant(n)}
+        # the siblings' own constants are not kept: freed before the merged ones are made, so that these can
+        # reuse some of their memory (README, "Memory": what the allocator keeps of them)
+        for own, weight, bias in zip(schemes, weights, biases):
+            self.context.discard_prepared(own, target, weight, bias, dtype)
+        for node in old:
+            if set(node.users) <= set(matmuls):  # no other matmul reads it
+                delattr(self.gm, node.target)
         with unset_fake_temporarily():  # real weights; aot_autograd runs an engine's passes under its fake mode
             prepared = self.context.prepare_merged(schemes, target, weights, biases, dtype)
-        for own, weight, bias in zip(schemes, weights, biases):  # the siblings' own constants are not kept
-            self.context.discard_prepared(own, target, weight, bias, dtype)
         stem = self._stem()
         first = matmuls[0]
         # "sources": the merged linears' weight and bias inputs, dtype and schemes (the weight watch merges them
@@ -127,11 +133,7 @@ class _Merge:
             pieces = [self.emit.call(operator.getitem, (split, i), role="split", **tag) for i in range(len(matmuls))]
         for matmul, piece in zip(matmuls, pieces):
             matmul.replace_all_uses_with(piece)
-        old = {n for m in matmuls for n in m.all_input_nodes if _is_constant(n)}
-        unused = [n.target for n in old if set(n.users) <= set(matmuls)]  # constants no other matmul reads
         erase_unused(self.graph, [*matmuls, *old])
-        for name in unused:
-            delattr(self.gm, name)
         self.report.fuse(linears, f"{scheme.label} matmul, N = {' + '.join(map(str, sizes))}")
 
     def _stem(self) -> str:
