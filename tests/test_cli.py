@@ -135,26 +135,28 @@ def test_a_checkpoint_refuses_an_explicit_scheme(byte_model, tmp_path, capsys):
     assert "fuse_norm_quant: 2 fused" in printed and "npu_add_rms_norm_dynamic_mx_quant" in printed
 
 
-def test_continuation_uses_a_kv_cache_and_compiles_two_graphs_whatever_the_length(byte_model):
+def test_continuation_reads_the_whole_sequence_through_the_evaluations_graph(byte_model):
     from torch._dynamo.utils import counters
 
     import mxfx
 
     model = evaluation.load_model(byte_model)
     calls = []
-    hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["cache"]), with_kwargs=True)
-    evaluation.continuation(model, [1, 2, 3], 5, end=None)
+    hook = model.register_forward_pre_hook(lambda m, args: calls.append(args[0].clone()))
+    tokens = evaluation.continuation(model, [1, 2, 3], 5, end=None)
     hook.remove()
-    assert len(calls) == 5 and all(cache is calls[0] for cache in calls), "one cache, one forward per token"
-    graphs = []
-    for new_tokens in (3, 12):
-        torch._dynamo.reset()
-        counters.clear()
-        compiled = torch.compile(model, backend=mxfx.backend("mxfp8", target="reference"), dynamic=True, fullgraph=True)
-        evaluation.continuation(compiled, [1, 2, 3], new_tokens, end=None)
-        graphs.append(counters["stats"]["unique_graphs"])
+    assert [list(c.shape) for c in calls] == [[2, 3 + i] for i in range(5)], "one forward of it all per token"
+    assert all(c[0].tolist() == c[1].tolist() == [1, 2, 3, *tokens[:i]] for i, c in enumerate(calls))
     torch._dynamo.reset()
-    assert graphs[0] == graphs[1] <= 2
+    counters.clear()
+    compiled = torch.compile(model, backend=mxfx.backend("mxfp8", target="reference"), dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        compiled(torch.randint(0, 256, (4, 32)))  # what the evaluation compiles: its windows
+    for new_tokens in (3, 12):
+        evaluation.continuation(compiled, [1, 2, 3], new_tokens, end=None)
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs == 1, "the continuation compiles no graph of its own"
 
 
 def test_recipes_run_next_to_plain_rounding_from_a_calibration_file(byte_model, tmp_path, capsys):
