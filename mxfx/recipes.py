@@ -391,22 +391,25 @@ NO_MODEL = ("o_proj's input rotation runs online: this selector was built from a
             "say head_dim; build it from the model (recipes.apply(scheme, recipe, calibration, model)) to fold it")
 
 
-def fold_rotations(base: Scheme, recipe: Recipe, weights: Mapping[str, torch.Tensor],
-                   found: list[Attention]) -> list[RotationFold]:
+def fold_rotations(base: Scheme, recipe: Recipe, weights: Mapping[str, torch.Tensor], found: list[Attention],
+                   smooth: Mapping[str, "Constant | None"]) -> list[RotationFold]:
     """Which o_proj input rotations fold into their v_proj (`weights`: the recipe's linears, FQN -> weight;
-    only shapes are read): both quantized by the recipe, o_proj's input not smoothed (a per-channel scale of
-    every head cannot move into a v head that GQA shares), b dividing head_dim, the shapes whole heads, and
-    the same blocks at every head position (Hadamard; seeded random blocks differ per position)."""
+    only shapes are read; `smooth`: the smoothing decided for them, smooth_scales): both quantized by the
+    recipe, o_proj's input not smoothed (a per-channel scale of every head cannot move into a v head that GQA
+    shares; where the search chose no smoothing for it, it folds), b dividing head_dim, the shapes whole
+    heads, and the same blocks at every head position (Hadamard; seeded random blocks differ per position)."""
     rotation = recipe.rotation
     folds = []
     for a in found:
         o = weights.get(a.o_proj)
         if rotation is None or o is None or base.skip(o.shape[1]) is not None:
             continue  # o_proj is not rotated: nothing to fold
+        if recipe.smooth_alpha is not None and a.o_proj not in smooth:
+            raise ValueError(f"linear {a.o_proj}: its smoothing must be decided before its rotation can fold")
         v, k = weights.get(a.v_proj), o.shape[1]
         reason = (a.why if a.head_dim is None else
                   f"{a.v_proj} is not quantized by the recipe" if v is None or base.skip(v.shape[1]) is not None else
-                  "o_proj's input is smoothed before its rotation" if recipe.smooth_alpha is not None else
+                  "o_proj's input is smoothed before its rotation" if smooth.get(a.o_proj) is not None else
                   f"rotation block {rotation.block} does not divide head_dim {a.head_dim}"
                   if a.head_dim % rotation.block else
                   f"K={k} or v_proj's N={v.shape[0]} is not whole heads of {a.head_dim}"
@@ -420,20 +423,40 @@ def fold_rotations(base: Scheme, recipe: Recipe, weights: Mapping[str, torch.Ten
     return folds
 
 
+def fold_dependencies(model: torch.nn.Module) -> list[str]:
+    """The linears whose smoothing decides a fold (o_proj's), to decide before the folds."""
+    return [a.o_proj for a in attentions(model)]
+
+
+@dataclass
+class Folds:
+    """The offline folds decided for a model's linears (rotations: o_proj's into v_proj's rows) and the
+    smoothing they were decided on (smooth_scales: linear -> its input's scale, None: not smoothed), which
+    select reuses instead of searching again."""
+
+    rotations: list[RotationFold] = dataclasses.field(default_factory=list)
+    smooth: dict[str, "Constant | None"] = dataclasses.field(default_factory=dict)
+
+
+def decide_folds(base: Scheme, recipe: Recipe, weights: Mapping[str, torch.Tensor], model: torch.nn.Module,
+                 smooth: Mapping[str, "Constant | None"]) -> Folds:
+    """The folds of `model`'s linears `weights` (only shapes are read) once their smoothing is decided."""
+    return Folds(fold_rotations(base, recipe, weights, attentions(model), smooth), dict(smooth))
+
+
 class RecipeSelector:
     """Each weight of the model the recipe was applied to -> its Recovered scheme; other weights -> None
-    (left alone, reported as such). folds: the o_proj rotations folded or not (None: the selector could not
+    (left alone, reported as such). folds: the offline folds, made or not (None: the selector could not
     tell, NO_MODEL)."""
 
-    def __init__(self, base: Scheme, recipe: Recipe, schemes: WeakIdKeyDictionary,
-                 folds: "list[RotationFold] | None" = None):
+    def __init__(self, base: Scheme, recipe: Recipe, schemes: WeakIdKeyDictionary, folds: "Folds | None" = None):
         self.base, self.recipe, self._schemes, self.folds = base, recipe, schemes, folds
 
     def fold_report(self, linears: set[str]) -> list[str]:
         """The folds of `linears` (one graph's), as report lines."""
         if self.folds is None:
             return [NO_MODEL] if self.recipe.rotation is not None else []
-        return [str(f) for f in self.folds if f.o_proj in linears]
+        return [str(f) for f in self.folds.rotations if f.o_proj in linears]
 
     @property
     def label(self) -> str:
@@ -471,49 +494,66 @@ def check_recipe(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Ca
 
 
 @torch.no_grad()
+def smooth_scales(base: Scheme, recipe: Recipe, calibration: Calibration, weights: Mapping[str, torch.Tensor],
+                  known: Mapping[str, "Constant | None"] = {}) -> dict[str, "Constant | None"]:
+    """Each linear of `weights` (FQN -> weight; the recipe smooths) -> its input's smooth scale (None: the
+    search chose none), decided once per input over every linear reading it, which must be among `weights`;
+    `known`: scales already decided (kept, not searched again)."""
+    smooth = dict(known)
+    for name, weight in weights.items():
+        if name in smooth:
+            continue
+        stats = calibration.stats(name)
+        missing = [member for member in stats.members if member not in weights]
+        if missing:
+            raise ValueError(f"linear {name}: the smoothing of its input needs the weights of {missing}, "
+                             "which read the same input but are not given")
+        members = [weights[member] for member in stats.members]
+        scale = (searched_smooth(base, recipe, stats, members) if recipe.smooth_alpha == "search" else
+                 Constant(smooth_scale(stats.amax, members, recipe.smooth_alpha).to(weight.dtype)))
+        smooth.update(dict.fromkeys(stats.members, scale))
+    return smooth
+
+
+@torch.no_grad()
 def select(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibration | None,
-           weights: Mapping[str, torch.Tensor], folds: "list[RotationFold] | None" = None) -> RecipeSelector:
+           weights: Mapping[str, torch.Tensor], model: torch.nn.Module | None = None,
+           folds: Folds | None = None) -> RecipeSelector:
     """The selector running `scheme` with `recipe` on the linears `weights` (FQN -> weight [N, K], by
     identity): a model's (apply) or one graph's (the backend). Each linear is checked against the
-    calibration (its statistics and shape); the linears sharing its input must be among `weights`.
-    folds (fold_rotations; None: unknown, nothing folds): the o_proj rotations that fold into v_proj."""
+    calibration (its statistics and shape); the linears sharing its input must be among `weights`. The
+    smoothing is decided first, then the offline folds: from `model` (the module `weights` are of), or
+    `folds` decided already (the checkpoint writer, which selects one input at a time); neither: nothing
+    folds (NO_MODEL)."""
     base, recipe = check_recipe(scheme, recipe, calibration)
     schemes = WeakIdKeyDictionary()
-    smooth: dict[str, Constant] = {}
-    folded = {f.o_proj: f for f in folds or () if f.folded}
-    heads = {f.v_proj: f for f in folded.values()}
+    stats: dict[str, InputStats | None] = {}
     for name, weight in weights.items():
-        k = weight.shape[1]
-        if base.skip(k) is not None:  # the rewrite skips it for its K: keep the base scheme's reason
+        if base.skip(weight.shape[1]) is not None:  # the rewrite skips it for its K: keep the base's reason
             schemes[weight] = base
             continue
         if recipe.rotation is not None:
-            recipe.rotation.check(k, name)
-        stats = None
+            recipe.rotation.check(weight.shape[1], name)
+        stats[name] = None
         if recipe.needs_calibration:
             calibration.check_linear(name, tuple(weight.shape))
-            stats = calibration.stats(name)
-        if recipe.gptq and stats.gram is None:
+            stats[name] = calibration.stats(name)
+        if recipe.gptq and stats[name].gram is None:
             raise ValueError(f"linear {name}: GPTQ needs the Gram matrix, which the calibration lacks "
                              "(calibrate with gram=True)")
-        if recipe.smooth_alpha is not None and stats.members[0] not in smooth:
-            missing = [member for member in stats.members if member not in weights]
-            if missing:
-                raise ValueError(f"linear {name}: the smoothing of its input needs the weights of {missing}, "
-                                 "which read the same input but are not given")
-            members = [weights[member] for member in stats.members]
-            if recipe.smooth_alpha == "search":
-                smooth[stats.members[0]] = searched_smooth(base, recipe, stats, members)
-            else:
-                smooth[stats.members[0]] = Constant(smooth_scale(stats.amax, members, recipe.smooth_alpha)
-                                                    .to(weight.dtype))
+    smooth = {} if recipe.smooth_alpha is None else smooth_scales(
+        base, recipe, calibration, {name: weights[name] for name in stats}, {} if folds is None else folds.smooth)
+    if folds is None and model is not None:
+        folds = decide_folds(base, recipe, weights, model, smooth)
+    folded = {f.o_proj: f for f in folds.rotations if f.folded} if folds is not None else {}
+    heads = {f.v_proj: f for f in folded.values()}
+    for name, s in stats.items():
         # v_proj of a fold: one head's blocks (fold_rotations checked that they repeat per head position)
         head = Constant(recipe.rotation.activation_blocks(heads[name].head_dim)) if name in heads else None
-        schemes[weight] = Recovered(
-            base=base, recipe=recipe, k=k,
-            smooth=smooth.get(stats.members[0]) if recipe.smooth_alpha is not None else None,
+        schemes[weights[name]] = Recovered(
+            base=base, recipe=recipe, k=weights[name].shape[1], smooth=smooth.get(name),
             # keyed by the input, not the linear: siblings (one Gram matrix) get equal schemes, so they merge
-            gram=GramOf(calibration, stats.members[0]) if stats is not None and stats.gram is not None else None,
+            gram=GramOf(calibration, s.members[0]) if s is not None and s.gram is not None else None,
             fold_input=name in folded, head_rotation=head,
         )
     return RecipeSelector(base, recipe, schemes, folds)
@@ -521,11 +561,11 @@ def select(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibrat
 
 def apply(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibration | None,
           model: torch.nn.Module) -> RecipeSelector:
-    """The selector running `scheme` with `recipe` on `model`'s linears (their weights, by identity).
-    calibration: from mxfx.calibration.calibrate on this model (checked against it); rotation alone
-    needs none."""
+    """The selector running `scheme` with `recipe` on `model`'s linears (their weights, by identity), with
+    the offline folds the model allows. calibration: from mxfx.calibration.calibrate on this model (checked
+    against it); rotation alone needs none."""
     base, recipe = check_recipe(scheme, recipe, calibration)
     if recipe.needs_calibration:
         calibration.check(model)
     weights = {name: m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    return select(base, recipe, calibration, weights, fold_rotations(base, recipe, weights, attentions(model)))
+    return select(base, recipe, calibration, weights, model)

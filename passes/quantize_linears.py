@@ -97,7 +97,7 @@ def _check_folds(selector, report: RewriteReport) -> None:
         return
     linears = {r.fqn: r for r in report.linears}
     report.folds = selector.fold_report(set(linears))
-    for fold in selector.folds or ():
+    for fold in selector.folds.rotations if selector.folds is not None else ():
         pair = [linears.get(fold.o_proj), linears.get(fold.v_proj)]
         if fold.folded and None not in pair and pair[0].outcome != pair[1].outcome:
             skipped = next(r for r in pair if r.outcome == "skipped")

@@ -41,12 +41,12 @@ class _RecipeSchemes:
     of them is written."""
 
     def __init__(self, tensors: _Tensors, base: Scheme, recipe: "recipes.Recipe", calibration: Calibration | None,
-                 written: set[str], folds: "list[recipes.RotationFold]"):
+                 written: set[str], folds: "recipes.Folds"):
         self.tensors, self.base, self.recipe, self.calibration = tensors, base, recipe, calibration
         self.written, self.folds = written, folds
         self.groups: dict[str, list] = {}  # first member -> [selector, weights, members not yet written]
         # v_proj prefix -> one head's blocks, for the o_proj rotations folded into its rows (and its bias)
-        self.heads = {f.v_proj: recipe.rotation.activation_blocks(f.head_dim) for f in folds if f.folded}
+        self.heads = {f.v_proj: recipe.rotation.activation_blocks(f.head_dim) for f in folds.rotations if f.folded}
 
     def bias(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """A tensor that is not quantized, as written: a folded v_proj's bias rotated with its rows."""
@@ -60,13 +60,27 @@ class _RecipeSchemes:
         if members[0] not in self.groups:
             weights = {m: tensor if m == fqn else self.tensors.read(f"{m}.weight") for m in members
                        if m == fqn or f"{m}.weight" in self.tensors}
-            selector = recipes.select(self.base, self.recipe, self.calibration, weights, self.folds)
+            selector = recipes.select(self.base, self.recipe, self.calibration, weights, folds=self.folds)
             self.groups[members[0]] = [selector, weights, {m for m in members if f"{m}.weight" in self.written}]
         selector, weights, left = self.groups[members[0]]
         left.discard(fqn)
         if not left:
             del self.groups[members[0]]
         return selector.scheme_for(weights[fqn]), weights[fqn]
+
+
+def _folds(tensors: _Tensors, base: Scheme, recipe: "recipes.Recipe", calibration: Calibration | None,
+           architecture: torch.nn.Module, eligible: Mapping[str, Scheme]) -> "recipes.Folds":
+    """The offline folds, from the architecture (head_dim, shapes), once the smoothing they depend on is
+    decided: of the linears recipes.fold_dependencies names, read one input at a time."""
+    smooth: dict = {}
+    if recipe.smooth_alpha is not None:
+        for fqn in recipes.fold_dependencies(architecture):
+            if f"{fqn}.weight" in eligible:
+                members = {m: tensors.read(f"{m}.weight") for m in calibration.stats(fqn).members}
+                smooth = recipes.smooth_scales(base, recipe, calibration, members, smooth)
+    weights = {name.removesuffix(".weight"): architecture.get_parameter(name) for name in eligible}
+    return recipes.decide_folds(base, recipe, weights, architecture, smooth)
 
 
 def _partial_folder(out: Path) -> Path:
@@ -210,9 +224,8 @@ def quantize(model_dir: str | Path, scheme: "str | Mapping[str, Scheme | None]",
         # msmodelslim's header names one type: a mixed checkpoint's most common (each tensor has its own)
         description = {"model_quant_type": kinds.most_common(1)[0][0], "version": "1.0.0", "group_size": 32}
         schemes = None
-        if recipe is not None:  # the o_proj rotations that fold, from the architecture (head_dim, shapes)
-            weights = {name.removesuffix(".weight"): architecture.get_parameter(name) for name in eligible}
-            folds = recipes.fold_rotations(get_scheme(scheme), recipe, weights, recipes.attentions(architecture))
+        if recipe is not None:
+            folds = _folds(tensors, get_scheme(scheme), recipe, calibration, architecture, eligible)
             schemes = _RecipeSchemes(tensors, get_scheme(scheme), recipe, calibration, set(eligible), folds)
         partial = _partial_folder(out)
         try:

@@ -97,7 +97,7 @@ def test_a_recovered_checkpoint_compiles_to_the_online_recipes_logits(bf16, cali
     r = recipes.get_recipe(recipe, mxfx.schemes.SCHEMES[scheme])
     steps = [step for step, on in (("smooth", r.smooth_alpha is not None), ("rotate", r.rotation)) if on]
     # a folded o_proj (Hadamard, no smoothing) is stored as plain codes: its rotation is in v_proj's rows
-    folded = {f.o_proj for f in selector.folds if f.folded}
+    folded = {f.o_proj for f in selector.folds.rotations if f.folded}
     assert bool(folded) == (r.rotation is not None and r.rotation.kind == "hadamard" and r.smooth_alpha is None)
     assert {x.fqn: x.scheme for x in report.rewritten} == {
         x.fqn: f"modelslim/{scheme}" if x.fqn in folded else "+".join([f"modelslim/{scheme}", *steps])
@@ -254,7 +254,7 @@ def test_a_folded_rotation_with_biases_is_stored_as_plain_codes_and_reloads_bit_
     model.save_pretrained(folder)
     bf16 = evaluation.load_model(folder)
     selector = recipes.apply("mxfp4_dual", "rotate", None, bf16)
-    assert [f.folded for f in selector.folds] == [True]
+    assert [f.folded for f in selector.folds.rotations] == [True]
     out = checkpoint.quantize(folder, "mxfp4_dual", tmp_path / "q", recipe="rotate")
     expected, online, _ = _compiled(bf16, selector)
     got, report, _ = _compiled(checkpoint.load(out), None)
@@ -266,3 +266,26 @@ def test_a_folded_rotation_with_biases_is_stored_as_plain_codes_and_reloads_bit_
     stored = load_file(out / "model.safetensors")[f"{v}.bias"]
     assert torch.equal(stored, selector.scheme_for(bf16.get_parameter(f"{v}.weight")).output_bias(bias))
     assert not torch.equal(stored, bias)
+
+
+def test_an_o_proj_fold_after_the_smoothing_search_is_written_and_reloads_bit_identically(
+        model_dir, bf16, calibration, tmp_path, monkeypatch):
+    """The writer decides o_proj's smoothing before the folds, as recipes.apply does: where the search chooses
+    none for o_proj, its rotation folds into v_proj's rows in the checkpoint too (no smoothing nor rotation
+    entry for o_proj) and the loaded checkpoint computes the online recipe's logits."""
+    def search(base, recipe, stats, weights):  # a fixed choice per input: none for o_proj, 0.5 elsewhere
+        o_proj = stats.members[0].endswith("o_proj")
+        return None if o_proj else recipes.Constant(torch.full((stats.k,), 0.5, dtype=torch.bfloat16))
+
+    monkeypatch.setattr(recipes, "searched_smooth", search)
+    recipe = Recipe(smooth_alpha="search", rotation=BlockRotation(32))
+    selector = recipes.apply("mxfp4_dual", recipe, calibration, bf16)
+    assert [f.folded for f in selector.folds.rotations] == [True]
+    out = checkpoint.quantize(model_dir, "mxfp4_dual", tmp_path / "q", recipe=recipe, calibration=calibration)
+    expected, _, _ = _compiled(bf16, selector)
+    got, report, _ = _compiled(checkpoint.load(out), None)
+    assert torch.equal(got, expected)
+    o = "model.layers.0.self_attn.o_proj"
+    description = json.loads((out / checkpoint.DESCRIPTION).read_text())
+    assert f"{o}.mul_scale" not in description and o not in description["optional"]["mxfx_rotation"]["linears"]
+    assert {r.fqn: r.scheme for r in report.rewritten}[o] == "modelslim/mxfp4_dual"
