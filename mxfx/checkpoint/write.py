@@ -45,13 +45,14 @@ class _RecipeSchemes:
         self.tensors, self.base, self.recipe, self.calibration = tensors, base, recipe, calibration
         self.written, self.folds = written, folds
         self.groups: dict[str, list] = {}  # first member -> [selector, weights, members not yet written]
-        # v_proj prefix -> one head's blocks, for the o_proj rotations folded into its rows (and its bias)
-        self.heads = {f.v_proj: recipe.rotation.activation_blocks(f.head_dim) for f in folds.rotations if f.folded}
 
     def bias(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """A tensor that is not quantized, as written: a folded v_proj's bias rotated with its rows."""
-        head = self.heads.get(name.removesuffix(".bias")) if name.endswith(".bias") else None
-        return tensor if head is None else recipes.rotate_heads(tensor.float(), head).to(tensor.dtype)
+        """A tensor that is not quantized, as written: the bias of a linear whose rows take a fold (v_proj's
+        rotated, up_proj's scaled) as its scheme adds it."""
+        if not name.endswith(".bias"):
+            return tensor
+        fields = self.folds.fields(name.removesuffix(".bias"), self.recipe.rotation)
+        return Recovered(base=self.base, recipe=self.recipe, **fields).output_bias(tensor)
 
     def __call__(self, name: str, tensor: torch.Tensor) -> tuple[Scheme, torch.Tensor]:
         """(scheme, the weight it is keyed on) for the linear weight `name` read as `tensor`."""
@@ -249,7 +250,8 @@ def _write(tensors: _Tensors, eligible: dict[str, Scheme], schemes: "_RecipeSche
     """Every tensor of the folder, quantized if eligible by its scheme's own quantizer (so a written
     checkpoint runs exactly what the scheme would; with a recipe, schemes(name, tensor) -> (scheme, the
     tensor it is keyed on)), into shards in `partial` (and their index); a recipe's smoothing scales beside
-    the codes, its rotation in the description (not o_proj's where it folds into v_proj's rows, and bias)."""
+    the codes (not down_proj's where it folds into up_proj's rows, and bias), its rotation in the description
+    (not o_proj's where it folds into v_proj's rows, and bias)."""
     shards, shard, size, weight_map, reference = [], {}, 0, {}, get_target("reference")
     rotated: dict[str, int] = {}  # prefix -> K
     rotation = None
@@ -275,8 +277,8 @@ def _write(tensors: _Tensors, eligible: dict[str, Scheme], schemes: "_RecipeSche
             kind = WRITTEN[scheme.name]
             codes = kind.from_codes(scheme.quantize_weight(reference, tensor), tensor.shape[-1])
             written, floats = {f"{prefix}.{suffix}": value for suffix, value in codes.items()}, {}
-            if isinstance(scheme, Recovered) and scheme.smooth is not None:
-                floats[f"{prefix}.{SMOOTH}"] = scheme.smooth.tensor.float()  # msmodelslim's fp32 [K], FLOAT
+            if isinstance(scheme, Recovered) and scheme.online_smooth is not None:  # not a folded one's
+                floats[f"{prefix}.{SMOOTH}"] = scheme.online_smooth.tensor.float()  # msmodelslim's fp32 [K], FLOAT
             if isinstance(scheme, Recovered) and scheme.online_rotation is not None:
                 rotation, rotated[prefix] = scheme.online_rotation, scheme.k
         for key, value in (*written.items(), *floats.items()):

@@ -225,7 +225,7 @@ def test_the_fold_is_decided_after_the_smoothing_search(monkeypatch, o_proj_smoo
     assert o_proj.fold_input == (not o_proj_smoothed) and (o_proj.smooth is None) == (not o_proj_smoothed)
     _, be, gm = _compiled(model, selector, target="reference")
     assert _rotations(gm) == (8 if o_proj_smoothed else 6)
-    assert be.reports[-1].folds == [str(f) for f in folds]
+    assert be.reports[-1].folds == [str(f) for f in selector.folds.all()]
 
 
 def test_a_folded_pair_half_rewritten_is_refused_by_name():
