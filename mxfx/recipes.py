@@ -392,8 +392,24 @@ def attentions(model: torch.nn.Module) -> list[Attention]:
     return found
 
 
+class _Fold:
+    """What the folds share: `pair` (the linear whose input's `what` moves, the linear whose rows take it, named
+    by the fields pair_fields) and the report line."""
+
+    what: ClassVar[str]
+    pair_fields: ClassVar[tuple[str, str]]
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return getattr(self, self.pair_fields[0]), getattr(self, self.pair_fields[1])
+
+    def __str__(self) -> str:
+        where = f"folded into {self.pair_fields[1]}'s rows" if self.folded else f"online: {self.reason}"
+        return f"{self.pair[0]}: {self.what} {where}"
+
+
 @dataclass(frozen=True)
-class RotationFold:
+class RotationFold(_Fold):
     """o_proj's input rotation moved offline into v_proj's output rows (folded), or why it stays online."""
 
     o_proj: str
@@ -401,17 +417,8 @@ class RotationFold:
     head_dim: int | None
     folded: bool
     reason: str = ""
-
     what: ClassVar[str] = "input rotation"
-
-    @property
-    def pair(self) -> tuple[str, str]:
-        """(the linear whose input transform moves, the linear whose rows take it)"""
-        return self.o_proj, self.v_proj
-
-    def __str__(self) -> str:
-        what = "folded into v_proj's rows" if self.folded else f"online: {self.reason}"
-        return f"{self.o_proj}: input rotation {what}"
+    pair_fields: ClassVar[tuple[str, str]] = ("o_proj", "v_proj")
 
 
 # transformers' MLP modules whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)): down_proj's input
@@ -443,7 +450,7 @@ def mlps(model: torch.nn.Module) -> list[MLP]:
 
 
 @dataclass(frozen=True)
-class SmoothFold:
+class SmoothFold(_Fold):
     """down_proj's input smoothing moved offline into up_proj's output rows (folded), or why it stays online."""
 
     down_proj: str
@@ -451,15 +458,7 @@ class SmoothFold:
     folded: bool
     reason: str = ""
     what: ClassVar[str] = "input smoothing"
-
-    @property
-    def pair(self) -> tuple[str, str]:
-        """(the linear whose input transform moves, the linear whose rows take it)"""
-        return self.down_proj, self.up_proj
-
-    def __str__(self) -> str:
-        what = "folded into up_proj's rows" if self.folded else f"online: {self.reason}"
-        return f"{self.down_proj}: input smoothing {what}"
+    pair_fields: ClassVar[tuple[str, str]] = ("down_proj", "up_proj")
 
 
 NO_MODEL = ("the offline folds (o_proj's input rotation into v_proj's rows, down_proj's input smoothing into "
