@@ -123,7 +123,9 @@ def layer_inputs(model, batch: torch.Tensor) -> dict[str, torch.Tensor]:
 def layer_sqnr(model, inputs: dict[str, torch.Tensor], scheme: "str | SchemeSelector", names: list[str],
                cache: PreparedWeights | None = None) -> dict[str, float]:
     """Per named nn.Linear: SQNR (dB) of the quantized layer's output against the bf16 layer's, both fed
-    the bf16 model's own input to that layer (`layer_inputs`); a name that is no nn.Linear gets none. A
+    the bf16 model's own input to that layer (`layer_inputs`), the bf16 output transformed as a recipe's fold
+    transforms the layer's rows (v_proj's rotated, up_proj's scaled: Scheme.output_rows); a name that is no
+    nn.Linear gets none. A
     linear holding stored codes only is dequantized for its bf16 output (checkpoint.dequantized). Each
     linear's weight is prepared for its turn only, unless a `cache` (e.g. mxfx.prepared.PREPARED) keeps
     them: the compiled graph holds merged siblings' constants, so kept ones would double the prepared bytes."""
@@ -136,7 +138,7 @@ def layer_sqnr(model, inputs: dict[str, torch.Tensor], scheme: "str | SchemeSele
                     else chosen.prepare(target, layer.weight, layer.bias, x.dtype))
         quantized = chosen.linear(target, x, prepared)
         with dequantized(layer):
-            result[name] = sqnr_db(layer(x), quantized)
+            result[name] = sqnr_db(chosen.output_rows(layer(x)), quantized)
     return result
 
 

@@ -211,10 +211,14 @@ class Recovered(Scheme):
             w = w / self.smooth.tensor.float()
         if self.recipe.rotation is not None:
             w = rotate(w, self._rotation(torch.float32, weight=True))
-        return self._output_rows(w.T).T
+        return self.output_rows(w.T).T
 
-    def _output_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """t [..., N] fp32 (a bias, or W^T) with the output rows' folds: t R per head, t * r."""
+    def output_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """t [..., N] (a bias, W^T, or the output) with the output rows' folds, in fp32: t R per head, t * r
+        (t itself without them)."""
+        if self.head_rotation is None and self.row_scale is None:
+            return t
+        t = t.float()
         if self.head_rotation is not None:
             t = rotate_heads(t, self.head_rotation.tensor)
         if self.row_scale is not None:
@@ -226,7 +230,7 @@ class Recovered(Scheme):
         checkpoint stores it), else b."""
         if (self.head_rotation is None and self.row_scale is None) or bias is None:
             return bias
-        return self._output_rows(bias.float()).to(bias.dtype)
+        return self.output_rows(bias.float()).to(bias.dtype)
 
     def original_weight(self, transformed: torch.Tensor) -> torch.Tensor:
         """The inverse of transformed_weight, fp32: ((W / s) A^-T) A^T s = W (a stored linear's weight as the
