@@ -225,6 +225,18 @@ class Recovered(Scheme):
             t = t * self.row_scale.tensor.float()
         return t
 
+    def folded_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x A (o_proj: v_proj's rotated rows rotate it), x * s (down_proj: up_proj's scaled rows smooth it),
+        as the folds compute it upstream, in fp32 then x's dtype; x itself without them."""
+        if not (self.fold_input or self.smooth_folded):
+            return x
+        t = x.float()
+        if self.smooth_folded:
+            t = t * self.smooth.tensor.float()
+        if self.fold_input:
+            t = rotate(t, self._rotation(torch.float32, weight=False))
+        return t.to(x.dtype)
+
     def output_bias(self, bias):
         """b R with a head rotation, b * r with a row scale (computed in fp32, in the bias's dtype, as a
         checkpoint stores it), else b."""

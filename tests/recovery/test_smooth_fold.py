@@ -187,19 +187,22 @@ def test_a_folded_mlp_half_rewritten_is_refused_by_name():
 
 
 def test_the_layer_sqnr_of_a_folded_linear_compares_its_transformed_rows():
-    """evaluation.layer_sqnr on up_proj (rows scaled for down_proj) and v_proj (rows rotated for o_proj): the
-    bf16 output transformed like the rows, so the figure is the quantization's, as without the fold (not the
-    -20 dB of comparing a scaled or rotated output with the plain one)."""
+    """evaluation.layer_sqnr on the four linears of the folds: up_proj's (v_proj's) bf16 output scaled
+    (rotated) like its rows, down_proj's (o_proj's) input smoothed (rotated) as the fold delivers it, so the
+    figure is the quantization's, as without the fold (not the -20 dB of comparing a transformed output with
+    the plain one)."""
     from mxfx import evaluation
 
     model = tiny_qwen3(layers=1)
     calibration = calibrate(model, [IDS], gram=False)
     weights = {name: m.weight for name, m in _linears(model).items()}
     inputs = evaluation.layer_inputs(model, IDS)
-    for recipe, name in (("smooth", f"{MLP.format(0)}.up_proj"), ("rotate", "model.layers.0.self_attn.v_proj")):
+    for recipe, name in (("smooth", f"{MLP.format(0)}.up_proj"), ("rotate", "model.layers.0.self_attn.v_proj"),
+                         ("smooth", f"{MLP.format(0)}.down_proj"), ("rotate", "model.layers.0.self_attn.o_proj")):
         folded = recipes.apply("mxfp8", recipe, calibration, model)
-        y = torch.randn(3, weights[name].shape[0])
-        assert not torch.equal(folded.scheme_for(weights[name]).output_rows(y), y), "the fold transforms the rows"
+        scheme, n, k = folded.scheme_for(weights[name]), *weights[name].shape
+        y, x = torch.randn(3, n), torch.randn(3, k)
+        assert not (torch.equal(scheme.output_rows(y), y) and torch.equal(scheme.folded_input(x), x)), "a fold"
         online = recipes.select("mxfp8", recipe, calibration, weights)
         got, unfolded = (evaluation.layer_sqnr(model, inputs, s, [name])[name] for s in (folded, online))
         assert abs(got - unfolded) < 1.0 and got > 25, (recipe, got, unfolded)
