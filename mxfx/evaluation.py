@@ -123,7 +123,10 @@ def layer_inputs(model, batch: torch.Tensor) -> dict[str, torch.Tensor]:
 def layer_sqnr(model, inputs: dict[str, torch.Tensor], scheme: "str | SchemeSelector", names: list[str],
                cache: PreparedWeights | None = None) -> dict[str, float]:
     """Per named nn.Linear: SQNR (dB) of the quantized layer's output against the bf16 layer's, both fed
-    the bf16 model's own input to that layer (`layer_inputs`); a name that is no nn.Linear gets none. A
+    the bf16 model's own input to that layer (`layer_inputs`; where a recipe's fold transforms it upstream,
+    the quantized layer gets it so transformed: Scheme.folded_input), the bf16 output transformed as a fold
+    transforms the layer's rows (v_proj's rotated, up_proj's scaled: Scheme.output_rows); a name that is no
+    nn.Linear gets none. A
     linear holding stored codes only is dequantized for its bf16 output (checkpoint.dequantized). Each
     linear's weight is prepared for its turn only, unless a `cache` (e.g. mxfx.prepared.PREPARED) keeps
     them: the compiled graph holds merged siblings' constants, so kept ones would double the prepared bytes."""
@@ -134,9 +137,9 @@ def layer_sqnr(model, inputs: dict[str, torch.Tensor], scheme: "str | SchemeSele
         chosen = selector.scheme_for(layer.weight)  # a checkpoint's linears each have their own
         prepared = (cache.prepare(chosen, target, layer.weight, layer.bias, x.dtype) if cache is not None
                     else chosen.prepare(target, layer.weight, layer.bias, x.dtype))
-        quantized = chosen.linear(target, x, prepared)
+        quantized = chosen.linear(target, chosen.folded_input(x), prepared)
         with dequantized(layer):
-            result[name] = sqnr_db(layer(x), quantized)
+            result[name] = sqnr_db(chosen.output_rows(layer(x)), quantized)
     return result
 
 

@@ -29,6 +29,7 @@ model (never guessed from shapes).
 import dataclasses
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -145,7 +146,9 @@ class Recovered(Scheme):
     a recovered checkpoint's linear (stored_transforms), whose codes come from the checkpoint and whose
     activation runs the smoothing and rotation it stored. The offline fold of o_proj's rotation
     (fold_rotations): fold_input (o_proj: the weight is rotated, the activation arrives rotated) and
-    head_rotation (v_proj: one head's blocks [head_dim/b, b, b], its rows rotated per kv head)."""
+    head_rotation (v_proj: one head's blocks [head_dim/b, b, b], its rows rotated per kv head). The offline
+    fold of down_proj's smoothing (fold_smoothings): smooth_folded (down_proj: the weight is W / s, the
+    activation arrives smoothed) and row_scale (up_proj: its rows, and bias, times down_proj's s [N])."""
 
     base: Scheme = dataclasses.field(default_factory=DualLevelMXFP4)
     recipe: Recipe = Recipe()
@@ -154,6 +157,8 @@ class Recovered(Scheme):
     gram: GramOf | None = None
     fold_input: bool = False
     head_rotation: Constant | None = None
+    smooth_folded: bool = False
+    row_scale: Constant | None = None
 
     @property
     def name(self):
@@ -172,9 +177,11 @@ class Recovered(Scheme):
         if self.stored:  # the checkpoint's codes: only the activation's transforms are known
             steps = [step for step, on in (("smooth", self.smooth), ("rotate", self.online_rotation)) if on]
             return f"{self.base.label}+{'+'.join(steps)}"
-        fold = (" (input rotation folded offline)" if self.fold_input else
-                " (output rows rotated per head)" if self.head_rotation is not None else "")
-        return f"{self.base.label}+{recipe_name(self.recipe)}{fold}"
+        folds = [note for note, on in (("input rotation folded offline", self.fold_input),
+                                       ("output rows rotated per head", self.head_rotation is not None),
+                                       ("input smoothing folded offline", self.smooth_folded),
+                                       ("output rows smoothed for down_proj", self.row_scale is not None)) if on]
+        return f"{self.base.label}+{recipe_name(self.recipe)}" + (f" ({'; '.join(folds)})" if folds else "")
 
     @property
     def online_rotation(self) -> BlockRotation | None:
@@ -182,8 +189,14 @@ class Recovered(Scheme):
         return None if self.fold_input else self.recipe.rotation
 
     @property
+    def online_smooth(self) -> Constant | None:
+        """The smooth scale the activation is multiplied by online (None where none, or where it is folded)."""
+        return None if self.smooth_folded else self.smooth
+
+    @property
     def activation_constants(self) -> tuple[str, ...]:
-        return tuple(name for name, on in (("smooth_scale", self.smooth), ("rotation", self.online_rotation)) if on)
+        return tuple(name for name, on in (("smooth_scale", self.online_smooth), ("rotation", self.online_rotation))
+                     if on)
 
     # -- weights -----------------------------------------------------------------------------------
     def _rotation(self, dtype: torch.dtype, weight: bool) -> torch.Tensor:
@@ -192,21 +205,44 @@ class Recovered(Scheme):
 
     def transformed_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """(W / s) A^-T in fp32 (A^-T = A for the orthogonal blocks of the exact Hadamard); with a head
-        rotation R, R^T ((W / s) A^-T), the rows rotated."""
+        rotation R, R^T ((W / s) A^-T), the rows rotated; with a row scale r, diag(r) (W / s) A^-T."""
         w = weight.float()
         if self.smooth is not None:
             w = w / self.smooth.tensor.float()
         if self.recipe.rotation is not None:
             w = rotate(w, self._rotation(torch.float32, weight=True))
+        return self.output_rows(w.T).T
+
+    def output_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """t [..., N] (a bias, W^T, or the output) with the output rows' folds, in fp32: t R per head, t * r
+        (t itself without them)."""
+        if self.head_rotation is None and self.row_scale is None:
+            return t
+        t = t.float()
         if self.head_rotation is not None:
-            w = rotate_heads(w.T, self.head_rotation.tensor).T
-        return w
+            t = rotate_heads(t, self.head_rotation.tensor)
+        if self.row_scale is not None:
+            t = t * self.row_scale.tensor.float()
+        return t
+
+    def folded_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x A (o_proj: v_proj's rotated rows rotate it), x * s (down_proj: up_proj's scaled rows smooth it),
+        as the folds compute it upstream, in fp32 then x's dtype; x itself without them."""
+        if not (self.fold_input or self.smooth_folded):
+            return x
+        t = x.float()
+        if self.smooth_folded:
+            t = t * self.smooth.tensor.float()
+        if self.fold_input:
+            t = rotate(t, self._rotation(torch.float32, weight=False))
+        return t.to(x.dtype)
 
     def output_bias(self, bias):
-        """b R with a head rotation (computed in fp32, in the bias's dtype, as a checkpoint stores it), else b."""
-        if self.head_rotation is None or bias is None:
+        """b R with a head rotation, b * r with a row scale (computed in fp32, in the bias's dtype, as a
+        checkpoint stores it), else b."""
+        if (self.head_rotation is None and self.row_scale is None) or bias is None:
             return bias
-        return rotate_heads(bias.float(), self.head_rotation.tensor).to(bias.dtype)
+        return self.output_rows(bias.float()).to(bias.dtype)
 
     def original_weight(self, transformed: torch.Tensor) -> torch.Tensor:
         """The inverse of transformed_weight, fp32: ((W / s) A^-T) A^T s = W (a stored linear's weight as the
@@ -254,8 +290,8 @@ class Recovered(Scheme):
 
     def layout(self, target, codes, bias, dtype):
         prepared = dict(self.base.layout(target, codes, bias, dtype))
-        if self.smooth is not None:
-            prepared["smooth_scale"] = self.smooth.tensor.to(dtype)
+        if self.online_smooth is not None:
+            prepared["smooth_scale"] = self.online_smooth.tensor.to(dtype)
         if self.online_rotation is not None:
             prepared["rotation"] = self._rotation(dtype, weight=False)
         return prepared
@@ -270,9 +306,9 @@ class Recovered(Scheme):
         return (self.base.activation_rule, self.activation_constants)
 
     def quantize_activation(self, target, x2d, prepared):
-        rotation = self.online_rotation
-        fused_smooth = self.smooth is not None and rotation is None and isinstance(self.base, DualLevelMXFP4)
-        if self.smooth is not None and not fused_smooth:
+        rotation, smooth = self.online_rotation, self.online_smooth
+        fused_smooth = smooth is not None and rotation is None and isinstance(self.base, DualLevelMXFP4)
+        if smooth is not None and not fused_smooth:
             x2d = aten.mul.Tensor(x2d, prepared["smooth_scale"])
         if rotation is not None and isinstance(self.base, SINGLE_LEVEL) and target.emits("npu_rotate_quant"):
             return target_ops(target).npu_rotate_quant(
@@ -372,8 +408,24 @@ def attentions(model: torch.nn.Module) -> list[Attention]:
     return found
 
 
+class _Fold:
+    """What the folds share: `pair` (the linear whose input's `what` moves, the linear whose rows take it, named
+    by the fields pair_fields) and the report line."""
+
+    what: ClassVar[str]
+    pair_fields: ClassVar[tuple[str, str]]
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return getattr(self, self.pair_fields[0]), getattr(self, self.pair_fields[1])
+
+    def __str__(self) -> str:
+        where = f"folded into {self.pair_fields[1]}'s rows" if self.folded else f"online: {self.reason}"
+        return f"{self.pair[0]}: {self.what} {where}"
+
+
 @dataclass(frozen=True)
-class RotationFold:
+class RotationFold(_Fold):
     """o_proj's input rotation moved offline into v_proj's output rows (folded), or why it stays online."""
 
     o_proj: str
@@ -381,32 +433,84 @@ class RotationFold:
     head_dim: int | None
     folded: bool
     reason: str = ""
-
-    def __str__(self) -> str:
-        what = "folded into v_proj's rows" if self.folded else f"online: {self.reason}"
-        return f"{self.o_proj}: input rotation {what}"
+    what: ClassVar[str] = "input rotation"
+    pair_fields: ClassVar[tuple[str, str]] = ("o_proj", "v_proj")
 
 
-NO_MODEL = ("o_proj's input rotation runs online: this selector was built from a graph's linears, which do not "
-            "say head_dim; build it from the model (recipes.apply(scheme, recipe, calibration, model)) to fold it")
+# transformers' MLP modules whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)): down_proj's input
+# channel n is up_proj's output channel n times a factor, so a scale of it is a scale of up_proj's row n
+FOLDABLE_MLP = ("Qwen3MLP", "Qwen3MoeMLP", "Qwen2MLP", "LlamaMLP", "MistralMLP")
 
 
-def fold_rotations(base: Scheme, recipe: Recipe, weights: Mapping[str, torch.Tensor],
-                   found: list[Attention]) -> list[RotationFold]:
+@dataclass(frozen=True)
+class MLP:
+    """A gated MLP's up and down projections (FQNs); why: why it is not known to fold ("" where it is)."""
+
+    up_proj: str
+    down_proj: str
+    why: str = ""
+
+
+def mlps(model: torch.nn.Module) -> list[MLP]:
+    """The model's modules with nn.Linear up_proj and down_proj children, with why not for the classes not known
+    to fold (FOLDABLE_MLP)."""
+    found = []
+    for name, module in model.named_modules():
+        up, down = getattr(module, "up_proj", None), getattr(module, "down_proj", None)
+        if isinstance(up, torch.nn.Linear) and isinstance(down, torch.nn.Linear):
+            prefix, kind = f"{name}." if name else "", type(module).__name__
+            why = "" if kind in FOLDABLE_MLP else f"MLP class {kind} is not known to multiply up_proj's output into " \
+                                                  "down_proj's input channel by channel"
+            found.append(MLP(f"{prefix}up_proj", f"{prefix}down_proj", why))
+    return found
+
+
+@dataclass(frozen=True)
+class SmoothFold(_Fold):
+    """down_proj's input smoothing moved offline into up_proj's output rows (folded), or why it stays online."""
+
+    down_proj: str
+    up_proj: str
+    folded: bool
+    reason: str = ""
+    what: ClassVar[str] = "input smoothing"
+    pair_fields: ClassVar[tuple[str, str]] = ("down_proj", "up_proj")
+
+
+NO_MODEL = ("the offline folds (o_proj's input rotation into v_proj's rows, down_proj's input smoothing into "
+            "up_proj's) are not made: this selector was built from a graph's linears, which say neither head_dim "
+            "nor which linears form an MLP; build it from the model (recipes.apply(scheme, recipe, calibration, "
+            "model)) to fold them")
+
+
+def _decided(recipe: Recipe, smooth: Mapping[str, "Constant | None"], linear: str, what: str) -> None:
+    if recipe.smooth_alpha is not None and linear not in smooth:
+        raise ValueError(f"linear {linear}: its smoothing must be decided before its {what} can fold")
+
+
+def smoothing_is_free(base: Scheme, recipe: Recipe) -> bool:
+    """Whether the smoothing costs no op: the dual-level quantizer's smooth_scale input, without a rotation."""
+    return isinstance(base, DualLevelMXFP4) and recipe.rotation is None
+
+
+def fold_rotations(base: Scheme, recipe: Recipe, weights: Mapping[str, torch.Tensor], found: list[Attention],
+                   smooth: Mapping[str, "Constant | None"]) -> list[RotationFold]:
     """Which o_proj input rotations fold into their v_proj (`weights`: the recipe's linears, FQN -> weight;
-    only shapes are read): both quantized by the recipe, o_proj's input not smoothed (a per-channel scale of
-    every head cannot move into a v head that GQA shares), b dividing head_dim, the shapes whole heads, and
-    the same blocks at every head position (Hadamard; seeded random blocks differ per position)."""
+    only shapes are read; `smooth`: the smoothing decided for them, smooth_scales): both quantized by the
+    recipe, o_proj's input not smoothed (a per-channel scale of every head cannot move into a v head that GQA
+    shares; where the search chose no smoothing for it, it folds), b dividing head_dim, the shapes whole
+    heads, and the same blocks at every head position (Hadamard; seeded random blocks differ per position)."""
     rotation = recipe.rotation
     folds = []
     for a in found:
         o = weights.get(a.o_proj)
         if rotation is None or o is None or base.skip(o.shape[1]) is not None:
             continue  # o_proj is not rotated: nothing to fold
+        _decided(recipe, smooth, a.o_proj, "rotation")
         v, k = weights.get(a.v_proj), o.shape[1]
         reason = (a.why if a.head_dim is None else
                   f"{a.v_proj} is not quantized by the recipe" if v is None or base.skip(v.shape[1]) is not None else
-                  "o_proj's input is smoothed before its rotation" if recipe.smooth_alpha is not None else
+                  "o_proj's input is smoothed before its rotation" if smooth.get(a.o_proj) is not None else
                   f"rotation block {rotation.block} does not divide head_dim {a.head_dim}"
                   if a.head_dim % rotation.block else
                   f"K={k} or v_proj's N={v.shape[0]} is not whole heads of {a.head_dim}"
@@ -420,20 +524,87 @@ def fold_rotations(base: Scheme, recipe: Recipe, weights: Mapping[str, torch.Ten
     return folds
 
 
+def fold_smoothings(base: Scheme, recipe: Recipe, weights: Mapping[str, torch.Tensor], found: list[MLP],
+                    smooth: Mapping[str, "Constant | None"]) -> list[SmoothFold]:
+    """Which down_proj input smoothings (x * s) fold into their up_proj's rows (W_up and b_up times s), where
+    the smoothing would be an explicit multiply (not on the dual-level scheme without rotation, whose quantizer
+    multiplies it for free): the MLP known to fold and up_proj quantized by the recipe (its rows are scaled
+    before quantization; the model's weight never is). Exact in real arithmetic: act(g) * (u s) = (act(g) * u)
+    s. A rotation of down_proj's input stays online and still follows: the activation is smoothed, then
+    rotated (Recovered.quantize_activation), and with the fold it arrives smoothed, then is rotated."""
+    folds = []
+    for m in found:
+        d = weights.get(m.down_proj)
+        if recipe.smooth_alpha is None or d is None or base.skip(d.shape[1]) is not None \
+                or smoothing_is_free(base, recipe):
+            continue  # no explicit multiply to fold
+        _decided(recipe, smooth, m.down_proj, "smoothing")
+        if smooth[m.down_proj] is None:
+            continue  # the search chose no smoothing
+        u = weights.get(m.up_proj)
+        reason = (m.why if m.why else
+                  f"{m.up_proj} is not quantized by the recipe" if u is None or base.skip(u.shape[1]) is not None else
+                  f"{m.up_proj}'s N={u.shape[0]} is not down_proj's K={d.shape[1]}" if u.shape[0] != d.shape[1] else "")
+        folds.append(SmoothFold(m.down_proj, m.up_proj, not reason, reason))
+    return folds
+
+
+def fold_dependencies(model: torch.nn.Module) -> list[str]:
+    """The linears whose smoothing decides a fold (o_proj's, down_proj's), to decide before the folds."""
+    return [*(a.o_proj for a in attentions(model)), *(m.down_proj for m in mlps(model))]
+
+
+@dataclass
+class Folds:
+    """The offline folds decided for a model's linears (rotations: o_proj's into v_proj's rows; smoothings:
+    down_proj's into up_proj's rows) and the smoothing they were decided on (smooth_scales: linear -> its
+    input's scale, None: not smoothed), which select reuses instead of searching again."""
+
+    rotations: list[RotationFold] = dataclasses.field(default_factory=list)
+    smoothings: list[SmoothFold] = dataclasses.field(default_factory=list)
+    smooth: dict[str, "Constant | None"] = dataclasses.field(default_factory=dict)
+
+    def all(self) -> list["RotationFold | SmoothFold"]:
+        return [*self.rotations, *self.smoothings]
+
+    def fields(self, linear: str, rotation: BlockRotation | None) -> dict:
+        """The Recovered fields that carry `linear`'s part in the folds made."""
+        fields = {}
+        for f in self.rotations:
+            if f.folded and linear == f.o_proj:
+                fields["fold_input"] = True
+            if f.folded and linear == f.v_proj:  # one head's blocks (fold_rotations: they repeat per head position)
+                fields["head_rotation"] = Constant(rotation.activation_blocks(f.head_dim))
+        for f in self.smoothings:
+            if f.folded and linear == f.down_proj:
+                fields["smooth_folded"] = True
+            if f.folded and linear == f.up_proj:
+                fields["row_scale"] = self.smooth[f.down_proj]
+        return fields
+
+
+def decide_folds(base: Scheme, recipe: Recipe, weights: Mapping[str, torch.Tensor], model: torch.nn.Module,
+                 smooth: Mapping[str, "Constant | None"]) -> Folds:
+    """The folds of `model`'s linears `weights` (only shapes are read) once their smoothing is decided."""
+    return Folds(fold_rotations(base, recipe, weights, attentions(model), smooth),
+                 fold_smoothings(base, recipe, weights, mlps(model), smooth), dict(smooth))
+
+
 class RecipeSelector:
     """Each weight of the model the recipe was applied to -> its Recovered scheme; other weights -> None
-    (left alone, reported as such). folds: the o_proj rotations folded or not (None: the selector could not
+    (left alone, reported as such). folds: the offline folds, made or not (None: the selector could not
     tell, NO_MODEL)."""
 
-    def __init__(self, base: Scheme, recipe: Recipe, schemes: WeakIdKeyDictionary,
-                 folds: "list[RotationFold] | None" = None):
+    def __init__(self, base: Scheme, recipe: Recipe, schemes: WeakIdKeyDictionary, folds: "Folds | None" = None):
         self.base, self.recipe, self._schemes, self.folds = base, recipe, schemes, folds
 
     def fold_report(self, linears: set[str]) -> list[str]:
         """The folds of `linears` (one graph's), as report lines."""
         if self.folds is None:
-            return [NO_MODEL] if self.recipe.rotation is not None else []
-        return [str(f) for f in self.folds if f.o_proj in linears]
+            could = self.recipe.rotation is not None or (self.recipe.smooth_alpha is not None
+                                                         and not smoothing_is_free(self.base, self.recipe))
+            return [NO_MODEL] if could else []
+        return [str(f) for f in self.folds.all() if f.pair[0] in linears]
 
     @property
     def label(self) -> str:
@@ -471,61 +642,74 @@ def check_recipe(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Ca
 
 
 @torch.no_grad()
+def smooth_scales(base: Scheme, recipe: Recipe, calibration: Calibration, weights: Mapping[str, torch.Tensor],
+                  known: Mapping[str, "Constant | None"] = {}) -> dict[str, "Constant | None"]:
+    """Each linear of `weights` (FQN -> weight; the recipe smooths) -> its input's smooth scale (None: the
+    search chose none), decided once per input over every linear reading it, which must be among `weights`;
+    `known`: scales already decided (kept, not searched again)."""
+    smooth = dict(known)
+    for name, weight in weights.items():
+        if name in smooth:
+            continue
+        stats = calibration.stats(name)
+        missing = [member for member in stats.members if member not in weights]
+        if missing:
+            raise ValueError(f"linear {name}: the smoothing of its input needs the weights of {missing}, "
+                             "which read the same input but are not given")
+        members = [weights[member] for member in stats.members]
+        scale = (searched_smooth(base, recipe, stats, members) if recipe.smooth_alpha == "search" else
+                 Constant(smooth_scale(stats.amax, members, recipe.smooth_alpha).to(weight.dtype)))
+        smooth.update(dict.fromkeys(stats.members, scale))
+    return smooth
+
+
+@torch.no_grad()
 def select(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibration | None,
-           weights: Mapping[str, torch.Tensor], folds: "list[RotationFold] | None" = None) -> RecipeSelector:
+           weights: Mapping[str, torch.Tensor], model: torch.nn.Module | None = None,
+           folds: Folds | None = None) -> RecipeSelector:
     """The selector running `scheme` with `recipe` on the linears `weights` (FQN -> weight [N, K], by
     identity): a model's (apply) or one graph's (the backend). Each linear is checked against the
-    calibration (its statistics and shape); the linears sharing its input must be among `weights`.
-    folds (fold_rotations; None: unknown, nothing folds): the o_proj rotations that fold into v_proj."""
+    calibration (its statistics and shape); the linears sharing its input must be among `weights`. The
+    smoothing is decided first, then the offline folds: from `model` (the module `weights` are of), or
+    `folds` decided already (the checkpoint writer, which selects one input at a time); neither: nothing
+    folds (NO_MODEL)."""
     base, recipe = check_recipe(scheme, recipe, calibration)
     schemes = WeakIdKeyDictionary()
-    smooth: dict[str, Constant] = {}
-    folded = {f.o_proj: f for f in folds or () if f.folded}
-    heads = {f.v_proj: f for f in folded.values()}
+    stats: dict[str, InputStats | None] = {}
     for name, weight in weights.items():
-        k = weight.shape[1]
-        if base.skip(k) is not None:  # the rewrite skips it for its K: keep the base scheme's reason
+        if base.skip(weight.shape[1]) is not None:  # the rewrite skips it for its K: keep the base's reason
             schemes[weight] = base
             continue
         if recipe.rotation is not None:
-            recipe.rotation.check(k, name)
-        stats = None
+            recipe.rotation.check(weight.shape[1], name)
+        stats[name] = None
         if recipe.needs_calibration:
             calibration.check_linear(name, tuple(weight.shape))
-            stats = calibration.stats(name)
-        if recipe.gptq and stats.gram is None:
+            stats[name] = calibration.stats(name)
+        if recipe.gptq and stats[name].gram is None:
             raise ValueError(f"linear {name}: GPTQ needs the Gram matrix, which the calibration lacks "
                              "(calibrate with gram=True)")
-        if recipe.smooth_alpha is not None and stats.members[0] not in smooth:
-            missing = [member for member in stats.members if member not in weights]
-            if missing:
-                raise ValueError(f"linear {name}: the smoothing of its input needs the weights of {missing}, "
-                                 "which read the same input but are not given")
-            members = [weights[member] for member in stats.members]
-            if recipe.smooth_alpha == "search":
-                smooth[stats.members[0]] = searched_smooth(base, recipe, stats, members)
-            else:
-                smooth[stats.members[0]] = Constant(smooth_scale(stats.amax, members, recipe.smooth_alpha)
-                                                    .to(weight.dtype))
-        # v_proj of a fold: one head's blocks (fold_rotations checked that they repeat per head position)
-        head = Constant(recipe.rotation.activation_blocks(heads[name].head_dim)) if name in heads else None
-        schemes[weight] = Recovered(
-            base=base, recipe=recipe, k=k,
-            smooth=smooth.get(stats.members[0]) if recipe.smooth_alpha is not None else None,
+    smooth = {} if recipe.smooth_alpha is None else smooth_scales(
+        base, recipe, calibration, {name: weights[name] for name in stats}, {} if folds is None else folds.smooth)
+    if folds is None and model is not None:
+        folds = decide_folds(base, recipe, weights, model, smooth)
+    for name, s in stats.items():
+        schemes[weights[name]] = Recovered(
+            base=base, recipe=recipe, k=weights[name].shape[1], smooth=smooth.get(name),
             # keyed by the input, not the linear: siblings (one Gram matrix) get equal schemes, so they merge
-            gram=GramOf(calibration, stats.members[0]) if stats is not None and stats.gram is not None else None,
-            fold_input=name in folded, head_rotation=head,
+            gram=GramOf(calibration, s.members[0]) if s is not None and s.gram is not None else None,
+            **({} if folds is None else folds.fields(name, recipe.rotation)),
         )
     return RecipeSelector(base, recipe, schemes, folds)
 
 
 def apply(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibration | None,
           model: torch.nn.Module) -> RecipeSelector:
-    """The selector running `scheme` with `recipe` on `model`'s linears (their weights, by identity).
-    calibration: from mxfx.calibrate on this model (checked against it); rotation alone
-    needs none."""
+    """The selector running `scheme` with `recipe` on `model`'s linears (their weights, by identity), with
+    the offline folds the model allows. calibration: from mxfx.calibrate on this model (checked
+    against it); rotation alone needs none."""
     base, recipe = check_recipe(scheme, recipe, calibration)
     if recipe.needs_calibration:
         calibration.check(model)
     weights = {name: m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    return select(base, recipe, calibration, weights, fold_rotations(base, recipe, weights, attentions(model)))
+    return select(base, recipe, calibration, weights, model)

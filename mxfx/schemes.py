@@ -119,6 +119,16 @@ class Scheme:
         """The bias as the matmul adds it (a recipe that rotates the output rows rotates it too)."""
         return bias
 
+    def output_rows(self, y: torch.Tensor) -> torch.Tensor:
+        """y [..., N], the unquantized linear's output, as this scheme's linear computes it (a recipe's fold
+        transforms its rows: recipes.Recovered), to compare the two."""
+        return y
+
+    def folded_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K], the model's input to the linear, as it arrives where a recipe's fold transformed it
+        upstream (recipes.Recovered), to run this scheme's linear alone."""
+        return x
+
     def prepare(self, target: Target, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> Tensors:
         """What the matmul reads, for activations of `dtype`. Under no_grad: prepared tensors must not
         hold the weights through an autograd graph."""

@@ -37,9 +37,10 @@ ROW_SCHEMES = (DualLevelMXFP4, MXFP8, MXFP4W4A8)
 
 
 def _merge_key(scheme):
-    """What siblings must share to merge: their scheme, up to v_proj's folded head rotation (a transform of
-    its own rows, in its codes and bias; the activation and the layout are the siblings')."""
-    return dataclasses.replace(scheme, head_rotation=None) if isinstance(scheme, Recovered) else scheme
+    """What siblings must share to merge: their scheme, up to v_proj's folded head rotation and up_proj's
+    folded row scale (transforms of its own rows, in its codes and bias; the activation and the layout are the
+    siblings')."""
+    return dataclasses.replace(scheme, head_rotation=None, row_scale=None) if isinstance(scheme, Recovered) else scheme
 
 
 def _per_row(scheme) -> bool:

@@ -91,17 +91,18 @@ class RewriteError(RuntimeError):
 
 
 def _check_folds(selector, report: RewriteReport) -> None:
-    """Report a recipe's o_proj rotation folds, and refuse a folded pair half rewritten: o_proj would read an
-    unrotated attention output, or a rotated one unrotated (an exclude pattern, a skip reason on one side)."""
+    """Report a recipe's offline folds, and refuse a folded pair half rewritten: o_proj (down_proj) would read
+    an unrotated (unsmoothed) input, or a rotated (smoothed) one as if it were not (an exclude pattern, a skip
+    reason on one side)."""
     if not isinstance(selector, RecipeSelector):
         return
     linears = {r.fqn: r for r in report.linears}
     report.folds = selector.fold_report(set(linears))
-    for fold in selector.folds or ():
-        pair = [linears.get(fold.o_proj), linears.get(fold.v_proj)]
+    for fold in selector.folds.all() if selector.folds is not None else ():
+        pair = [linears.get(name) for name in fold.pair]
         if fold.folded and None not in pair and pair[0].outcome != pair[1].outcome:
             skipped = next(r for r in pair if r.outcome == "skipped")
-            raise RewriteError(f"linear {fold.o_proj}: its input rotation is folded into {fold.v_proj}'s rows, but "
+            raise RewriteError(f"linear {fold.pair[0]}: its {fold.what} is folded into {fold.pair[1]}'s rows, but "
                                f"{skipped.fqn} is skipped ({skipped.reason}): quantize both or neither")
 
 

@@ -41,17 +41,18 @@ class _RecipeSchemes:
     of them is written."""
 
     def __init__(self, tensors: _Tensors, base: Scheme, recipe: "recipes.Recipe", calibration: Calibration | None,
-                 written: set[str], folds: "list[recipes.RotationFold]"):
+                 written: set[str], folds: "recipes.Folds"):
         self.tensors, self.base, self.recipe, self.calibration = tensors, base, recipe, calibration
         self.written, self.folds = written, folds
         self.groups: dict[str, list] = {}  # first member -> [selector, weights, members not yet written]
-        # v_proj prefix -> one head's blocks, for the o_proj rotations folded into its rows (and its bias)
-        self.heads = {f.v_proj: recipe.rotation.activation_blocks(f.head_dim) for f in folds if f.folded}
 
     def bias(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """A tensor that is not quantized, as written: a folded v_proj's bias rotated with its rows."""
-        head = self.heads.get(name.removesuffix(".bias")) if name.endswith(".bias") else None
-        return tensor if head is None else recipes.rotate_heads(tensor.float(), head).to(tensor.dtype)
+        """A tensor that is not quantized, as written: the bias of a linear whose rows take a fold (v_proj's
+        rotated, up_proj's scaled) as its scheme adds it."""
+        if not name.endswith(".bias"):
+            return tensor
+        fields = self.folds.fields(name.removesuffix(".bias"), self.recipe.rotation)
+        return Recovered(base=self.base, recipe=self.recipe, **fields).output_bias(tensor)
 
     def __call__(self, name: str, tensor: torch.Tensor) -> tuple[Scheme, torch.Tensor]:
         """(scheme, the weight it is keyed on) for the linear weight `name` read as `tensor`."""
@@ -60,13 +61,27 @@ class _RecipeSchemes:
         if members[0] not in self.groups:
             weights = {m: tensor if m == fqn else self.tensors.read(f"{m}.weight") for m in members
                        if m == fqn or f"{m}.weight" in self.tensors}
-            selector = recipes.select(self.base, self.recipe, self.calibration, weights, self.folds)
+            selector = recipes.select(self.base, self.recipe, self.calibration, weights, folds=self.folds)
             self.groups[members[0]] = [selector, weights, {m for m in members if f"{m}.weight" in self.written}]
         selector, weights, left = self.groups[members[0]]
         left.discard(fqn)
         if not left:
             del self.groups[members[0]]
         return selector.scheme_for(weights[fqn]), weights[fqn]
+
+
+def _folds(tensors: _Tensors, base: Scheme, recipe: "recipes.Recipe", calibration: Calibration | None,
+           architecture: torch.nn.Module, eligible: Mapping[str, Scheme]) -> "recipes.Folds":
+    """The offline folds, from the architecture (head_dim, shapes), once the smoothing they depend on is
+    decided: of the linears recipes.fold_dependencies names, read one input at a time."""
+    smooth: dict = {}
+    if recipe.smooth_alpha is not None:
+        for fqn in recipes.fold_dependencies(architecture):
+            if f"{fqn}.weight" in eligible:
+                members = {m: tensors.read(f"{m}.weight") for m in calibration.stats(fqn).members}
+                smooth = recipes.smooth_scales(base, recipe, calibration, members, smooth)
+    weights = {name.removesuffix(".weight"): architecture.get_parameter(name) for name in eligible}
+    return recipes.decide_folds(base, recipe, weights, architecture, smooth)
 
 
 def _partial_folder(out: Path) -> Path:
@@ -210,9 +225,8 @@ def quantize(model_dir: str | Path, scheme: "str | Mapping[str, Scheme | None]",
         # msmodelslim's header names one type: a mixed checkpoint's most common (each tensor has its own)
         description = {"model_quant_type": kinds.most_common(1)[0][0], "version": "1.0.0", "group_size": 32}
         schemes = None
-        if recipe is not None:  # the o_proj rotations that fold, from the architecture (head_dim, shapes)
-            weights = {name.removesuffix(".weight"): architecture.get_parameter(name) for name in eligible}
-            folds = recipes.fold_rotations(get_scheme(scheme), recipe, weights, recipes.attentions(architecture))
+        if recipe is not None:
+            folds = _folds(tensors, get_scheme(scheme), recipe, calibration, architecture, eligible)
             schemes = _RecipeSchemes(tensors, get_scheme(scheme), recipe, calibration, set(eligible), folds)
         partial = _partial_folder(out)
         try:
@@ -236,7 +250,8 @@ def _write(tensors: _Tensors, eligible: dict[str, Scheme], schemes: "_RecipeSche
     """Every tensor of the folder, quantized if eligible by its scheme's own quantizer (so a written
     checkpoint runs exactly what the scheme would; with a recipe, schemes(name, tensor) -> (scheme, the
     tensor it is keyed on)), into shards in `partial` (and their index); a recipe's smoothing scales beside
-    the codes, its rotation in the description (not o_proj's where it folds into v_proj's rows, and bias)."""
+    the codes (not down_proj's where it folds into up_proj's rows, and bias), its rotation in the description
+    (not o_proj's where it folds into v_proj's rows, and bias)."""
     shards, shard, size, weight_map, reference = [], {}, 0, {}, get_target("reference")
     rotated: dict[str, int] = {}  # prefix -> K
     rotation = None
@@ -262,8 +277,8 @@ def _write(tensors: _Tensors, eligible: dict[str, Scheme], schemes: "_RecipeSche
             kind = WRITTEN[scheme.name]
             codes = kind.from_codes(scheme.quantize_weight(reference, tensor), tensor.shape[-1])
             written, floats = {f"{prefix}.{suffix}": value for suffix, value in codes.items()}, {}
-            if isinstance(scheme, Recovered) and scheme.smooth is not None:
-                floats[f"{prefix}.{SMOOTH}"] = scheme.smooth.tensor.float()  # msmodelslim's fp32 [K], FLOAT
+            if isinstance(scheme, Recovered) and scheme.online_smooth is not None:  # not a folded one's
+                floats[f"{prefix}.{SMOOTH}"] = scheme.online_smooth.tensor.float()  # msmodelslim's fp32 [K], FLOAT
             if isinstance(scheme, Recovered) and scheme.online_rotation is not None:
                 rotation, rotated[prefix] = scheme.online_rotation, scheme.k
         for key, value in (*written.items(), *floats.items()):

@@ -98,10 +98,14 @@ def test_a_recovered_checkpoint_compiles_to_the_online_recipes_logits(bf16, cali
     r = recipes.get_recipe(recipe, mxfx.schemes.SCHEMES[scheme])
     steps = [step for step, on in (("smooth", r.smooth_alpha is not None), ("rotate", r.rotation)) if on]
     # a folded o_proj (Hadamard, no smoothing) is stored as plain codes: its rotation is in v_proj's rows
-    folded = {f.o_proj for f in selector.folds if f.folded}
+    folded = {f.o_proj for f in selector.folds.rotations if f.folded}
     assert bool(folded) == (r.rotation is not None and r.rotation.kind == "hadamard" and r.smooth_alpha is None)
+    # a down_proj whose smoothing folds into up_proj's rows (where it is a multiply) is stored unsmoothed
+    smoothed = {f.down_proj for f in selector.folds.smoothings if f.folded}
+    assert bool(smoothed) == (r.smooth_alpha is not None and not recipes.smoothing_is_free(selector.base, r))
     assert {x.fqn: x.scheme for x in report.rewritten} == {
-        x.fqn: f"modelslim/{scheme}" if x.fqn in folded else "+".join([f"modelslim/{scheme}", *steps])
+        x.fqn: f"modelslim/{scheme}" if x.fqn in folded else
+        "+".join([f"modelslim/{scheme}", *(step for step in steps if x.fqn not in smoothed or step != "smooth")])
         for x in report.rewritten}
     stored = checkpoint.stored_weights(loaded)[Q]
     assert stored.rotation == r.rotation
@@ -255,7 +259,7 @@ def test_a_folded_rotation_with_biases_is_stored_as_plain_codes_and_reloads_bit_
     model.save_pretrained(folder)
     bf16 = evaluation.load_model(folder)
     selector = recipes.apply("mxfp4_dual", "rotate", None, bf16)
-    assert [f.folded for f in selector.folds] == [True]
+    assert [f.folded for f in selector.folds.rotations] == [True]
     out = checkpoint.quantize(folder, "mxfp4_dual", tmp_path / "q", recipe="rotate")
     expected, online, _ = _compiled(bf16, selector)
     got, report, _ = _compiled(checkpoint.load(out), None)
@@ -267,3 +271,61 @@ def test_a_folded_rotation_with_biases_is_stored_as_plain_codes_and_reloads_bit_
     stored = load_file(out / "model.safetensors")[f"{v}.bias"]
     assert torch.equal(stored, selector.scheme_for(bf16.get_parameter(f"{v}.weight")).output_bias(bias))
     assert not torch.equal(stored, bias)
+
+
+def test_an_o_proj_fold_after_the_smoothing_search_is_written_and_reloads_bit_identically(
+        model_dir, bf16, calibration, tmp_path, monkeypatch):
+    """The writer decides o_proj's smoothing before the folds, as recipes.apply does: where the search chooses
+    none for o_proj, its rotation folds into v_proj's rows in the checkpoint too (no smoothing nor rotation
+    entry for o_proj) and the loaded checkpoint computes the online recipe's logits."""
+    def search(base, recipe, stats, weights):  # a fixed choice per input: none for o_proj, 0.5 elsewhere
+        o_proj = stats.members[0].endswith("o_proj")
+        return None if o_proj else recipes.Constant(torch.full((stats.k,), 0.5, dtype=torch.bfloat16))
+
+    monkeypatch.setattr(recipes, "searched_smooth", search)
+    recipe = Recipe(smooth_alpha="search", rotation=BlockRotation(32))
+    selector = recipes.apply("mxfp4_dual", recipe, calibration, bf16)
+    assert [f.folded for f in selector.folds.rotations] == [True]
+    out = checkpoint.quantize(model_dir, "mxfp4_dual", tmp_path / "q", recipe=recipe, calibration=calibration)
+    expected, _, _ = _compiled(bf16, selector)
+    got, report, _ = _compiled(checkpoint.load(out), None)
+    assert torch.equal(got, expected)
+    o = "model.layers.0.self_attn.o_proj"
+    description = json.loads((out / checkpoint.DESCRIPTION).read_text())
+    assert f"{o}.mul_scale" not in description and o not in description["optional"]["mxfx_rotation"]["linears"]
+    assert {r.fqn: r.scheme for r in report.rewritten}[o] == "modelslim/mxfp4_dual"
+
+
+def test_a_folded_down_proj_smoothing_is_written_into_up_projs_codes_and_reloads_bit_identically(tmp_path):
+    """down_proj's smoothing folded into up_proj's rows (mxfp4_w4a8, where it is a multiply): up_proj's codes
+    are those of its row-scaled weight and its bias is written scaled (b * s, in bf16, as the online fold adds
+    it), down_proj has no mul_scale, and the loaded checkpoint computes the online fold's logits with the
+    SwiGLU fused into down_proj's quantization, as online."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "bf16"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1536, num_hidden_layers=1,
+                                         num_attention_heads=8, num_key_value_heads=4, head_dim=64, mlp_bias=True,
+                                         max_position_embeddings=256)).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.5)
+    model.save_pretrained(folder)
+    bf16 = LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    calibration = calibrate(bf16, [IDS])
+    selector = recipes.apply("mxfp4_w4a8", "smooth", calibration, bf16)
+    assert [f.folded for f in selector.folds.smoothings] == [True]
+    out = checkpoint.quantize(folder, "mxfp4_w4a8", tmp_path / "q", recipe="smooth", calibration=calibration)
+    expected, _, online_sites = _compiled(bf16, selector)
+    got, report, sites = _compiled(checkpoint.load(out), None)
+    assert torch.equal(got, expected)
+    assert sites == online_sites and (("model.layers.0.mlp.down_proj",), "fused", None) in sites[-1]
+    up, down = (f"model.layers.0.mlp.{p}" for p in ("up_proj", "down_proj"))
+    tensors = load_file(out / "model.safetensors")
+    assert f"{down}.mul_scale" not in tensors and f"{up}.mul_scale" in tensors
+    assert {r.fqn: r.scheme for r in report.rewritten}[down] == "modelslim/mxfp4_w4a8"
+    scheme = selector.scheme_for(bf16.get_parameter(f"{up}.weight"))
+    assert torch.equal(tensors[f"{up}.bias"], scheme.output_bias(bf16.get_parameter(f"{up}.bias")))
+    assert not torch.equal(tensors[f"{up}.bias"], bf16.get_parameter(f"{up}.bias"))

@@ -9,6 +9,7 @@ import torch
 
 import mxfx
 from mxfx import recipes
+from mxfx.calibration import calibrate
 from mxfx.dynamo_backend import Backend
 from mxfx.prepared import PreparedWeights
 from mxfx.recipes import Recipe
@@ -54,7 +55,7 @@ def test_the_fold_is_exact_in_real_arithmetic_with_gqa(block):
     for m in _linears(model).values():
         torch.nn.init.normal_(m.bias, std=0.5) if m.bias is not None else None
     selector = recipes.apply("mxfp4_dual", Recipe(rotation=BlockRotation(block)), None, model)
-    assert [f.folded for f in selector.folds] == [True, True]
+    assert [f.folded for f in selector.folds.rotations] == [True, True]
     model64 = copy.deepcopy(model).double()
     with torch.no_grad():
         expected = model64(IDS).logits
@@ -170,21 +171,24 @@ def test_what_cannot_fold_stays_online_with_its_reason():
     found = recipes.attentions(model)
     assert found == [recipes.Attention(f"{ATTENTION.format(0)}.v_proj", f"{ATTENTION.format(0)}.o_proj", 64)]
 
-    def reason(recipe, found=found, weights=weights):
-        (fold,) = recipes.fold_rotations(mxfx.schemes.SCHEMES["mxfp8"], recipe, weights, found)
+    def reason(recipe, found=found, weights=weights, smooth=()):
+        (fold,) = recipes.fold_rotations(mxfx.schemes.SCHEMES["mxfp8"], recipe, weights, found, dict(smooth))
         assert not fold.folded
         return fold.reason
 
     assert reason(Recipe(rotation=BlockRotation(32, "random"))) == "the random blocks differ between head positions"
     assert reason(Recipe(rotation=BlockRotation(128))) == "rotation block 128 does not divide head_dim 64"
-    assert reason(Recipe(smooth_alpha=0.5, rotation=BlockRotation(32))) == \
+    o_proj, scale = f"{ATTENTION.format(0)}.o_proj", recipes.Constant(torch.ones(512, dtype=torch.bfloat16))
+    assert reason(Recipe(smooth_alpha=0.5, rotation=BlockRotation(32)), smooth=[(o_proj, scale)]) == \
         "o_proj's input is smoothed before its rotation"
+    with pytest.raises(ValueError, match=f"linear {o_proj}: its smoothing must be decided before its rotation"):
+        reason(Recipe(smooth_alpha=0.5, rotation=BlockRotation(32)))
     no_v = {k: v for k, v in weights.items() if not k.endswith("v_proj")}
     assert reason(Recipe(rotation=BlockRotation(32)), weights=no_v) == \
         f"{ATTENTION.format(0)}.v_proj is not quantized by the recipe"
     other = [recipes.Attention("a.v_proj", f"{ATTENTION.format(0)}.o_proj", None, "attention class X is not known")]
     assert reason(Recipe(rotation=BlockRotation(32)), found=other) == "attention class X is not known"
-    assert recipes.fold_rotations(mxfx.schemes.SCHEMES["mxfp8"], Recipe(gptq=True), weights, found) == []
+    assert recipes.fold_rotations(mxfx.schemes.SCHEMES["mxfp8"], Recipe(gptq=True), weights, found, {}) == []
 
     class Custom(torch.nn.Module):  # an attention mxfx does not know: v_proj's output may meet anything
         def __init__(self):
@@ -193,6 +197,35 @@ def test_what_cannot_fold_stays_online_with_its_reason():
 
     (custom,) = recipes.attentions(torch.nn.ModuleDict({"attn": Custom()}))
     assert custom.head_dim is None and "Custom is not known to pass v_proj's output straight" in custom.why
+
+
+@pytest.mark.parametrize("o_proj_smoothed", [False, True])
+def test_the_fold_is_decided_after_the_smoothing_search(monkeypatch, o_proj_smoothed):
+    """smooth-search + rotate: o_proj's rotation folds where the search chose no smoothing for its input (a
+    scale for every other input), and stays online, saying why, where it chose one; the o_proj that folds
+    has no smooth scale and reads no online rotation in the graph (6 rotations for 2 layers, not 8)."""
+    model = tiny_qwen3(layers=2)
+    calibration = calibrate(model, [IDS], gram=False)
+    chosen = {}
+
+    def search(base, recipe, stats, weights):  # stands in for the search: its choice per input is the case's
+        smooth = None if stats.members[0].endswith("o_proj") and not o_proj_smoothed else \
+            recipes.Constant(torch.full((stats.k,), 0.5, dtype=torch.bfloat16))
+        chosen[stats.members[0]] = smooth
+        return smooth
+
+    monkeypatch.setattr(recipes, "searched_smooth", search)
+    recipe = Recipe(smooth_alpha="search", rotation=BlockRotation(32))
+    selector = recipes.apply("mxfp4_dual", recipe, calibration, model)
+    assert len(chosen) == 2 * 4 + 1, "one search per input (q/k/v, o, gate/up, down per layer; lm_head)"
+    folds = selector.folds.rotations
+    refused = (False, "o_proj's input is smoothed before its rotation")
+    assert [(f.folded, f.reason) for f in folds] == [refused if o_proj_smoothed else (True, "")] * 2
+    o_proj = selector.scheme_for(model.get_submodule(f"{ATTENTION.format(0)}.o_proj").weight)
+    assert o_proj.fold_input == (not o_proj_smoothed) and (o_proj.smooth is None) == (not o_proj_smoothed)
+    _, be, gm = _compiled(model, selector, target="reference")
+    assert _rotations(gm) == (8 if o_proj_smoothed else 6)
+    assert be.reports[-1].folds == [str(f) for f in selector.folds.all()]
 
 
 def test_a_folded_pair_half_rewritten_is_refused_by_name():

@@ -99,21 +99,24 @@ def test_bad_requests_are_refused_by_name():
 
 def test_the_backend_runs_a_recipe_on_each_graphs_linears():
     """backend(recipe=, calibration=) builds the recipe's schemes from the graph's own linears: the same
-    logits as the selector recipes.apply builds from the model, and the excluded lm_head stays bf16."""
+    logits as the selector recipes.apply builds from the model where the model allows no offline fold (the
+    dual-level quantizer smooths for free: nothing to fold), and the excluded lm_head stays bf16."""
     model = tiny_qwen3(layers=1)
     batches = [torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     calibration = calibrate(model, batches)
-    compiled, by_model = _compiled(model, recipes.apply("mxfp4_w4a8", "smooth+gptq", calibration, model))
+    selector = recipes.apply("mxfp4_dual", "smooth+gptq", calibration, model)
+    assert selector.folds.all() == []
+    compiled, by_model = _compiled(model, selector)
     with torch.no_grad():
         expected = compiled(batches[0]).logits
     torch._dynamo.reset()
-    be = mxfx.backend("mxfp4_w4a8", target="reference", recipe="smooth+gptq", calibration=calibration)
+    be = mxfx.backend("mxfp4_dual", target="reference", recipe="smooth+gptq", calibration=calibration)
     with torch.no_grad():
         got = torch.compile(model, backend=be, fullgraph=True)(batches[0]).logits
     torch._dynamo.reset()
     assert torch.equal(got, expected)
     assert "recipe='smooth+gptq'" in repr(be)
-    assert {r.scheme for r in be.reports[-1].rewritten} == {"mxfp4_w4a8+smooth+gptq"}
+    assert {r.scheme for r in be.reports[-1].rewritten} == {"mxfp4_dual+smooth+gptq"}
     assert "lm_head" in {r.fqn for r in be.reports[-1].skipped}
 
 
