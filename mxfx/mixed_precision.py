@@ -88,7 +88,8 @@ class Linear:
 
 
 def _resolve(candidates: Sequence[str], calibration: Calibration | None, model) -> dict[str, object]:
-    """label -> a scheme (plain) or a per-weight selector (scheme+recipe, mxfx.recipes.apply)."""
+    """label -> a scheme (plain) or a per-weight selector (scheme+recipe, mxfx.recipes.apply without the
+    offline folds: each linear is measured alone and may be combined with any choice for its neighbour)."""
     resolved = {}
     for label in candidates:
         if label == BF16:
@@ -97,7 +98,7 @@ def _resolve(candidates: Sequence[str], calibration: Calibration | None, model) 
         if name not in SCHEMES:
             raise ValueError(f"candidate {label!r}: unknown scheme {name!r}; choose SCHEME or SCHEME+RECIPE with a "
                              f"scheme of {', '.join(SCHEMES)}")
-        resolved[label] = recipes.apply(name, recipe, calibration, model) if recipe else SCHEMES[name]
+        resolved[label] = recipes.apply(name, recipe, calibration, model, fold=False) if recipe else SCHEMES[name]
     return resolved
 
 

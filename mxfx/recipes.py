@@ -704,12 +704,13 @@ def select(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibrat
 
 
 def apply(scheme: "str | Scheme", recipe: "str | Recipe", calibration: Calibration | None,
-          model: torch.nn.Module) -> RecipeSelector:
+          model: torch.nn.Module, fold: bool = True) -> RecipeSelector:
     """The selector running `scheme` with `recipe` on `model`'s linears (their weights, by identity), with
-    the offline folds the model allows. calibration: from mxfx.calibrate on this model (checked
-    against it); rotation alone needs none."""
+    the offline folds the model allows (fold=False: none, for a selector whose linears are used one by one,
+    as mixed precision measures and combines them: each linear of a folded pair is right only with the
+    other). calibration: from mxfx.calibrate on this model (checked against it); rotation alone needs none."""
     base, recipe = check_recipe(scheme, recipe, calibration)
     if recipe.needs_calibration:
         calibration.check(model)
     weights = {name: m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    return select(base, recipe, calibration, weights, model)
+    return select(base, recipe, calibration, weights, model if fold else None)

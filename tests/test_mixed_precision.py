@@ -331,3 +331,14 @@ def test_tensor_parallel_refuses_a_selector_that_forgets_the_shards(two_blocks):
         parallel.check_shardable(model, report, plan)
     report, _ = parallel.plan(model, 2, "mxfp8")
     parallel.check_shardable(model, report, "mxfp8")  # a scheme serves any weight
+
+
+def test_recipe_candidates_measure_and_combine_their_linears_unfolded(model):
+    """A folded pair (o_proj's rotation in v_proj's rows) is right only together; a candidate is measured one
+    linear at a time and the plan may give the pair different schemes, so candidates never fold (the same
+    recipe through recipes.apply does)."""
+    folded = mxfx.recipes.apply("mxfp4_dual", "rotate", None, model)
+    assert any(s.fold_input for s in folded.schemes())
+    candidate = mp._resolve(["mxfp4_dual+rotate"], None, model)["mxfp4_dual+rotate"]
+    schemes = candidate.schemes()
+    assert schemes and not any(s.fold_input or s.head_rotation is not None for s in schemes)

@@ -9,7 +9,7 @@ import torch
 
 import mxfx
 from mxfx import recipes
-from mxfx.calibration import calibrate
+from mxfx.calibrating import calibrate
 from mxfx.dynamo_backend import Backend
 from mxfx.prepared import PreparedWeights
 from mxfx.recipes import Recipe

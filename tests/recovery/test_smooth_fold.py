@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import mxfx
 from mxfx import recipes
-from mxfx.calibration import calibrate
+from mxfx.calibrating import calibrate
 from mxfx.recipes import Recipe
 from mxfx.recovery.rotation import BlockRotation
 from passes import FusionReport
