@@ -42,7 +42,8 @@ class PassContext:
     select: Selection = ALL
     prepare: Prepare = prepare_weight
     fake_mode: FakeTensorMode | None = None
-    # merge_siblings: the siblings' merged constants, and what to do with their own (a cache drops them)
+    # merge_siblings: the siblings' merged constants, and what to do with their own where they were prepared
+    # (a cache drops them; the pipeline's rewrite defers them, so they are not)
     prepare_merged: Callable = prepare_merged
     discard_prepared: Callable = keep_prepared
 
