@@ -18,17 +18,30 @@ def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(tensors)
 
 
-@torch.no_grad()
-def prepare_merged(schemes: list[Scheme], target: Target, weights: list[torch.Tensor], biases: list,
-                   dtype) -> Tensors:
-    """What one matmul over sibling linears reads: their codes (each weight's by its own scheme) and biases
-    concatenated along N, laid out by the first scheme. Exact for the per-row schemes: the codes of the
-    concatenated weight are the concatenated codes. The schemes differ at most in their weights' own row
-    transforms (v_proj's folded head rotation), never in the layout (merge_siblings checks)."""
-    codes = [scheme.weight_codes(target, w, dtype) for scheme, w in zip(schemes, weights)]
+def merge_codes(schemes: list[Scheme], target: Target, codes: list[Tensors], biases: list, dtype) -> Tensors:
+    """The siblings' codes (each weight's by its own scheme) and biases concatenated along N, laid out by the
+    first scheme. Exact for the per-row schemes: the codes of the concatenated weight are the concatenated
+    codes. The schemes differ at most in their weights' own row transforms (v_proj's folded head rotation),
+    never in the layout (merge_siblings checks)."""
     merged = {name: _cat([c[name] for c in codes]) for name in codes[0]}
     bias = None if biases[0] is None else torch.cat([s.output_bias(b) for s, b in zip(schemes, biases)])
     return schemes[0].layout(target, merged, bias, dtype)
+
+
+@torch.no_grad()
+def prepare_merged(schemes: list[Scheme], target: Target, weights: list[torch.Tensor], biases: list,
+                   dtype) -> Tensors:
+    """What one matmul over sibling linears reads (merge_codes), each weight quantized once."""
+    codes = [scheme.weight_codes(target, w, dtype) for scheme, w in zip(schemes, weights)]
+    return merge_codes(schemes, target, codes, biases, dtype)
+
+
+@torch.no_grad()
+def fake_prepare_merged(schemes: list[Scheme], target: Target, weights: list[torch.Tensor], biases: list, dtype,
+                        fake_mode) -> Tensors:
+    """prepare_merged with the weights' tensors as fakes of fake_mode (Scheme.fake_prepare), nothing quantized."""
+    codes = [scheme.fake_codes(target, w, dtype, fake_mode) for scheme, w in zip(schemes, weights)]
+    return merge_codes(schemes, target, codes, biases, dtype)
 
 
 def _sources(weights: list[torch.Tensor], biases: list) -> tuple[torch.Tensor, ...]:

@@ -288,6 +288,12 @@ class Recovered(Scheme):
             round_to_nearest(w, grid)
         return {name: t.to(weight.device) for name, t in grid.result().items()}
 
+    def fake_codes(self, target, weight, dtype, fake_mode):
+        """The grid's codes have the base quantizer's shapes and dtypes (GPTQ does not run on fakes)."""
+        if self.stored:
+            return super().fake_codes(target, weight, dtype, fake_mode)
+        return self.base.fake_codes(target, weight, dtype, fake_mode)
+
     def layout(self, target, codes, bias, dtype):
         prepared = dict(self.base.layout(target, codes, bias, dtype))
         if self.online_smooth is not None:

@@ -110,6 +110,14 @@ class Scheme:
             raise ValueError(f"scheme {self.label}: the weight has no stored codes (load it with mxfx.checkpoint.load)")
         return stored.codes(weight.device)
 
+    def fake_codes(self, target: Target, weight: torch.Tensor, dtype: torch.dtype, fake_mode) -> Tensors:
+        """weight_codes as fake tensors of fake_mode, without quantizing: what the quantizer's fake kernel
+        returns for the weight, or the stored codes' metadata."""
+        if self.stored:
+            return {name: fake_mode.from_tensor(t, static_shapes=True)
+                    for name, t in self.weight_codes(target, weight, dtype).items()}
+        return self.quantize_weight(target, fake_mode.from_tensor(weight, static_shapes=True).to(dtype))
+
     def weight_bytes(self, prepared: Tensors) -> int:
         """The weight's bytes as the matmul reads them: codes and scales, not the bias nor the per-activation
         constants (a rotation or smooth scale is shared by every linear on the activation)."""
@@ -134,6 +142,14 @@ class Scheme:
         hold the weights through an autograd graph."""
         with torch.no_grad():
             return self.layout(target, self.weight_codes(target, weight, dtype), self.output_bias(bias), dtype)
+
+    def fake_prepare(self, target: Target, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                     fake_mode) -> Tensors:
+        """prepare with the weight's tensors as fakes of fake_mode (their shapes, dtypes and strides), nothing
+        quantized; the bias and the per-activation constants are real (small, and their values key the
+        activation's quantization). What a rewrite builds its graph from before the weights are prepared."""
+        with torch.no_grad():
+            return self.layout(target, self.fake_codes(target, weight, dtype, fake_mode), self.output_bias(bias), dtype)
 
     # -- activations and the matmul ----------------------------------------------------------------
     @property

@@ -18,6 +18,7 @@ import torch
 from mxfx.prepared import prepare_merged
 from mxfx.targets import Target
 from mxfx.tensor_cache import version
+from passes import constant_sources
 
 log = logging.getLogger("mxfx.backend")
 SAMPLES = 16
@@ -69,17 +70,6 @@ class _Group:
         return prepare_merged(list(self.scheme), target, list(weights), list(biases), self.dtype)
 
 
-def _sources(tag: dict) -> tuple | None:
-    """(pairs of weight / bias names, dtype, scheme) a constant was prepared from."""
-    if "source" in tag:
-        weight, bias, dtype, scheme = tag["source"]
-        return ((weight, bias),), dtype, scheme
-    if "sources" in tag:
-        pairs, dtype, scheme = tag["sources"]
-        return tuple(pairs), dtype, scheme
-    return None
-
-
 class WeightWatch:
     """One group per set of prepared sources; their state when prepared is compared before each call."""
 
@@ -87,7 +77,7 @@ class WeightWatch:
         self.target, self.groups = target, {}
         index = {name: i for i, name in enumerate(placeholders)}
         for position, tag in enumerate(tags):
-            sources = _sources(tag)
+            sources = constant_sources(tag)
             if sources is None:
                 continue
             pairs, dtype, scheme = sources

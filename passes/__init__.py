@@ -20,7 +20,15 @@ from .pipeline import (
     rewrite_linears,
     run_passes,
 )
-from .quantize_linears import CONSTANT_PREFIX, RewriteError, mxfx_tag, prepare_weight, quantize_linears
+from .prepare_constants import prepare_constants
+from .quantize_linears import (
+    CONSTANT_PREFIX,
+    RewriteError,
+    constant_sources,
+    mxfx_tag,
+    prepare_weight,
+    quantize_linears,
+)
 from .report import LiftReport, LinearReport, PassReport, PipelineReport, RewriteReport
 
 __all__ = [
@@ -40,6 +48,7 @@ __all__ = [
     "PipelineReport",
     "RewriteError",
     "RewriteReport",
+    "constant_sources",
     "find_linears",
     "fold_smooth_norm",
     "fuse_norm_quant",
@@ -47,6 +56,7 @@ __all__ = [
     "lift_constants",
     "merge_siblings",
     "mxfx_tag",
+    "prepare_constants",
     "prepare_weight",
     "quantize_linears",
     "rewrite_linears",

@@ -7,13 +7,15 @@ the merged graph's outputs are bit-identical to the unmerged graph's. The pass c
 (the scheme's own quantization, or a checkpoint's stored codes) and biases and re-runs the scheme's
 `layout`, so the NZ casts and scale views are the scheme's, on either target; the merged constants are
 registered like the rewrite's (tag role "constant") for lift_constants, and the siblings' constants go.
+After the pipeline's rewrite, whose constants are deferred (passes.prepare_constants), the merged ones are
+deferred too: each sibling's weight is quantized once, for the merged constants, and its own constants are
+never prepared.
 
 Runs after the linear rewrite; finds the matmuls by tag (role "matmul", with the weight / bias source
 names) and groups those whose activation operands are the same nodes. The merged matmul is tagged
 role "matmul" with "linears" (in graph order) and the split role "split"."""
 
 import dataclasses
-import functools
 import logging
 import operator
 from dataclasses import dataclass
@@ -21,13 +23,14 @@ from typing import ClassVar
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
+from mxfx.prepared import fake_prepare_merged
 from mxfx.recipes import Recovered
 from mxfx.schemes import MXFP4W4A8, MXFP8, DualLevelMXFP4, get_scheme
 
 from .fusion import Emitter, FusionReport, FusionSkipReason, erase_unused, value
-from .quantize_linears import CONSTANT_PREFIX, mxfx_tag
+from .quantize_linears import CONSTANT_PREFIX, mxfx_tag, source_tensor
 
 log = logging.getLogger("mxfx.passes")
 aten = torch.ops.aten
@@ -74,11 +77,7 @@ class _Merge:
         self.report = MergeReport()
 
     def tensor(self, name: str | None):
-        if name is None:
-            return None
-        if name in self.context.weights:
-            return self.context.weights[name]
-        return functools.reduce(getattr, name.split("."), self.gm)
+        return source_tensor(self.gm, self.context.weights, name)
 
     def check(self, matmuls, weights, biases, schemes) -> tuple[FusionSkipReason, str] | None:
         if len(matmuls) == 1:
@@ -104,15 +103,19 @@ class _Merge:
             return
         scheme, target, dtype = schemes[0], self.context.target, value(matmuls[0]).dtype
         old = {n for m in matmuls for n in m.all_input_nodes if _is_constant(n)}
-        # the siblings' own constants are not kept: freed before the merged ones are made, so that these can
-        # reuse some of their memory (README, "Memory": what the allocator keeps of them)
-        for own, weight, bias in zip(schemes, weights, biases):
-            self.context.discard_prepared(own, target, weight, bias, dtype)
+        # deferred siblings (the pipeline's rewrite): the merged constants are deferred too, nothing is prepared
+        deferred = any(isinstance(getattr(self.gm, n.target), FakeTensor) for n in old)
+        if not deferred:  # prepared siblings: their own constants are not kept (a cache drops them)
+            for own, weight, bias in zip(schemes, weights, biases):
+                self.context.discard_prepared(own, target, weight, bias, dtype)
         for node in old:
             if set(node.users) <= set(matmuls):  # no other matmul reads it
                 delattr(self.gm, node.target)
         with unset_fake_temporarily():  # real weights; aot_autograd runs an engine's passes under its fake mode
-            prepared = self.context.prepare_merged(schemes, target, weights, biases, dtype)
+            if deferred:
+                prepared = fake_prepare_merged(schemes, target, weights, biases, dtype, self.emit.fake_mode)
+            else:
+                prepared = self.context.prepare_merged(schemes, target, weights, biases, dtype)
         stem = self._stem()
         first = matmuls[0]
         # "sources": the merged linears' weight and bias inputs, dtype and schemes (the weight watch merges them

@@ -1,6 +1,8 @@
 """The pass pipeline a compile runs: an ordered list of graph passes, each `fn(gm, context) -> PassReport`,
 rewriting gm in place. The linear rewrite is the first; a fusion pass goes after it and finds the
-rewrite's nodes by their `node.meta["mxfx"]` tags. The backend ends every pipeline with lift_constants."""
+rewrite's nodes by their `node.meta["mxfx"]` tags. The rewrite defers the weights' preparation: run_passes
+prepares the constants still in the graph after the last pass (prepare_constants). The backend ends every
+pipeline with lift_constants."""
 
 import logging
 from collections.abc import Callable, Iterable
@@ -19,6 +21,7 @@ from .fold_smooth_norm import fold_smooth_norm
 from .fuse_norm_quant import fuse_norm_quant
 from .fuse_swiglu_quant import fuse_swiglu_quant
 from .merge_siblings import merge_siblings
+from .prepare_constants import prepare_constants
 from .quantize_linears import Prepare, prepare_weight, quantize_linears
 from .report import PassReport, PipelineReport, RewriteReport
 
@@ -39,7 +42,8 @@ class PassContext:
     select: Selection = ALL
     prepare: Prepare = prepare_weight
     fake_mode: FakeTensorMode | None = None
-    # merge_siblings: the siblings' merged constants, and what to do with their own (a cache drops them)
+    # merge_siblings: the siblings' merged constants, and what to do with their own where they were prepared
+    # (a cache drops them; the pipeline's rewrite defers them, so they are not)
     prepare_merged: Callable = prepare_merged
     discard_prepared: Callable = keep_prepared
 
@@ -48,9 +52,10 @@ GraphPass = Callable[[fx.GraphModule, PassContext], PassReport]
 
 
 def rewrite_linears(gm: fx.GraphModule, context: PassContext) -> RewriteReport:
-    """quantize_linears with the compile's scheme, target, weights and selection."""
+    """quantize_linears with the compile's scheme, target, weights and selection, its constants deferred
+    (run_passes prepares them)."""
     return quantize_linears(gm, context.scheme, context.target, context.weights, select=context.select,
-                            prepare=context.prepare)
+                            prepare=context.prepare, defer=True)
 
 
 UNFUSED_PASSES: tuple[GraphPass, ...] = (rewrite_linears,)
@@ -71,4 +76,5 @@ def run_passes(gm: fx.GraphModule, graph_passes: Iterable[GraphPass], context: P
                             "not a PassReport")
         log.debug("%s: %s", result.pass_name, result.summary())
         report.passes.append(result)
+    prepare_constants(gm, context)
     return report

@@ -10,6 +10,10 @@ reason; nothing is rewritten that the scheme cannot serve exactly. Every node it
 activation_quant, matmul, shape, grad_guard (mxfx::inference_only, only where gradients would flow); an
 activation quantization lists all its linears under "linears"; a constant names its prepared tensor and its
 "source": the weight and bias node names, dtype and scheme).
+
+defer=True (the pipeline's rewrite_linears): nothing is quantized here; each constant's buffer holds a fake
+tensor (Scheme.fake_prepare), and passes.prepare_constants prepares the constants still in the graph after
+the last pass, so that those a fusion replaces (merge_siblings) are never prepared.
 """
 
 import functools
@@ -52,6 +56,27 @@ def mxfx_tag(node: fx.Node) -> dict:
     return node.meta.get("mxfx", {})
 
 
+def constant_sources(tag: dict) -> tuple | None:
+    """((weight name, bias name) per linear, dtype, scheme) a constant was prepared from: one linear's
+    ("source"), or merged siblings' ("sources", one scheme per sibling); None for other nodes."""
+    if "source" in tag:
+        weight, bias, dtype, scheme = tag["source"]
+        return ((weight, bias),), dtype, scheme
+    if "sources" in tag:
+        pairs, dtype, scheme = tag["sources"]
+        return tuple(pairs), dtype, scheme
+    return None
+
+
+def source_tensor(gm: fx.GraphModule, weights: dict[str, torch.Tensor], name: str | None):
+    """The tensor a source name in a tag stands for: a graph input in `weights`, else an attribute of gm."""
+    if name is None:
+        return None
+    if name in weights:
+        return weights[name]
+    return functools.reduce(getattr, name.split("."), gm)
+
+
 def quantize_linears(
     gm: fx.GraphModule,
     scheme: "str | Scheme | SchemeSelector" = "mxfp4_dual",
@@ -60,6 +85,7 @@ def quantize_linears(
     *,
     select: Selection = ALL,
     prepare: Prepare = prepare_weight,
+    defer: bool = False,
 ) -> RewriteReport:
     """Rewrite gm in place and return the report.
 
@@ -67,9 +93,10 @@ def quantize_linears(
     (Dynamo: the example inputs; export: the state dict through the graph signature); get_attr and
     call_module weights not in it are read from gm. select: which linears (include/exclude patterns).
     prepare(scheme, target, weight, bias, activation dtype) -> prepared tensors; pass a caching one to
-    reuse prepared weights across compiles.
+    reuse prepared weights across compiles. defer: leave the preparation to passes.prepare_constants (the
+    module's docstring).
     """
-    rewrite = _Rewrite(gm, get_scheme(scheme), get_target(target), weights or {}, prepare)
+    rewrite = _Rewrite(gm, get_scheme(scheme), get_target(target), weights or {}, prepare, defer)
     sites = find_linears(gm)
     others = find_other_matmul_weights(gm, sites)  # before the rewrite adds matmuls of its own
     for site in sites:
@@ -120,9 +147,9 @@ class _TaggingTracer(fx.proxy.GraphAppendingTracer):
 
 
 class _Rewrite:
-    def __init__(self, gm, selector, target, weights, prepare):
+    def __init__(self, gm, selector, target, weights, prepare, defer):
         self.gm, self.graph, self.selector, self.target = gm, gm.graph, selector, target
-        self.weights, self.prepare = weights, prepare
+        self.weights, self.prepare, self.defer = weights, prepare, defer
         self.report = RewriteReport(selector.label, target.name)
         self.tracer = _TaggingTracer(self.graph)
         # The mode of the graph's own values (a Dynamo backend's tracing context holds another one).
@@ -279,7 +306,10 @@ class _Rewrite:
         key = (site.weight, site.bias, dtype, scheme)
         if key not in self.prepared:
             with unset_fake_temporarily():  # real weights; aot_autograd runs an engine's passes under its fake mode
-                tensors = self.prepare(scheme, self.target, weight, bias, dtype)
+                if self.defer:
+                    tensors = scheme.fake_prepare(self.target, weight, bias, dtype, self.fake_mode)
+                else:
+                    tensors = self.prepare(scheme, self.target, weight, bias, dtype)
             stem = self.unused_stem(re.sub(r"\W", "_", f"{CONSTANT_PREFIX}{site.weight}"))
             nodes = {}
             for name, tensor in tensors.items():
