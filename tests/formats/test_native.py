@@ -207,7 +207,7 @@ def test_mode_selection(monkeypatch):
 
 
 def test_rows_split_across_threads_and_concurrent_callers(monkeypatch):
-    """Small tensors split into row ranges on the pool (the threshold lowered), from several threads at
+    """Small tensors split into row ranges on OpenMP threads (the threshold lowered), from several threads at
     once while another thread changes torch's thread count: same bytes as the torch code."""
     from mxfx.formats import native as native_module
 
@@ -245,8 +245,9 @@ STACK_BUDGET = 16 * 1024
 
 
 def test_stack_frames_within_budget(tmp_path):
-    """The kernels run on pool threads, whose stacks may be small (musl: 128 KiB): every function's frame,
-    built with the project's flags, stays under STACK_BUDGET. (No compiler: skipped with the module.)"""
+    """The kernels run on their callers' threads and OpenMP's, whose stacks may be small (musl: 128 KiB):
+    every function's frame, built with the project's flags, stays under STACK_BUDGET. (No compiler: skipped with
+    the module.)"""
     built = subprocess.run([native._compiler(), *native._FLAGS, "-Werror", "-fstack-usage", "-o", "kernels.so",
                             str(native._SOURCE)],
                            cwd=tmp_path, capture_output=True, text=True, check=False)

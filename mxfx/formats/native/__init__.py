@@ -3,7 +3,9 @@ MX matmuls that read packed operands (mx_matmul: the order of their arithmetic i
 
 mx_kernels.c is compiled on first use with the system C compiler (-O3 -march=native, never -ffast-math),
 cached under ${XDG_CACHE_HOME:-~/.cache}/mxfx/ keyed by source, flags, compiler and CPU, and loaded
-with ctypes; calls are split over row ranges on a thread pool (ctypes releases the GIL).
+with ctypes (which releases the GIL); each call splits its rows (the matmul: its columns) into ranges that
+run on OpenMP threads, torch's own (-fopenmp: the process loads one libgomp, so the kernels use the threads
+torch's parallel regions use instead of competing with them).
 
 The implementation is chosen by the environment variable MXFX_KERNELS (read at each call):
   auto    (default) native where it covers the call and a compiler works; otherwise the torch code,
@@ -28,7 +30,6 @@ import sysconfig
 import tempfile
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -38,9 +39,9 @@ _SOURCE = Path(__file__).with_name("mx_kernels.c")
 # -Wall -Wextra everywhere; warnings are errors in CI (its first use builds in a fresh cache) and in the
 # tests' own build (test_native), not on users' machines, where a newer compiler's new warning would
 # only cost them the fast kernels
-_FLAGS = ["-std=c99", "-O3", "-march=native", "-ffp-contract=off", "-Wall", "-Wextra",
+_FLAGS = ["-std=c99", "-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-Wall", "-Wextra",
           *(["-Werror"] if os.environ.get("CI") else []), "-shared", "-fPIC"]
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 # below this many elements one call on the caller's thread beats handing work to the pool
 _MIN_PARALLEL_ELEMENTS = 1 << 18
 
@@ -50,7 +51,7 @@ _FORMATS = {"fp8_e4m3": 0, "fp4_e2m1": 1}
 _I64, _INT = ctypes.c_int64, ctypes.c_int
 
 _lock = threading.Lock()
-_state: dict = {}  # "lib" or "error"; "warned"; "pool": (executor, size)
+_state: dict = {}  # "lib" or "error"; "warned"
 _override = threading.local()
 
 
@@ -138,17 +139,18 @@ def _build() -> ctypes.CDLL:
     p = ctypes.c_void_p
     for name in ("dual_level_quant_bf16", "dual_level_quant_fp16"):
         fn = getattr(lib, name)
-        fn.argtypes = [p, _I64, _I64, _INT, p, p, p]
+        fn.argtypes = [p, _I64, _I64, _INT, p, p, p, _INT]
         fn.restype = ctypes.c_int
     for name in ("mx_quant_bf16", "mx_quant_fp16"):
         fn = getattr(lib, name)
-        fn.argtypes = [p, _I64, _I64, _I64, _INT, _INT, _INT, p, p]
+        fn.argtypes = [p, _I64, _I64, _I64, _INT, _INT, _INT, p, p, _INT]
         fn.restype = ctypes.c_int
     lib.e2m1_encode_f32.argtypes = [p, _I64, _INT, p]
     lib.e2m1_encode_f32.restype = None
     lib.mx_pairs.argtypes = [p, _I64, _I64, _I64, _INT, _INT, _I64, p, p, _I64, _I64, _I64, p]
     lib.mx_pairs.restype = ctypes.c_int
-    lib.mx_matmul.argtypes = [p, p, _I64, _I64, p, _INT, *[_I64] * 5, p, *[_I64] * 4, p, p, *[_I64] * 4, p, _I64, _INT]
+    lib.mx_matmul.argtypes = [p, p, _I64, _I64, p, _INT, *[_I64] * 5, p, *[_I64] * 4, p, p, *[_I64] * 4, p, _I64,
+                              _INT, _INT]
     lib.mx_matmul.restype = ctypes.c_int
     lib.mx_matmul_isa.restype = ctypes.c_int
     return lib
@@ -199,29 +201,10 @@ def _native_library() -> ctypes.CDLL | None:
 # ------------------------------------------------------------------------------------- running
 
 
-def _pool() -> ThreadPoolExecutor:
-    """One pool for the process, never shut down while in use; callers use at most
-    torch.get_num_threads() - 1 of its threads (the calling thread takes a share too)."""
-    with _lock:
-        if "pool" not in _state:
-            _state["pool"] = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="mxfx-native")
-    return _state["pool"]
-
-
-def _run_rows(call, rows: int, k: int, unit: int = 1) -> None:
-    """call(row_start, row_count) over all rows, split across threads when the work is large enough,
-    each range starting at a multiple of unit. Every range has finished when this returns or raises:
-    the kernels write into the caller's tensors."""
-    units = -(-rows // unit)
-    chunks = max(1, min(torch.get_num_threads(), units, rows * k // _MIN_PARALLEL_ELEMENTS))
-    bounds = [min(rows, unit * (units * i // chunks)) for i in range(chunks + 1)]
-    futures = [_pool().submit(call, bounds[i], bounds[i + 1] - bounds[i]) for i in range(1, chunks)]
-    try:
-        first = call(bounds[0], bounds[1])  # the caller's thread takes the first range
-    finally:
-        others = [f.result() for f in futures]  # wait for every range, even when the first one raised
-    for code in (first, *others):
-        _check(code)
+def _chunks(rows: int, k: int, unit: int = 1) -> int:
+    """How many ranges (threads, at most torch.get_num_threads()) a call over `rows` rows of `k` elements
+    splits into, each of whole `unit`s: one below _MIN_PARALLEL_ELEMENTS per range."""
+    return max(1, min(torch.get_num_threads(), -(-rows // unit), rows * k // _MIN_PARALLEL_ELEMENTS))
 
 
 def _check(rc: int) -> None:
@@ -256,13 +239,8 @@ def try_quantize_dual_level(x: torch.Tensor, round_mode: str):
     level0 = torch.empty(lead + (nb0,), dtype=torch.float32)
     level1 = torch.empty(lead + (nb1,), dtype=torch.uint8)
     fn = lib.dual_level_quant_bf16 if x.dtype == torch.bfloat16 else lib.dual_level_quant_fp16
-    px, pq, p0, p1 = x.data_ptr(), q.data_ptr(), level0.data_ptr(), level1.data_ptr()
-    rm = _ROUND_MODES[round_mode]
-
-    def call(start: int, count: int) -> int:
-        return fn(px + 2 * start * k, count, k, rm, pq + start * (k // 2), p0 + 4 * start * nb0, p1 + start * nb1)
-
-    _run_rows(call, rows, k)
+    _check(fn(x.data_ptr(), rows, k, _ROUND_MODES[round_mode], q.data_ptr(), level0.data_ptr(), level1.data_ptr(),
+              _chunks(rows, k)))
     return q, level0, level1.view(torch.float8_e8m0fnu)
 
 
@@ -276,13 +254,8 @@ def try_quantize_mx(x: torch.Tensor, fmt: str, block_size: int, scale_alg: str, 
     q = torch.empty(lead + (qk,), dtype=torch.uint8)
     scale = torch.empty(lead + (nb,), dtype=torch.uint8)
     fn = lib.mx_quant_bf16 if x.dtype == torch.bfloat16 else lib.mx_quant_fp16
-    px, pq, ps = x.data_ptr(), q.data_ptr(), scale.data_ptr()
-    f, alg, rm = _FORMATS[fmt], _SCALE_ALGS[scale_alg], _ROUND_MODES[round_mode]
-
-    def call(start: int, count: int) -> int:
-        return fn(px + 2 * start * k, count, k, block_size, f, alg, rm, pq + start * qk, ps + start * nb)
-
-    _run_rows(call, rows, k)
+    _check(fn(x.data_ptr(), rows, k, block_size, _FORMATS[fmt], _SCALE_ALGS[scale_alg], _ROUND_MODES[round_mode],
+              q.data_ptr(), scale.data_ptr(), _chunks(rows, k)))
     if fmt == "fp8_e4m3":
         q = q.view(torch.float8_e4m3fn)
     return q, scale.view(torch.float8_e8m0fnu)
@@ -354,12 +327,9 @@ def try_mx_matmul(a: torch.Tensor, fmt_a: str, a_scale: torch.Tensor, b: torch.T
     out = torch.empty(m, n, dtype=torch.float32)
     vector = int(matmul_path() == "avx512_bf16")
 
-    def call(start: int, count: int) -> int:
-        return lib.mx_matmul(
-            pairs.data_ptr(), sa.data_ptr(), m, k, b.data_ptr(), fb, s_n, s_nb, s_cb, c0, kbytes,
-            b_scale.data_ptr(), *b_scale.stride(), _readable_bytes(b_scale),
-            None if l0a is None else l0a.data_ptr(), None if l0b is None else l0b.data_ptr(),
-            0 if l0b is None else l0b.stride(0), start, count, n, out.data_ptr(), n, vector)
-
-    _run_rows(call, n, max(m, 1) * k, unit=16)
+    _check(lib.mx_matmul(
+        pairs.data_ptr(), sa.data_ptr(), m, k, b.data_ptr(), fb, s_n, s_nb, s_cb, c0, kbytes,
+        b_scale.data_ptr(), *b_scale.stride(), _readable_bytes(b_scale),
+        None if l0a is None else l0a.data_ptr(), None if l0b is None else l0b.data_ptr(),
+        0 if l0b is None else l0b.stride(0), 0, n, n, out.data_ptr(), n, vector, _chunks(n, max(m, 1) * k, unit=16)))
     return out

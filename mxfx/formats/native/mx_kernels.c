@@ -6,14 +6,14 @@
  * subnormals kept).
  *
  * A short last block (k not a multiple of the block) counts as zero padded, as blocks.split_blocks
- * does, and only its valid outputs are written. The kernels run on pool threads, whose stacks may be
- * small (musl: 128 KiB): no large local buffers.
+ * does, and only its valid outputs are written. The kernels run on their callers' and OpenMP threads,
+ * whose stacks may be small (musl: 128 KiB): no large local buffers.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define MXFX_ABI_VERSION 2
+#define MXFX_ABI_VERSION 3
 
 enum { RM_RINT = 0, RM_ROUND = 1, RM_FLOOR = 2 };
 enum { ALG_FLOOR = 0, ALG_OCP = 1, ALG_RCEIL = 2 };
@@ -22,6 +22,15 @@ enum { FMT_E4M3 = 0, FMT_E2M1 = 1 };
 #define INLINE static inline __attribute__((always_inline))
 
 int64_t mxfx_abi_version(void) { return MXFX_ABI_VERSION; }
+
+/* Range c of `chunks` over `total` items in whole units: [*start, *start + *count). The entry points run
+   their chunks on OpenMP threads, which are torch's own (the process loads one libgomp): a pool of our
+   own would compete with torch's threads, which spin after each of torch's parallel regions. */
+INLINE void chunk_range(int64_t total, int64_t unit, int chunks, int c, int64_t *start, int64_t *count) {
+    int64_t units = (total + unit - 1) / unit, a = unit * (units * c / chunks), b = unit * (units * (c + 1) / chunks);
+    *start = a < total ? a : total;
+    *count = (b < total ? b : total) - *start;
+}
 
 INLINE float f32_of(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
 INLINE uint32_t bits_of(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
@@ -262,7 +271,7 @@ INLINE void mx_rows(const uint16_t *restrict x, int64_t rows, int64_t k, int bs,
 }
 
 /* specializations: block size is runtime, everything else a compile-time constant */
-#define MX_CASE(F16, FMT, ALG, RM) mx_rows(x, rows, k, (int)bs, F16, FMT, ALG, RM, q, scale)
+#define MX_CASE(F16, FMT, ALG, RM) mx_rows(x + r0 * k, n, k, (int)bs, F16, FMT, ALG, RM, q + r0 * qrow, scale + r0 * nb)
 #define MX_ALGS(F16, FMT, RM)                                                   \
     do {                                                                        \
         if (alg == ALG_FLOOR) MX_CASE(F16, FMT, ALG_FLOOR, RM);                 \
@@ -271,13 +280,16 @@ INLINE void mx_rows(const uint16_t *restrict x, int64_t rows, int64_t k, int bs,
     } while (0)
 #define MX_ENTRY(NAME, F16)                                                                          \
     int NAME(const uint16_t *x, int64_t rows, int64_t k, int64_t bs, int fmt, int alg, int rm,        \
-             uint8_t *q, uint8_t *scale) {                                                           \
-        if (bs <= 0 || bs % 32 || bs > 1024 || k <= 0 || rows < 0) return -1;                         \
-        if (fmt == FMT_E4M3) {                                                                       \
-            MX_ALGS(F16, FMT_E4M3, RM_RINT);                                                         \
-        } else {                                                                                     \
-            if (k % 2) return -1;                                                                    \
-            if (rm == RM_RINT) MX_ALGS(F16, FMT_E2M1, RM_RINT);                                      \
+             uint8_t *q, uint8_t *scale, int chunks) {                                               \
+        if (bs <= 0 || bs % 32 || bs > 1024 || k <= 0 || rows < 0 || chunks < 1) return -1;           \
+        if (fmt != FMT_E4M3 && k % 2) return -1;                                                     \
+        int64_t qrow = fmt == FMT_E4M3 ? k : k / 2, nb = (k + bs - 1) / bs;                          \
+        _Pragma("omp parallel for num_threads(chunks) schedule(static) if(chunks > 1)")              \
+        for (int c = 0; c < chunks; c++) {                                                           \
+            int64_t r0, n;                                                                           \
+            chunk_range(rows, 1, chunks, c, &r0, &n);                                                \
+            if (fmt == FMT_E4M3) MX_ALGS(F16, FMT_E4M3, RM_RINT);                                    \
+            else if (rm == RM_RINT) MX_ALGS(F16, FMT_E2M1, RM_RINT);                                 \
             else if (rm == RM_ROUND) MX_ALGS(F16, FMT_E2M1, RM_ROUND);                               \
             else MX_ALGS(F16, FMT_E2M1, RM_FLOOR);                                                   \
         }                                                                                            \
@@ -410,12 +422,20 @@ INLINE void dual_rows(const uint16_t *restrict x, int64_t rows, int64_t k, int f
     }
 }
 
+#define DUAL_CASE(F16, RM) \
+    dual_rows(x + r0 * k, n, k, F16, RM, q + r0 * (k / 2), level0 + r0 * ((k + 511) / 512), level1 + r0 * ((k + 31) / 32))
 #define DUAL_ENTRY(NAME, F16)                                                                                   \
-    int NAME(const uint16_t *x, int64_t rows, int64_t k, int rm, uint8_t *q, float *level0, uint8_t *level1) {   \
-        if (k <= 0 || k % 2 || rows < 0) return -1;                                                             \
-        if (rm == RM_RINT) dual_rows(x, rows, k, F16, RM_RINT, q, level0, level1);                              \
-        else if (rm == RM_ROUND) dual_rows(x, rows, k, F16, RM_ROUND, q, level0, level1);                       \
-        else dual_rows(x, rows, k, F16, RM_FLOOR, q, level0, level1);                                           \
+    int NAME(const uint16_t *x, int64_t rows, int64_t k, int rm, uint8_t *q, float *level0, uint8_t *level1,     \
+             int chunks) {                                                                                      \
+        if (k <= 0 || k % 2 || rows < 0 || chunks < 1) return -1;                                               \
+        _Pragma("omp parallel for num_threads(chunks) schedule(static) if(chunks > 1)")                         \
+        for (int c = 0; c < chunks; c++) {                                                                      \
+            int64_t r0, n;                                                                                      \
+            chunk_range(rows, 1, chunks, c, &r0, &n);                                                           \
+            if (rm == RM_RINT) DUAL_CASE(F16, RM_RINT);                                                         \
+            else if (rm == RM_ROUND) DUAL_CASE(F16, RM_ROUND);                                                  \
+            else DUAL_CASE(F16, RM_FLOOR);                                                                      \
+        }                                                                                                       \
         return 0;                                                                                               \
     }
 
@@ -829,18 +849,12 @@ int mx_matmul_isa(void) {
 #endif
 }
 
-/* out[m, n0 .. n0 + count) (row stride ldo) for n0 = n_start (a multiple of 16); act: [m, pairs] bf16
-   pairs, sa: [m, groups] scales; l0a [m, groups0] and l0b (row stride ldl0b) for dual level, or NULL.
-   out is written, not accumulated into. vector = 0 takes the portable path. */
-int mx_matmul(const uint32_t *act, const float *sa, int64_t m, int64_t k, const uint8_t *b, int fmt_w, int64_t s_n,
-              int64_t s_nb, int64_t s_cb, int64_t c0, int64_t kbytes, const uint8_t *sb, int64_t sb_n, int64_t sb_p,
-              int64_t sb_2, int64_t sb_limit, const float *l0a, const float *l0b, int64_t ldl0b, int64_t n_start,
-              int64_t count, int64_t n_total, float *out, int64_t ldo, int vector) {
-    if (m < 0 || k <= 0 || n_start % 16 || count < 0 || n_start + count > n_total || c0 <= 0) return -1;
-#ifndef HAVE_BF16_DOT
-    if (vector) return -2;
-#endif
-    weight_t w = {b, s_n, s_nb, s_cb, c0, kbytes, sb, sb_n, sb_p, sb_2, sb_limit, fmt_w};
+/* mx_matmul's columns n_start .. n_start + count on the calling thread */
+static int matmul_range(const uint32_t *act, const float *sa, int64_t m, int64_t k, weight_t w, const float *l0a,
+                        const float *l0b, int64_t ldl0b, int64_t n_start, int64_t count, float *out, int64_t ldo,
+                        int vector) {
+    int fmt_w = w.fmt;
+    int64_t kbytes = w.kbytes;
     int64_t groups = (k + 31) / 32, lda = groups * PAIRS, groups0 = (groups + CHUNK - 1) / CHUNK;
     int64_t gbytes = fmt_w == FMT_E2M1 ? 16 : 32;
     /* scratch (42 KiB: off the stack), 64-byte aligned: two blocks' decoded chunks and their scales, one
@@ -914,4 +928,28 @@ int mx_matmul(const uint32_t *act, const float *sa, int64_t m, int64_t k, const 
     }
     free(scratch);
     return 0;
+}
+
+/* out[m, n0 .. n0 + count) (row stride ldo) for n0 = n_start (a multiple of 16); act: [m, pairs] bf16
+   pairs, sa: [m, groups] scales; l0a [m, groups0] and l0b (row stride ldl0b) for dual level, or NULL.
+   out is written, not accumulated into; the columns are split into `chunks` ranges of whole 16-lane
+   blocks. vector = 0 takes the portable path. */
+int mx_matmul(const uint32_t *act, const float *sa, int64_t m, int64_t k, const uint8_t *b, int fmt_w, int64_t s_n,
+              int64_t s_nb, int64_t s_cb, int64_t c0, int64_t kbytes, const uint8_t *sb, int64_t sb_n, int64_t sb_p,
+              int64_t sb_2, int64_t sb_limit, const float *l0a, const float *l0b, int64_t ldl0b, int64_t n_start,
+              int64_t count, int64_t n_total, float *out, int64_t ldo, int vector, int chunks) {
+    if (m < 0 || k <= 0 || n_start % 16 || count < 0 || n_start + count > n_total || c0 <= 0 || chunks < 1) return -1;
+#ifndef HAVE_BF16_DOT
+    if (vector) return -2;
+#endif
+    weight_t w = {b, s_n, s_nb, s_cb, c0, kbytes, sb, sb_n, sb_p, sb_2, sb_limit, fmt_w};
+    int rc = 0;
+#pragma omp parallel for num_threads(chunks) schedule(static) if(chunks > 1) reduction(min : rc)
+    for (int c = 0; c < chunks; c++) {
+        int64_t start, n;
+        chunk_range(count, 16, chunks, c, &start, &n);
+        int r = matmul_range(act, sa, m, k, w, l0a, l0b, ldl0b, n_start + start, n, out, ldo, vector);
+        rc = r < rc ? r : rc;
+    }
+    return rc;
 }
