@@ -661,6 +661,11 @@ static void decode_group_avx(const weight_t *w, int64_t n0, int lanes, int64_t g
         const uint8_t *base = weight_byte(w, n0, 32 * g);
         __m512i y[8], z[4], vv[8];
         for (int i = 0; i < 8; i++) {
+            if (lanes == 16) { /* every row there: plain loads (masked byte loads cost a fifth of mxfp8's time) */
+                const __m256i *p0 = (const __m256i *)(base + 2 * i * w->s_n), *p1 = (const __m256i *)(base + (2 * i + 1) * w->s_n);
+                y[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(p0)), _mm256_loadu_si256(p1), 1);
+                continue;
+            }
             __m256i r0 = _mm256_maskz_loadu_epi8(2 * i < lanes ? 0xFFFFFFFFu : 0, base + 2 * i * w->s_n);
             __m256i r1 = _mm256_maskz_loadu_epi8(2 * i + 1 < lanes ? 0xFFFFFFFFu : 0, base + (2 * i + 1) * w->s_n);
             y[i] = _mm512_inserti64x4(_mm512_castsi256_si512(r0), r1, 1);
