@@ -43,13 +43,7 @@ def main() -> None:
     if args.dynamo_only:
         print(dynamo_resident(args.layers))
         return
-    torch.compile(lambda x: x + 1, backend=mxfx.backend())(torch.ones(2))  # Dynamo's lazy imports, before the baseline
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    baseline = rss()
-    config = qwen3_06b_shaped(args.layers)
-    model = Qwen3ForCausalLM(config).to(torch.bfloat16).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    baseline, model, weight_bytes = _model(args.layers, mxfx.backend())
     linear_bytes = sum(m.weight.numel() * 2 for n, m in model.named_modules()
                        if isinstance(m, torch.nn.Linear) and n != "lm_head")
     loaded = rss()
@@ -93,14 +87,20 @@ def main() -> None:
           f"resident / (prepared + unquantized) {net:.3f}")
 
 
-def dynamo_resident(layers: int) -> int:
-    """RSS above the model's own bytes after compiling it with Dynamo's "eager" backend and one forward."""
-    torch.compile(lambda x: x + 1, backend="eager")(torch.ones(2))
+def _model(layers: int, backend) -> tuple[int, torch.nn.Module, int]:
+    """(the RSS baseline, taken after a first compile with `backend` has done Dynamo's lazy imports; the
+    seeded bf16 model built after it; its weight bytes)."""
+    torch.compile(lambda x: x + 1, backend=backend)(torch.ones(2))
     torch._dynamo.reset()
     torch.manual_seed(0)
     baseline = rss()
     model = Qwen3ForCausalLM(qwen3_06b_shaped(layers)).to(torch.bfloat16).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return baseline, model, sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def dynamo_resident(layers: int) -> int:
+    """RSS above the model's own bytes after compiling it with Dynamo's "eager" backend and one forward."""
+    baseline, model, weight_bytes = _model(layers, "eager")
     with torch.no_grad():
         torch.compile(model, backend="eager")(torch.randint(0, 151936, (1, 16)))
     gc.collect()

@@ -126,10 +126,10 @@ def layer_sqnr(model, inputs: dict[str, torch.Tensor], scheme: "str | SchemeSele
     the bf16 model's own input to that layer (`layer_inputs`; where a recipe's fold transforms it upstream,
     the quantized layer gets it so transformed: Scheme.folded_input), the bf16 output transformed as a fold
     transforms the layer's rows (v_proj's rotated, up_proj's scaled: Scheme.output_rows); a name that is no
-    nn.Linear gets none. A
-    linear holding stored codes only is dequantized for its bf16 output (checkpoint.dequantized). Each
-    linear's weight is prepared for its turn only, unless a `cache` (e.g. mxfx.prepared.PREPARED) keeps
-    them: the compiled graph holds merged siblings' constants, so kept ones would double the prepared bytes."""
+    nn.Linear gets none. A linear holding stored codes only is dequantized for its bf16 output
+    (checkpoint.dequantized). Each linear's weight is prepared for its turn only, unless a `cache` (e.g.
+    mxfx.prepared.PREPARED) keeps them: the compiled graph holds merged siblings' constants, so kept ones
+    would double the prepared bytes."""
     selector, target = get_scheme(scheme), get_target("reference")
     result = {}
     for name in filter(inputs.__contains__, names):

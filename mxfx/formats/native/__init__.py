@@ -42,7 +42,7 @@ _SOURCE = Path(__file__).with_name("mx_kernels.c")
 _FLAGS = ["-std=c99", "-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-Wall", "-Wextra",
           *(["-Werror"] if os.environ.get("CI") else []), "-shared", "-fPIC"]
 _ABI_VERSION = 3
-# below this many elements one call on the caller's thread beats handing work to the pool
+# below this many elements per range one range on the caller's thread beats waking OpenMP threads
 _MIN_PARALLEL_ELEMENTS = 1 << 18
 
 _ROUND_MODES = {"rint": 0, "round": 1, "floor": 2}
@@ -203,7 +203,7 @@ def _native_library() -> ctypes.CDLL | None:
 
 def _chunks(rows: int, k: int, unit: int = 1) -> int:
     """How many ranges (threads, at most torch.get_num_threads()) a call over `rows` rows of `k` elements
-    splits into, each of whole `unit`s: one below _MIN_PARALLEL_ELEMENTS per range."""
+    splits into, each of whole `unit`s and of at least _MIN_PARALLEL_ELEMENTS elements (else one)."""
     return max(1, min(torch.get_num_threads(), -(-rows // unit), rows * k // _MIN_PARALLEL_ELEMENTS))
 
 
