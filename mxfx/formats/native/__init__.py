@@ -41,7 +41,7 @@ _SOURCE = Path(__file__).with_name("mx_kernels.c")
 # only cost them the fast kernels
 _FLAGS = ["-std=c99", "-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-Wall", "-Wextra",
           *(["-Werror"] if os.environ.get("CI") else []), "-shared", "-fPIC"]
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 # below this many elements per range one range on the caller's thread beats waking OpenMP threads
 _MIN_PARALLEL_ELEMENTS = 1 << 18
 
@@ -147,7 +147,7 @@ def _build() -> ctypes.CDLL:
         fn.restype = ctypes.c_int
     lib.e2m1_encode_f32.argtypes = [p, _I64, _INT, p]
     lib.e2m1_encode_f32.restype = None
-    lib.mx_pairs.argtypes = [p, _I64, _I64, _I64, _INT, _INT, _I64, p, p, _I64, _I64, _I64, p]
+    lib.mx_pairs.argtypes = [p, _I64, _I64, _I64, _INT, _INT, _I64, p, p, _I64, _I64, _I64, p, _INT]
     lib.mx_pairs.restype = ctypes.c_int
     lib.mx_matmul.argtypes = [p, p, _I64, _I64, p, _INT, *[_I64] * 5, p, *[_I64] * 4, p, p, *[_I64] * 4, p, _I64,
                               _INT, _INT]
@@ -307,10 +307,11 @@ def try_mx_matmul(a: torch.Tensor, fmt_a: str, a_scale: torch.Tensor, b: torch.T
     fa, fb = _FORMATS[fmt_a], _FORMATS[fmt_b]
     if a.stride(-1) != 1:
         a = a.contiguous()
+    vector = int(matmul_path() == "avx512_bf16")
     pairs = torch.empty(m, 16 * groups, dtype=torch.int32)
     sa = torch.empty(m, groups, dtype=torch.float32)
     _check(lib.mx_pairs(a.data_ptr(), m, a.stride(0), k, fa, fb, 16 * groups, pairs.data_ptr(), a_scale.data_ptr(),
-                        *a_scale.stride(), sa.data_ptr()))
+                        *a_scale.stride(), sa.data_ptr(), vector))
     if nz_c0 is None:
         if b.stride(-1) != 1:
             b = b.contiguous()
@@ -325,7 +326,6 @@ def try_mx_matmul(a: torch.Tensor, fmt_a: str, a_scale: torch.Tensor, b: torch.T
         if l0b.stride(-1) != 1:
             l0b = l0b.contiguous()
     out = torch.empty(m, n, dtype=torch.float32)
-    vector = int(matmul_path() == "avx512_bf16")
 
     _check(lib.mx_matmul(
         pairs.data_ptr(), sa.data_ptr(), m, k, b.data_ptr(), fb, s_n, s_nb, s_cb, c0, kbytes,

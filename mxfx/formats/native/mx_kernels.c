@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MXFX_ABI_VERSION 3
+#define MXFX_ABI_VERSION 4
 
 enum { RM_RINT = 0, RM_ROUND = 1, RM_FLOOR = 2 };
 enum { ALG_FLOOR = 0, ALG_OCP = 1, ALG_RCEIL = 2 };
@@ -505,32 +505,6 @@ INLINE int64_t pair_low(int64_t kp, int fmt_w) {
 }
 INLINE int64_t pair_half(int fmt_w) { return fmt_w == FMT_E2M1 ? 4 : 2; }
 
-/* The activation [rows, k] (packed FP4 or E4M3 bytes, row stride ldx bytes) as bf16 pairs [rows,
-   pairs]: pairs = 16 * groups, elements past k are 0; and its E8M0 scales (byte (r, g) at scale + r * s_m
-   + (g / 2) * s_p + (g % 2) * s_2) as fp32 [rows, groups]. */
-int mx_pairs(const uint8_t *x, int64_t rows, int64_t ldx, int64_t k, int fmt_x, int fmt_w, int64_t pairs,
-             uint32_t *out, const uint8_t *scale, int64_t s_m, int64_t s_p, int64_t s_2, float *scale_out) {
-    if (rows < 0 || k <= 0 || pairs * 2 < k || pairs % PAIRS) return -1;
-    int64_t half = pair_half(fmt_w), groups = (k + 31) / 32;
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t g = 0; g < groups; g++)
-            scale_out[r * groups + g] = e8m0_f32(scale[r * s_m + (g >> 1) * s_p + (g & 1) * s_2]);
-    for (int64_t r = 0; r < rows; r++) {
-        const uint8_t *xr = x + r * ldx;
-        for (int64_t kp = 0; kp < pairs; kp++) {
-            int64_t e[2] = {pair_low(kp, fmt_w), pair_low(kp, fmt_w) + half};
-            uint32_t v[2];
-            for (int i = 0; i < 2; i++) {
-                if (e[i] >= k) v[i] = 0;
-                else if (fmt_x == FMT_E2M1) v[i] = e2m1_bf16(xr[e[i] >> 1] >> (4 * (e[i] & 1)));
-                else v[i] = e4m3_bf16(xr[e[i]]);
-            }
-            out[r * pairs + kp] = v[0] | (v[1] << 16);
-        }
-    }
-    return 0;
-}
-
 typedef struct {
     const uint8_t *b;
     int64_t s_n, s_nb, s_cb, c0, kbytes; /* kbytes: valid bytes of a weight row */
@@ -608,6 +582,24 @@ static const uint16_t E4M3_BF16[128] __attribute__((aligned(64))) = {
     0x4380, 0x4390, 0x43A0, 0x43B0, 0x43C0, 0x43D0, 0x43E0, 0x7FC0,
 };
 
+/* the E2M1 codes as bf16 for vpermw, which reads 5 index bits per word: the table repeats the 16 codes */
+INLINE __m512i e2m1_lut(void) {
+    return _mm512_set_epi16(
+        (short)0xC0C0, (short)0xC080, (short)0xC040, (short)0xC000, (short)0xBFC0, (short)0xBF80,
+        (short)0xBF00, (short)0x8000, 0x40C0, 0x4080, 0x4040, 0x4000, 0x3FC0, 0x3F80, 0x3F00, 0x0000,
+        (short)0xC0C0, (short)0xC080, (short)0xC040, (short)0xC000, (short)0xBFC0, (short)0xBF80,
+        (short)0xBF00, (short)0x8000, 0x40C0, 0x4080, 0x4040, 0x4000, 0x3FC0, 0x3F80, 0x3F00, 0x0000);
+}
+
+/* bf16 of the E4M3 byte in each word's low byte (the high byte is ignored): the magnitude from two
+   64-entry tables t0:t1, t2:t3 (vpermi2w reads 6 index bits; bit 6 picks the table), the sign moved from
+   bit 7 to bit 15 */
+INLINE __m512i e4m3_words(__m512i x, __m512i t0, __m512i t1, __m512i t2, __m512i t3) {
+    __m512i r = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(x, _mm512_set1_epi16(0x40)),
+                                        _mm512_permutex2var_epi16(t0, x, t1), _mm512_permutex2var_epi16(t2, x, t3));
+    return _mm512_ternarylogic_epi32(r, _mm512_slli_epi16(x, 8), _mm512_set1_epi16((short)0x8000), 0xF8);
+}
+
 /* z[q] holds 4 dwords of each of the lanes 4q .. 4q + 3 (lane-major); v[j] = dword j of the 16 lanes */
 INLINE void transpose16x4(const __m512i *z, __m512i *v) {
     const __m512i ia = _mm512_set_epi32(29, 25, 21, 17, 13, 9, 5, 1, 28, 24, 20, 16, 12, 8, 4, 0);
@@ -625,12 +617,7 @@ INLINE void transpose16x4(const __m512i *z, __m512i *v) {
 static void decode_group_avx(const weight_t *w, int64_t n0, int lanes, int64_t g, uint32_t *restrict dst) {
     __m512i *out = (__m512i *)dst;
     if (w->fmt == FMT_E2M1) {
-        /* vpermw reads 5 index bits per word: the table repeats the 16 codes */
-        const __m512i lut = _mm512_set_epi16(
-            (short)0xC0C0, (short)0xC080, (short)0xC040, (short)0xC000, (short)0xBFC0, (short)0xBF80,
-            (short)0xBF00, (short)0x8000, 0x40C0, 0x4080, 0x4040, 0x4000, 0x3FC0, 0x3F80, 0x3F00, 0x0000,
-            (short)0xC0C0, (short)0xC080, (short)0xC040, (short)0xC000, (short)0xBFC0, (short)0xBF80,
-            (short)0xBF00, (short)0x8000, 0x40C0, 0x4080, 0x4040, 0x4000, 0x3FC0, 0x3F80, 0x3F00, 0x0000);
+        const __m512i lut = e2m1_lut();
         /* the lanes' 16 bytes as rows, four to a register, transposed: v[j] = dword j of every lane */
         const uint8_t *base = weight_byte(w, n0, 16 * g);
         __m512i z[4], v[4];
@@ -653,8 +640,6 @@ static void decode_group_avx(const weight_t *w, int64_t n0, int lanes, int64_t g
             _mm512_store_si512(out + 4 * j + 3, _mm512_permutexvar_epi16(_mm512_srli_epi16(v[j], 12), lut));
         }
     } else {
-        /* E4M3 magnitude -> bf16 from two 64-entry tables (vpermi2w reads 6 index bits; bit 6 picks the
-           table), the sign moved from bit 7 to bit 15 */
         const __m512i t0 = _mm512_load_si512(E4M3_BF16), t1 = _mm512_load_si512(E4M3_BF16 + 32);
         const __m512i t2 = _mm512_load_si512(E4M3_BF16 + 64), t3 = _mm512_load_si512(E4M3_BF16 + 96);
         /* the lanes' 32 bytes, two lanes to a register, then each half of 16 bytes transposed */
@@ -678,14 +663,7 @@ static void decode_group_avx(const weight_t *w, int64_t n0, int lanes, int64_t g
         for (int j = 0; j < 8; j++) { /* 4 bytes = elements 4j .. 4j + 3 */
             __m512i v = vv[j];
             __m512i bytes[2] = {v, _mm512_srli_epi16(v, 8)}; /* each word's low byte is the element */
-            for (int t = 0; t < 2; t++) {
-                __m512i x = bytes[t];
-                __m512i r = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(x, _mm512_set1_epi16(0x40)),
-                                                    _mm512_permutex2var_epi16(t0, x, t1),
-                                                    _mm512_permutex2var_epi16(t2, x, t3));
-                r = _mm512_ternarylogic_epi32(r, _mm512_slli_epi16(x, 8), _mm512_set1_epi16((short)0x8000), 0xF8);
-                _mm512_store_si512(out + 2 * j + t, r);
-            }
+            for (int t = 0; t < 2; t++) _mm512_store_si512(out + 2 * j + t, e4m3_words(bytes[t], t0, t1, t2, t3));
         }
     }
 }
@@ -706,6 +684,28 @@ static void decode_scales_avx(const weight_t *w, int64_t n0, int lanes, int64_t 
     f = _mm512_mask_mov_epi32(f, _mm512_cmpeq_epi32_mask(b, _mm512_set1_epi32(0xFF)), _mm512_set1_epi32(0x7FC00000));
     f = _mm512_maskz_mov_epi32((__mmask16)((1u << lanes) - 1u), f);
     _mm512_storeu_si512(dst, f);
+}
+
+/* one whole 32-group of an activation row (16 bytes of packed E2M1 or 32 E4M3 bytes at x) as mx_pairs'
+   16 pair dwords: its 32 values as bf16 words in element order, then each 128-bit lane (8 elements)
+   shuffled into the weight format's pairing */
+static void pairs_group_avx(const uint8_t *x, int fmt_x, int fmt_w, uint32_t *out) {
+    __m512i words;
+    if (fmt_x == FMT_E2M1) {
+        /* byte i -> bytes 2i (low nibble: element 2i) and 2i + 1 (high nibble), then to words */
+        __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)x));
+        __m256i nibbles = _mm256_or_si256(_mm256_and_si256(b, _mm256_set1_epi16(0x0F)),
+                                          _mm256_and_si256(_mm256_slli_epi16(b, 4), _mm256_set1_epi16(0x0F00)));
+        words = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(nibbles), e2m1_lut());
+    } else {
+        words = e4m3_words(_mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)x)),
+                           _mm512_load_si512(E4M3_BF16), _mm512_load_si512(E4M3_BF16 + 32),
+                           _mm512_load_si512(E4M3_BF16 + 64), _mm512_load_si512(E4M3_BF16 + 96));
+    }
+    /* word order of each 8 elements: E2M1 weights pair (t, t + 4), E4M3 weights (t, t + 2) per 4 */
+    const __m512i fp4 = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15));
+    const __m512i fp8 = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15));
+    _mm512_storeu_si512(out, _mm512_shuffle_epi8(words, fmt_w == FMT_E2M1 ? fp4 : fp8));
 }
 
 /* as partials_scalar, 8 (row, group) sums at a time so that the dot products' latencies overlap */
@@ -823,6 +823,40 @@ static void scale_rows_avx(float *o, int64_t ldo, int rows, int lanes, const flo
 }
 
 #endif
+
+/* The activation [rows, k] (packed FP4 or E4M3 bytes, row stride ldx bytes) as bf16 pairs [rows,
+   pairs]: pairs = 16 * groups, elements past k are 0; and its E8M0 scales (byte (r, g) at scale + r * s_m
+   + (g / 2) * s_p + (g % 2) * s_2) as fp32 [rows, groups]; vector = 0: plain C only. */
+int mx_pairs(const uint8_t *x, int64_t rows, int64_t ldx, int64_t k, int fmt_x, int fmt_w, int64_t pairs,
+             uint32_t *out, const uint8_t *scale, int64_t s_m, int64_t s_p, int64_t s_2, float *scale_out, int vector) {
+    if (rows < 0 || k <= 0 || pairs * 2 < k || pairs % PAIRS) return -1;
+#ifndef HAVE_BF16_DOT
+    if (vector) return -2;
+#endif
+    int64_t half = pair_half(fmt_w), groups = (k + 31) / 32;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t g = 0; g < groups; g++)
+            scale_out[r * groups + g] = e8m0_f32(scale[r * s_m + (g >> 1) * s_p + (g & 1) * s_2]);
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *xr = x + r * ldx;
+        int64_t whole = vector ? k / 32 : 0; /* the vector path takes the whole groups, this loop the rest */
+#ifdef HAVE_BF16_DOT
+        for (int64_t g = 0; g < whole; g++)
+            pairs_group_avx(xr + g * (fmt_x == FMT_E2M1 ? 16 : 32), fmt_x, fmt_w, out + r * pairs + g * PAIRS);
+#endif
+        for (int64_t kp = whole * PAIRS; kp < pairs; kp++) {
+            int64_t e[2] = {pair_low(kp, fmt_w), pair_low(kp, fmt_w) + half};
+            uint32_t v[2];
+            for (int i = 0; i < 2; i++) {
+                if (e[i] >= k) v[i] = 0;
+                else if (fmt_x == FMT_E2M1) v[i] = e2m1_bf16(xr[e[i] >> 1] >> (4 * (e[i] & 1)));
+                else v[i] = e4m3_bf16(xr[e[i]]);
+            }
+            out[r * pairs + kp] = v[0] | (v[1] << 16);
+        }
+    }
+    return 0;
+}
 
 /* the scaling of the partial sums of rows 0 .. rows - 1 of one block (output rows o + r * ldo), in the
    order the header describes; l0a: NULL for single level */
