@@ -86,6 +86,12 @@ def windows(stream: torch.Tensor, seq: int, max_tokens: int | None = None) -> to
     return torch.stack([stream[i * seq : i * seq + seq + 1] for i in range(count)])
 
 
+def model_input(windows: torch.Tensor) -> torch.Tensor:
+    """The input ids of windows [n, seq + 1] (all but each one's last token), as a tensor of its own: Dynamo
+    guards a view's base, so a slice here and the continuation's fresh tensor would compile two graphs."""
+    return windows[:, :-1].contiguous()
+
+
 @torch.no_grad()
 def predictions_and_loss(model, batches: torch.Tensor, batch_size: int, desc: str) -> tuple[torch.Tensor, float]:
     """The predicted next token [n, seq] of every window and the mean next-token cross-entropy (only
@@ -93,7 +99,7 @@ def predictions_and_loss(model, batches: torch.Tensor, batch_size: int, desc: st
     loss is an error naming `desc`: its perplexity and agreement would mean nothing."""
     predictions, total = [], 0.0
     for batch in tqdm(batches.split(batch_size), desc=desc, leave=False, disable=None):
-        logits = model(batch[:, :-1]).logits
+        logits = model(model_input(batch)).logits
         total += torch.nn.functional.cross_entropy(
             logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
         predictions.append(logits.argmax(-1))
@@ -201,7 +207,7 @@ def evaluate(model, stream: torch.Tensor, schemes: "list[str | SchemeSelector]",
         compiled = torch.compile(model, backend=be, dynamic=True, fullgraph=True)
         start = time.perf_counter()
         with torch.no_grad():
-            compiled(batches[:batch_size, :-1])  # compile (the first call)
+            compiled(model_input(batches[:batch_size]))  # compile (the first call)
         compile_s = time.perf_counter() - start
         start = time.perf_counter()
         predictions, loss = predictions_and_loss(compiled, batches, batch_size, label)

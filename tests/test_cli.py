@@ -159,6 +159,21 @@ def test_continuation_reads_the_whole_sequence_through_the_evaluations_graph(byt
     assert graphs == 1, "the continuation compiles no graph of its own"
 
 
+def test_the_evaluation_and_its_continuation_share_one_graph(byte_model):
+    """The evaluation's windows reach the graph as tensors of their own, as the continuation's do: a view
+    would make Dynamo guard its base and compile the continuation a second graph (seconds per scheme)."""
+    from torch._dynamo.utils import counters
+
+    model = evaluation.load_model(byte_model)
+    stream = torch.randint(0, 256, (4 * 33 + 1,), generator=torch.Generator().manual_seed(0))
+    counters.clear()
+    result = evaluation.evaluate(model, stream, ["mxfp8"], seq=32, batch_size=4, prompt=[1, 2, 3], new_tokens=4)
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert len(result.results[0].continuation) == 4
+    assert graphs == 1
+
+
 def test_recipes_run_next_to_plain_rounding_from_a_calibration_file(byte_model, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("Alpha beta gamma delta epsilon zeta eta theta iota kappa. " * 20)
