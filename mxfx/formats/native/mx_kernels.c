@@ -668,22 +668,38 @@ static void decode_group_avx(const weight_t *w, int64_t n0, int lanes, int64_t g
     }
 }
 
-static void decode_scales_avx(const weight_t *w, int64_t n0, int lanes, int64_t g, float *restrict dst) {
-    int64_t first = scale_offset(w, n0, g), last = scale_offset(w, n0 + lanes - 1, g);
-    if (w->sb_n < 0 || w->sb_n > (1 << 26) || last + 3 >= w->sb_limit) { /* a dword read would leave it */
-        decode_scales_scalar(w, n0, lanes, g, dst);
-        return;
-    }
-    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    __m512i b = _mm512_and_si512(
-        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), (__mmask16)((1u << lanes) - 1u),
-                                    _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)w->sb_n)), w->sb + first, 1),
-        _mm512_set1_epi32(0xFF));
+/* E8M0 bytes (one per dword, 0 past the mask) as fp32: 2**(b - 127), 0 -> 2**-127, 0xFF -> NaN */
+INLINE __m512 e8m0_lanes(__m512i b, __mmask16 mask) {
     __m512i f = _mm512_slli_epi32(b, 23);
     f = _mm512_mask_mov_epi32(f, _mm512_cmpeq_epi32_mask(b, _mm512_setzero_si512()), _mm512_set1_epi32(0x00400000));
     f = _mm512_mask_mov_epi32(f, _mm512_cmpeq_epi32_mask(b, _mm512_set1_epi32(0xFF)), _mm512_set1_epi32(0x7FC00000));
-    f = _mm512_maskz_mov_epi32((__mmask16)((1u << lanes) - 1u), f);
-    _mm512_storeu_si512(dst, f);
+    return _mm512_castsi512_ps(_mm512_maskz_mov_epi32(mask, f));
+}
+
+/* The scales of groups g_first .. g_first + gc - 1 of lanes n0 .. n0 + lanes - 1 as dst[16 g + lane]:
+   where a row's scale bytes lie in group order (sb_p = 2, sb_2 = 1: the [N, K/64, 2] pairs every layout
+   here has), one gather of a dword per lane serves four groups (a gather per group was a quarter of the
+   M = 1 profile); else a gather per group, or plain C where a dword read would leave the scales */
+static void decode_chunk_scales_avx(const weight_t *w, int64_t n0, int lanes, int64_t g_first, int gc,
+                                    float *restrict dst) {
+    const __mmask16 mask = (__mmask16)((1u << lanes) - 1u);
+    const __m512i offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               _mm512_set1_epi32((int)w->sb_n));
+    int64_t first = scale_offset(w, n0, g_first), last = scale_offset(w, n0 + lanes - 1, g_first + gc - 1);
+    int in_order = w->sb_p == 2 && w->sb_2 == 1;
+    for (int g = 0; g < gc; g += in_order ? 4 : 1) {
+        int64_t at = in_order ? first + g : scale_offset(w, n0, g_first + g);
+        if (w->sb_n < 0 || w->sb_n > (1 << 26) || (in_order ? last + 3 - (gc - 1 - g) : at + (lanes - 1) * w->sb_n + 3)
+                                                          >= w->sb_limit) {
+            for (int t = 0; t < (in_order ? 4 : 1) && g + t < gc; t++)
+                decode_scales_scalar(w, n0, lanes, g_first + g + t, dst + 16 * (g + t));
+            continue;
+        }
+        __m512i d = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, offsets, w->sb + at, 1);
+        for (int t = 0; t < (in_order ? 4 : 1) && g + t < gc; t++)
+            _mm512_storeu_ps(dst + 16 * (g + t),
+                             e8m0_lanes(_mm512_and_si512(_mm512_srli_epi32(d, 8 * t), _mm512_set1_epi32(0xFF)), mask));
+    }
 }
 
 /* one whole 32-group of an activation row (16 bytes of packed E2M1 or 32 E4M3 bytes at x) as mx_pairs'
@@ -923,13 +939,15 @@ static int matmul_range(const uint32_t *act, const float *sa, int64_t m, int64_t
                     /* a group whose bytes all lie in the rows (the last one of a ragged k may not) */
                     if (vector && (gg + 1) * gbytes <= kbytes && (gg + 1) * 32 <= k) {
                         decode_group_avx(&w, n0, lanes[bl], gg, dst);
-                        decode_scales_avx(&w, n0, lanes[bl], gg, sdst);
                         continue;
                     }
 #endif
                     decode_group_scalar(&w, n0, lanes[bl], gg, k, dst);
-                    decode_scales_scalar(&w, n0, lanes[bl], gg, sdst);
+                    if (!vector) decode_scales_scalar(&w, n0, lanes[bl], gg, sdst);
                 }
+#ifdef HAVE_BF16_DOT
+                if (vector) decode_chunk_scales_avx(&w, n0, lanes[bl], g_first, gc, sbuf + bl * CHUNK * 16);
+#endif
                 for (int l = 0; l < 16; l++) l0[bl][l] = l0b && l < lanes[bl] ? l0b[ch * ldl0b + n0 + l] : 0.0f;
             }
             for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
