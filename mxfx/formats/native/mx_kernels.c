@@ -677,9 +677,10 @@ INLINE __m512 e8m0_lanes(__m512i b, __mmask16 mask) {
 }
 
 /* The scales of groups g_first .. g_first + gc - 1 of lanes n0 .. n0 + lanes - 1 as dst[16 g + lane]:
-   where a row's scale bytes lie in group order (sb_p = 2, sb_2 = 1: the [N, K/64, 2] pairs every layout
-   here has), one gather of a dword per lane serves four groups (a gather per group was a quarter of the
-   M = 1 profile); else a gather per group, or plain C where a dword read would leave the scales */
+   where a row's scale bytes lie in group order (sb_p = 2, sb_2 = 1: [N, K/64, 2] pairs, as the schemes
+   prepare them), one gather of a dword per lane serves four groups (a gather per group was a quarter of
+   the M = 1 profile); else (a [K/64, N, 2] checkpoint layout) a gather per group; plain C where a dword
+   read would leave the scales */
 static void decode_chunk_scales_avx(const weight_t *w, int64_t n0, int lanes, int64_t g_first, int gc,
                                     float *restrict dst) {
     const __mmask16 mask = (__mmask16)((1u << lanes) - 1u);
