@@ -687,17 +687,17 @@ static void decode_chunk_scales_avx(const weight_t *w, int64_t n0, int lanes, in
     const __m512i offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                                _mm512_set1_epi32((int)w->sb_n));
     int64_t first = scale_offset(w, n0, g_first), last = scale_offset(w, n0 + lanes - 1, g_first + gc - 1);
-    int in_order = w->sb_p == 2 && w->sb_2 == 1;
-    for (int g = 0; g < gc; g += in_order ? 4 : 1) {
+    int in_order = w->sb_p == 2 && w->sb_2 == 1, step = in_order ? 4 : 1; /* groups per gather */
+    for (int g = 0; g < gc; g += step) {
         int64_t at = in_order ? first + g : scale_offset(w, n0, g_first + g);
         if (w->sb_n < 0 || w->sb_n > (1 << 26) || (in_order ? last + 3 - (gc - 1 - g) : at + (lanes - 1) * w->sb_n + 3)
                                                           >= w->sb_limit) {
-            for (int t = 0; t < (in_order ? 4 : 1) && g + t < gc; t++)
+            for (int t = 0; t < step && g + t < gc; t++)
                 decode_scales_scalar(w, n0, lanes, g_first + g + t, dst + 16 * (g + t));
             continue;
         }
         __m512i d = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, offsets, w->sb + at, 1);
-        for (int t = 0; t < (in_order ? 4 : 1) && g + t < gc; t++)
+        for (int t = 0; t < step && g + t < gc; t++)
             _mm512_storeu_ps(dst + 16 * (g + t),
                              e8m0_lanes(_mm512_and_si512(_mm512_srli_epi32(d, 8 * t), _mm512_set1_epi32(0xFF)), mask));
     }
@@ -934,7 +934,6 @@ static int matmul_range(const uint32_t *act, const float *sa, int64_t m, int64_t
                 lanes[bl] = (int)(n_start + count - n0 < 16 ? n_start + count - n0 : 16);
                 for (int g = 0; g < gc; g++) {
                     uint32_t *dst = wbuf + bl * WBLOCK + g * PAIRS * 16;
-                    float *sdst = sbuf + bl * CHUNK * 16 + 16 * g;
                     int64_t gg = g_first + g;
 #ifdef HAVE_BF16_DOT
                     /* a group whose bytes all lie in the rows (the last one of a ragged k may not) */
@@ -944,11 +943,13 @@ static int matmul_range(const uint32_t *act, const float *sa, int64_t m, int64_t
                     }
 #endif
                     decode_group_scalar(&w, n0, lanes[bl], gg, k, dst);
-                    if (!vector) decode_scales_scalar(&w, n0, lanes[bl], gg, sdst);
                 }
+                float *sdst = sbuf + bl * CHUNK * 16;
 #ifdef HAVE_BF16_DOT
-                if (vector) decode_chunk_scales_avx(&w, n0, lanes[bl], g_first, gc, sbuf + bl * CHUNK * 16);
+                if (vector) decode_chunk_scales_avx(&w, n0, lanes[bl], g_first, gc, sdst);
+                else
 #endif
+                    for (int g = 0; g < gc; g++) decode_scales_scalar(&w, n0, lanes[bl], g_first + g, sdst + 16 * g);
                 for (int l = 0; l < 16; l++) l0[bl][l] = l0b && l < lanes[bl] ? l0b[ch * ldl0b + n0 + l] : 0.0f;
             }
             for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
