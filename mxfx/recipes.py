@@ -313,7 +313,7 @@ class Recovered(Scheme):
 
     def quantize_activation(self, target, x2d, prepared):
         rotation, smooth = self.online_rotation, self.online_smooth
-        fused_smooth = smooth is not None and rotation is None and isinstance(self.base, DualLevelMXFP4)
+        fused_smooth = smooth is not None and smoothing_is_free(self.base, rotation)
         if smooth is not None and not fused_smooth:
             x2d = aten.mul.Tensor(x2d, prepared["smooth_scale"])
         if rotation is not None and isinstance(self.base, SINGLE_LEVEL) and target.emits("npu_rotate_quant"):
@@ -494,9 +494,10 @@ def _decided(recipe: Recipe, smooth: Mapping[str, "Constant | None"], linear: st
         raise ValueError(f"linear {linear}: its smoothing must be decided before its {what} can fold")
 
 
-def smoothing_is_free(base: Scheme, recipe: Recipe) -> bool:
-    """Whether the smoothing costs no op: the dual-level quantizer's smooth_scale input, without a rotation."""
-    return isinstance(base, DualLevelMXFP4) and recipe.rotation is None
+def smoothing_is_free(base: Scheme, rotation: BlockRotation | None) -> bool:
+    """Whether the smoothing costs no op: the dual-level quantizer's smooth_scale input, which an online
+    rotation between the two would keep from taking it."""
+    return isinstance(base, DualLevelMXFP4) and rotation is None
 
 
 def fold_rotations(base: Scheme, recipe: Recipe, weights: Mapping[str, torch.Tensor], found: list[Attention],
@@ -542,7 +543,7 @@ def fold_smoothings(base: Scheme, recipe: Recipe, weights: Mapping[str, torch.Te
     for m in found:
         d = weights.get(m.down_proj)
         if recipe.smooth_alpha is None or d is None or base.skip(d.shape[1]) is not None \
-                or smoothing_is_free(base, recipe):
+                or smoothing_is_free(base, recipe.rotation):
             continue  # no explicit multiply to fold
         _decided(recipe, smooth, m.down_proj, "smoothing")
         if smooth[m.down_proj] is None:
@@ -608,7 +609,7 @@ class RecipeSelector:
         """The folds of `linears` (one graph's), as report lines."""
         if self.folds is None:
             could = self.recipe.rotation is not None or (self.recipe.smooth_alpha is not None
-                                                         and not smoothing_is_free(self.base, self.recipe))
+                                                         and not smoothing_is_free(self.base, self.recipe.rotation))
             return [NO_MODEL] if could else []
         return [str(f) for f in self.folds.all() if f.pair[0] in linears]
 

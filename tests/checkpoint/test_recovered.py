@@ -102,7 +102,7 @@ def test_a_recovered_checkpoint_compiles_to_the_online_recipes_logits(bf16, cali
     assert bool(folded) == (r.rotation is not None and r.rotation.kind == "hadamard" and r.smooth_alpha is None)
     # a down_proj whose smoothing folds into up_proj's rows (where it is a multiply) is stored unsmoothed
     smoothed = {f.down_proj for f in selector.folds.smoothings if f.folded}
-    assert bool(smoothed) == (r.smooth_alpha is not None and not recipes.smoothing_is_free(selector.base, r))
+    assert bool(smoothed) == (r.smooth_alpha is not None and not recipes.smoothing_is_free(selector.base, r.rotation))
     assert {x.fqn: x.scheme for x in report.rewritten} == {
         x.fqn: f"modelslim/{scheme}" if x.fqn in folded else
         "+".join([f"modelslim/{scheme}", *(step for step in steps if x.fqn not in smoothed or step != "smooth")])
