@@ -468,7 +468,8 @@ void e2m1_encode_f32(const float *x, int64_t n, int rm, uint8_t *codes) {
  * (mx_pairs, once per call); E8M0 bytes decode as 2**(b - 127), 0xFF as NaN.
  *
  * Weight bytes: byte (n, c) at b + (n / 16) * s_nb + (n % 16) * s_n + (c / c0) * s_cb + c % c0 (ND: s_nb =
- * 16 s_n, c0 larger than a row, s_cb = 0; NZ: the fractal strides). Weight scale (n, g) at
+ * 16 s_n, c0 larger than a row, s_cb = 0; NZ: the fractal strides; c0 a power of two, so that no division
+ * is done per group). Weight scale (n, g) at
  * sb + n * sb_n + (g / 2) * sb_p + (g % 2) * sb_2, of which sb_limit bytes from sb are readable.
  * Callers split n over threads in multiples of 16 (one lane per n, 16 n at a time).
  */
@@ -507,14 +508,15 @@ INLINE int64_t pair_half(int fmt_w) { return fmt_w == FMT_E2M1 ? 4 : 2; }
 
 typedef struct {
     const uint8_t *b;
-    int64_t s_n, s_nb, s_cb, c0, kbytes; /* kbytes: valid bytes of a weight row */
+    int64_t s_n, s_nb, s_cb, c0, kbytes; /* kbytes: valid bytes of a weight row; c0 a power of two */
+    int c0_log2;
     const uint8_t *sb;
     int64_t sb_n, sb_p, sb_2, sb_limit;
     int fmt;
 } weight_t;
 
 INLINE const uint8_t *weight_byte(const weight_t *w, int64_t n, int64_t c) {
-    return w->b + (n >> 4) * w->s_nb + (n & 15) * w->s_n + (c / w->c0) * w->s_cb + c % w->c0;
+    return w->b + (n >> 4) * w->s_nb + (n & 15) * w->s_n + (c >> w->c0_log2) * w->s_cb + (c & (w->c0 - 1));
 }
 
 INLINE int64_t scale_offset(const weight_t *w, int64_t n, int64_t g) {
@@ -622,13 +624,21 @@ static void decode_group_avx(const weight_t *w, int64_t n0, int lanes, int64_t g
         const uint8_t *base = weight_byte(w, n0, 16 * g);
         __m512i z[4], v[4];
         for (int q = 0; q < 4; q++) {
-            if (w->s_n == 16 && lanes == 16) {
+            if (w->s_n == 16 && lanes == 16) { /* NZ with c0 = 16: the 16 lanes' bytes are contiguous */
                 z[q] = _mm512_loadu_si512(base + 64 * q);
                 continue;
             }
-            __m128i row[4];
+            if (w->s_n == 32 && w->c0 == 32 && lanes == 16) { /* NZ with c0 = 32 (the dual-level weight): each
+                lane's 32 bytes hold this group and its even or odd neighbour; four lanes' halves picked */
+                const uint8_t *pair = base - (16 * g & 31) + 128 * q;
+                __m512i y0 = _mm512_loadu_si512(pair), y1 = _mm512_loadu_si512(pair + 64);
+                z[q] = g & 1 ? _mm512_shuffle_i32x4(y0, y1, 0xDD) : _mm512_shuffle_i32x4(y0, y1, 0x88);
+                continue;
+            }
+            __m128i row[4]; /* masked byte loads only where lanes are missing (they are slower) */
             for (int i = 0; i < 4; i++)
-                row[i] = _mm_maskz_loadu_epi8(4 * q + i < lanes ? 0xFFFF : 0, base + (4 * q + i) * w->s_n);
+                row[i] = lanes == 16 ? _mm_loadu_si128((const __m128i *)(base + (4 * q + i) * w->s_n))
+                                     : _mm_maskz_loadu_epi8(4 * q + i < lanes ? 0xFFFF : 0, base + (4 * q + i) * w->s_n);
             z[q] = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(row[0]), row[1], 1),
                                                          row[2], 2), row[3], 3);
         }
@@ -772,40 +782,39 @@ static void partials_avx_rows(const uint32_t *act, int64_t lda, int64_t g_first,
     }
 }
 
-/* ROWS rows of two 16-lane blocks (wbuf, wbuf + WBLOCK; sbuf, sbuf + 16 * CHUNK), the partial sums and
-   their scaling (scale_rows_avx's order) group by group: each activation broadcast serves both blocks'
-   dot products, each weight vector the eight rows, and no partial sum leaves the registers */
-__attribute__((noinline)) static void rows2_avx(float *o, int64_t ldo, const int *lanes, const uint32_t *act,
-                                                int64_t lda, int64_t g_first, int gc, const uint32_t *restrict wbuf,
-                                                const float *sar, int64_t lds, const float *sbuf, const float *l0a,
-                                                int64_t ldl0a, const float *l0) {
+/* `rows` (at most ROWS) rows of two 16-lane blocks (wbuf, wbuf + WBLOCK; sbuf, sbuf + 16 * CHUNK), the
+   partial sums and their scaling (scale_rows_avx's order) group by group: each activation broadcast serves
+   both blocks' dot products, each weight vector the rows, and no partial sum leaves the registers */
+INLINE void rows2_avx_n(const int rows, float *o, int64_t ldo, const int *lanes, const uint32_t *act, int64_t lda,
+                        int64_t g_first, int gc, const uint32_t *restrict wbuf, const float *sar, int64_t lds,
+                        const float *sbuf, const float *l0a, int64_t ldl0a, const float *l0) {
     __mmask16 mask[2] = {(__mmask16)((1u << lanes[0]) - 1u), (__mmask16)((1u << lanes[1]) - 1u)};
     __m512 acc[2][ROWS];
     for (int b = 0; b < 2; b++)
-        for (int r = 0; r < ROWS; r++)
+        for (int r = 0; r < rows; r++)
             acc[b][r] = l0a ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[b], o + r * ldo + 16 * b);
     for (int g = 0; g < gc; g++) {
         const uint32_t *a = act + (g_first + g) * PAIRS;
         const __m512i *w0 = (const __m512i *)(wbuf + g * PAIRS * 16), *w1 = (const __m512i *)(wbuf + WBLOCK) + g * PAIRS;
         __m512 p0[ROWS], p1[ROWS];
-        for (int r = 0; r < ROWS; r++) p0[r] = p1[r] = _mm512_setzero_ps();
+        for (int r = 0; r < rows; r++) p0[r] = p1[r] = _mm512_setzero_ps();
         for (int kp = 0; kp < PAIRS; kp++) {
             __m512bh b0 = (__m512bh)_mm512_load_si512(w0 + kp), b1 = (__m512bh)_mm512_load_si512(w1 + kp);
-            for (int r = 0; r < ROWS; r++) {
+            for (int r = 0; r < rows; r++) {
                 __m512bh x = (__m512bh)_mm512_set1_epi32((int)a[r * lda + kp]);
                 p0[r] = _mm512_dpbf16_ps(p0[r], x, b0);
                 p1[r] = _mm512_dpbf16_ps(p1[r], x, b1);
             }
         }
         __m512 s0 = _mm512_load_ps(sbuf + 16 * g), s1 = _mm512_load_ps(sbuf + 16 * (CHUNK + g));
-        for (int r = 0; r < ROWS; r++) {
+        for (int r = 0; r < rows; r++) {
             __m512 x = _mm512_set1_ps(sar[r * lds + g]);
             acc[0][r] = _mm512_add_ps(acc[0][r], _mm512_mul_ps(_mm512_mul_ps(p0[r], x), s0));
             acc[1][r] = _mm512_add_ps(acc[1][r], _mm512_mul_ps(_mm512_mul_ps(p1[r], x), s1));
         }
     }
     for (int b = 0; b < 2; b++)
-        for (int r = 0; r < ROWS; r++) {
+        for (int r = 0; r < rows; r++) {
             float *out = o + r * ldo + 16 * b;
             __m512 total = acc[b][r];
             if (l0a)
@@ -814,6 +823,19 @@ __attribute__((noinline)) static void rows2_avx(float *o, int64_t ldo, const int
                                                                   _mm512_loadu_ps(l0 + 16 * b)), acc[b][r]));
             _mm512_mask_storeu_ps(out, mask[b], total);
         }
+}
+
+
+/* rows2_avx_n with its row count a constant in each copy, so that the accumulators stay in registers */
+__attribute__((noinline)) static void rows2_avx(int rows, float *o, int64_t ldo, const int *lanes, const uint32_t *act,
+                                                int64_t lda, int64_t g_first, int gc, const uint32_t *restrict wbuf,
+                                                const float *sar, int64_t lds, const float *sbuf, const float *l0a,
+                                                int64_t ldl0a, const float *l0) {
+    switch (rows) {
+#define ROWS2_CASE(R) case R: rows2_avx_n(R, o, ldo, lanes, act, lda, g_first, gc, wbuf, sar, lds, sbuf, l0a, ldl0a, l0); break;
+        ROWS2_CASE(1) ROWS2_CASE(2) ROWS2_CASE(3) ROWS2_CASE(4) ROWS2_CASE(5) ROWS2_CASE(6) ROWS2_CASE(7) ROWS2_CASE(8)
+#undef ROWS2_CASE
+    }
 }
 
 /* the scaling of the partial sums of rows 0 .. rows - 1 (output rows o + r * ldo), as mx_matmul's plain C
@@ -956,8 +978,8 @@ static int matmul_range(const uint32_t *act, const float *sa, int64_t m, int64_t
                 int rows = (int)(m - r0 < ROWS ? m - r0 : ROWS);
                 const uint32_t *a = act + r0 * lda;
 #ifdef HAVE_BF16_DOT
-                if (vector && rows == ROWS && blocks == 2) { /* the common case: partial sums and scaling at once */
-                    rows2_avx(out + r0 * ldo + n1, ldo, lanes, a, lda, g_first, gc, wbuf, sa + r0 * groups + g_first,
+                if (vector && blocks == 2) { /* the common case: partial sums and scaling at once */
+                    rows2_avx(rows, out + r0 * ldo + n1, ldo, lanes, a, lda, g_first, gc, wbuf, sa + r0 * groups + g_first,
                               groups, sbuf, l0b ? l0a + r0 * groups0 + ch : NULL, groups0, &l0[0][0]);
                     continue;
                 }
@@ -997,11 +1019,14 @@ int mx_matmul(const uint32_t *act, const float *sa, int64_t m, int64_t k, const 
               int64_t s_nb, int64_t s_cb, int64_t c0, int64_t kbytes, const uint8_t *sb, int64_t sb_n, int64_t sb_p,
               int64_t sb_2, int64_t sb_limit, const float *l0a, const float *l0b, int64_t ldl0b, int64_t n_start,
               int64_t count, int64_t n_total, float *out, int64_t ldo, int vector, int chunks) {
-    if (m < 0 || k <= 0 || n_start % 16 || count < 0 || n_start + count > n_total || c0 <= 0 || chunks < 1) return -1;
+    if (m < 0 || k <= 0 || n_start % 16 || count < 0 || n_start + count > n_total || c0 <= 0 || (c0 & (c0 - 1)) ||
+        chunks < 1)
+        return -1;
 #ifndef HAVE_BF16_DOT
     if (vector) return -2;
 #endif
-    weight_t w = {b, s_n, s_nb, s_cb, c0, kbytes, sb, sb_n, sb_p, sb_2, sb_limit, fmt_w};
+    weight_t w = {b, s_n, s_nb, s_cb, c0, kbytes, __builtin_ctzll((unsigned long long)c0), sb, sb_n, sb_p, sb_2,
+                  sb_limit, fmt_w};
     int rc = 0;
 #pragma omp parallel for num_threads(chunks) schedule(static) if(chunks > 1) reduction(min : rc)
     for (int c = 0; c < chunks; c++) {
