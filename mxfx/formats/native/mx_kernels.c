@@ -825,7 +825,6 @@ INLINE void rows2_avx_n(const int rows, float *o, int64_t ldo, const int *lanes,
         }
 }
 
-
 /* rows2_avx_n with its row count a constant in each copy, so that the accumulators stay in registers */
 __attribute__((noinline)) static void rows2_avx(int rows, float *o, int64_t ldo, const int *lanes, const uint32_t *act,
                                                 int64_t lda, int64_t g_first, int gc, const uint32_t *restrict wbuf,
